@@ -1,0 +1,126 @@
+"""The accumulation setup as one small validated dataclass, and `describe` for logging."""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from accumjax.core import ConfigError, check_num_microbatches
+
+MODES = ('scan', 'multisteps', 'hybrid')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class AccumConfig:
+  """How one optimizer update is assembled from micro-batches.
+
+  Attributes:
+    num_microbatches: K, micro-batches per optimizer update.
+    microbatch_size: rows per micro-batch (per device).
+    mode: 'scan' (one call per update, scanning K micro-batches), 'multisteps' (one call per
+      micro-batch, optax.MultiSteps holds the sums between calls) or 'hybrid' (each call scans
+      `microbatches_per_call` micro-batches, MultiSteps holds the sums over K / c calls).
+    microbatches_per_call: c; required for 'hybrid' (must divide K), implied otherwise.
+    compute_dtype: forward/backward dtype. Params, optimizer state, accumulators and the loss
+      stay float32 whatever it is.
+    accum_dtype: dtype of the gradient sums.
+    clip_norm: global-norm clip (None for none).
+    clip_before_accumulation: False (default) clips the accumulated mean gradient, exactly as
+      the big batch would be clipped; True clips each micro-batch's mean gradient before it is
+      added (a different, per-micro-batch estimator, as in per-example clipping).
+    seq_len: tokens per example, if the batch is a sequence batch (for tokens per update).
+    num_devices: data-parallel size, for the effective batch.
+  """
+  num_microbatches: int
+  microbatch_size: int
+  mode: str = 'scan'
+  microbatches_per_call: int | None = None
+  compute_dtype: str = 'float32'
+  accum_dtype: str = 'float32'
+  clip_norm: float | None = None
+  clip_before_accumulation: bool = False
+  seq_len: int | None = None
+  num_devices: int = 1
+
+  def __post_init__(self):
+    check_num_microbatches(self.num_microbatches)
+    k = self.num_microbatches
+    for name in ('microbatch_size', 'num_devices'):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f'{name}={v!r} must be an int >= 1.')
+    if self.mode not in MODES:
+      raise ConfigError(f'mode={self.mode!r}; allowed: {", ".join(MODES)}.')
+    c = self.microbatches_per_call
+    if self.mode == 'hybrid':
+      if c is None or isinstance(c, bool) or not isinstance(c, int) or c < 1 or k % c:
+        divisors = [d for d in range(1, k + 1) if k % d == 0]
+        raise ConfigError(
+            f'hybrid mode needs microbatches_per_call (c) dividing num_microbatches={k}; '
+            f'got c={c!r}, allowed: {divisors}.')
+    elif c is not None and c != self.implied_per_call():
+      raise ConfigError(
+          f'microbatches_per_call={c} conflicts with mode={self.mode!r} '
+          f'(which uses {self.implied_per_call()}); use mode="hybrid" to choose c.')
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ConfigError(
+          f'compute_dtype={self.compute_dtype!r}; allowed: {", ".join(COMPUTE_DTYPES)}.')
+    if self.accum_dtype not in ('float32', 'float64'):
+      raise ConfigError(f'accum_dtype={self.accum_dtype!r}; allowed: float32, float64.')
+    if self.clip_norm is not None and not self.clip_norm > 0:
+      raise ConfigError(f'clip_norm={self.clip_norm!r} must be > 0 (or None for no clipping).')
+    if self.clip_before_accumulation and self.clip_norm is None:
+      raise ConfigError('clip_before_accumulation=True needs a clip_norm.')
+    if self.seq_len is not None and self.seq_len < 1:
+      raise ConfigError(f'seq_len={self.seq_len!r} must be >= 1.')
+
+  def implied_per_call(self) -> int:
+    return {'scan': self.num_microbatches, 'multisteps': 1}.get(
+        self.mode, self.microbatches_per_call)
+
+  @property
+  def per_call(self) -> int:
+    """c: micro-batches scanned in one jitted call."""
+    return self.implied_per_call()
+
+  @property
+  def calls_per_update(self) -> int:
+    return self.num_microbatches // self.per_call
+
+  @property
+  def effective_batch(self) -> int:
+    return self.microbatch_size * self.num_microbatches * self.num_devices
+
+  @property
+  def compute_jnp_dtype(self):
+    return jnp.dtype(self.compute_dtype)
+
+  @property
+  def accum_jnp_dtype(self):
+    return jnp.dtype(self.accum_dtype)
+
+
+def describe(config: AccumConfig) -> dict:
+  """A plain dict of the accumulation setup, for banners, config.json and metrics."""
+  tokens = None if config.seq_len is None else config.effective_batch * config.seq_len
+  if config.clip_norm is None:
+    clipping = 'none'
+  elif config.clip_before_accumulation:
+    clipping = f'each micro-batch mean gradient to {config.clip_norm}'
+  else:
+    clipping = f'accumulated mean gradient to {config.clip_norm}'
+  return {
+      'mode': config.mode,
+      'microbatch_size': config.microbatch_size,
+      'num_microbatches': config.num_microbatches,
+      'microbatches_per_call': config.per_call,
+      'calls_per_update': config.calls_per_update,
+      'num_devices': config.num_devices,
+      'effective_batch': config.effective_batch,
+      'seq_len': config.seq_len,
+      'tokens_per_update': tokens,
+      'compute_dtype': config.compute_dtype,
+      'accum_dtype': config.accum_dtype,
+      'param_dtype': 'float32',
+      'clipping': clipping,
+  }

@@ -1,0 +1,185 @@
+"""The accumulation core: one `lax.scan` over micro-batches that sums gradients.
+
+Everything in accumjax that accumulates calls `accumulate_sums`: the `scan` mode with all K
+micro-batches in one call, `multisteps` with one micro-batch per call, `hybrid` with c. The
+core only *sums* (gradient of loss_sum, loss_sum, weight) in float32; it never divides. The
+division by the total weight happens once, in `accumulate_gradients` or in the optimizer
+wrapper of `accumjax.optim`, after all sums are in.
+
+Not here: optimizers, training state, data. See `optim.py` and `step.py`.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class ConfigError(ValueError):
+  """A bad accumulation setting or input, detected before any computation."""
+
+
+class GradSums(NamedTuple):
+  """Undivided sums over micro-batches (and calls, and devices).
+
+  Attributes:
+    grads: sum over micro-batches of d(loss_sum)/d(params), in the accumulation dtype.
+    loss_sum: float32 scalar, the sum of loss_sums.
+    weight: float32 scalar, the sum of weights (e.g. real tokens).
+  """
+  grads: PyTree
+  loss_sum: jax.Array
+  weight: jax.Array
+
+
+def zero_sums(params, accum_dtype=jnp.float32) -> GradSums:
+  return GradSums(
+      grads=jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype), params),
+      loss_sum=jnp.zeros((), jnp.float32),
+      weight=jnp.zeros((), jnp.float32))
+
+
+def check_float_params(params):
+  """Raises ConfigError naming the first non-float leaf: gradients need float params."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise ConfigError(
+          f'params{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; '
+          'accumulation needs floating-point params (float32, bfloat16, ...).')
+
+
+def check_num_microbatches(num_microbatches):
+  if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int):
+    raise ConfigError(
+        f'num_microbatches={num_microbatches!r} must be a Python int >= 1.')
+  if num_microbatches < 1:
+    raise ConfigError(f'num_microbatches={num_microbatches} must be >= 1.')
+
+
+def split_microbatches(batch, num_microbatches: int):
+  """Reshapes every leaf [N, ...] of `batch` to [num_microbatches, N // num_microbatches, ...]."""
+  check_num_microbatches(num_microbatches)
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ConfigError('batch has no arrays.')
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+  if None in sizes or len(sizes) != 1:
+    raise ConfigError(
+        'every batch leaf needs the same leading batch axis; '
+        f'got leading sizes {sorted(map(str, sizes))}.')
+  (n,) = sizes
+  if n % num_microbatches:
+    raise ConfigError(
+        f'batch size {n} is not divisible by num_microbatches={num_microbatches}; '
+        f'allowed num_microbatches for this batch: '
+        f'{[k for k in range(1, n + 1) if n % k == 0]}.')
+  return jax.tree.map(
+      lambda x: x.reshape((num_microbatches, n // num_microbatches) + x.shape[1:]), batch)
+
+
+def _unpack_loss(out):
+  if not isinstance(out, tuple) or len(out) not in (2, 3):
+    raise ConfigError(
+        'loss_fn must return (loss_sum, weight) or (loss_sum, weight, aux); '
+        f'got {type(out).__name__}.')
+  loss_sum, weight = out[0], out[1]
+  aux = out[2] if len(out) == 3 else None
+  for name, v in (('loss_sum', loss_sum), ('weight', weight)):
+    if jnp.ndim(v) != 0:
+      raise ConfigError(f'loss_fn returned {name} of shape {jnp.shape(v)}; it must be a scalar.')
+  return loss_sum, weight, aux
+
+
+def _clip_weighted(grads, weight, max_norm):
+  """Clips the micro-batch *mean* gradient to `max_norm`, returns it times `weight`."""
+  safe_w = jnp.where(weight > 0, weight, 1.0)
+  norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))) / safe_w
+  scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+  return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
+
+def accumulate_sums(
+    loss_fn: Callable[..., tuple],
+    params: PyTree,
+    batch: PyTree,
+    *,
+    num_microbatches: int,
+    rng: jax.Array | None = None,
+    index_offset: jax.Array | int = 0,
+    accum_dtype=jnp.float32,
+    clip_microbatch_norm: float | None = None,
+) -> tuple[GradSums, PyTree]:
+  """Sums gradients, loss sums and weights over micro-batches with one `lax.scan`.
+
+  Args:
+    loss_fn: `loss_fn(params, microbatch, rng) -> (loss_sum, weight[, aux])`.
+    params: float pytree.
+    batch: pytree whose leaves share a leading batch axis divisible by num_microbatches.
+    num_microbatches: K, the scan length.
+    rng: optional key; micro-batch j gets `fold_in(rng, index_offset + j)`, so dropout differs
+      per micro-batch and is reproducible (and the same whichever mode split the cycle).
+    index_offset: index of this call's first micro-batch within its accumulation cycle.
+    accum_dtype: dtype of the gradient sums (float32 whatever the compute dtype).
+    clip_microbatch_norm: if set, each micro-batch's *mean* gradient is clipped to this global
+      norm before it is added back with its weight (so the result is the weight-averaged
+      clipped micro-batch gradient).
+
+  Returns:
+    (GradSums, aux) where aux is the per-micro-batch aux stacked on a leading K axis (None if
+    loss_fn returns no aux).
+  """
+  check_float_params(params)
+  microbatches = split_microbatches(batch, num_microbatches)
+
+  def grad_fn(p, mb, key):
+    loss_sum, weight, aux = _unpack_loss(loss_fn(p, mb, key))
+    return loss_sum.astype(jnp.float32), (jnp.asarray(weight, jnp.float32), aux)
+
+  def body(carry: GradSums, xs):
+    mb, index = xs
+    key = None if rng is None else jax.random.fold_in(rng, index_offset + index)
+    (loss_sum, (weight, aux)), grads = jax.value_and_grad(grad_fn, has_aux=True)(
+        params, mb, key)
+    grads = jax.tree.map(lambda g: g.astype(accum_dtype), grads)
+    if clip_microbatch_norm is not None:
+      grads = _clip_weighted(grads, weight, clip_microbatch_norm)
+    new = GradSums(
+        grads=jax.tree.map(jnp.add, carry.grads, grads),
+        loss_sum=carry.loss_sum + loss_sum,
+        weight=carry.weight + weight)
+    return new, aux
+
+  sums, aux = jax.lax.scan(
+      body, zero_sums(params, accum_dtype),
+      (microbatches, jnp.arange(num_microbatches, dtype=jnp.int32)))
+  return sums, aux
+
+
+def normalize(sums: GradSums):
+  """Divides once: (mean gradient, mean loss). Zero total weight gives zeros, never NaN."""
+  has_weight = sums.weight > 0
+  safe_w = jnp.where(has_weight, sums.weight, 1.0)
+  grads = jax.tree.map(lambda g: jnp.where(has_weight, g / safe_w.astype(g.dtype), 0), sums.grads)
+  return grads, jnp.where(has_weight, sums.loss_sum / safe_w, 0.0)
+
+
+def accumulate_gradients(
+    loss_fn, params, batch, *, num_microbatches, rng=None, accum_dtype=jnp.float32,
+    clip_microbatch_norm=None):
+  """Gradient of (sum of all loss_sums) / (sum of all weights) over K micro-batches.
+
+  Same arguments as `accumulate_sums`. Returns `(grads, metrics)` with metrics `loss` (the
+  token-weighted mean loss), `loss_sum`, `weight` and, if loss_fn has one, `aux`. With zero
+  total weight, grads and loss are zeros (the optimizer wrapper skips such updates).
+  """
+  sums, aux = accumulate_sums(
+      loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
+      accum_dtype=accum_dtype, clip_microbatch_norm=clip_microbatch_norm)
+  grads, loss = normalize(sums)
+  metrics = {'loss': loss, 'loss_sum': sums.loss_sum, 'weight': sums.weight}
+  if aux is not None:
+    metrics['aux'] = aux
+  return grads, metrics

@@ -1,0 +1,86 @@
+"""Optimizers that consume `GradSums` and divide once, inside the optimizer chain.
+
+`accumulating_optimizer(inner, config)` turns any optax optimizer into one whose "gradient"
+input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`:
+
+- `normalized(inner)` divides the gradient sum by the weight sum, then runs `inner`. An update
+  whose total weight is zero is skipped: zero updates, and the inner state (schedule count,
+  moments) is left exactly as it was, so params can never become NaN from 0/0.
+- For `multisteps` and `hybrid` the result is wrapped in `optax.MultiSteps(...,
+  use_grad_mean=False)`. MultiSteps then *sums* the GradSums of its calls (gradient sums,
+  loss sums and weights alike), so the normalisation sees the cycle's totals: the update is
+  the gradient of total loss_sum / total weight however the tokens were spread across calls.
+  (MultiSteps' default running mean would weigh every call equally instead.)
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from accumjax.config import AccumConfig
+from accumjax.core import GradSums, normalize
+
+
+def as_opt_params(params) -> GradSums:
+  """The params in the structure the accumulating optimizers expect."""
+  return GradSums(params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def normalized(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Runs `inner` on sums.grads / sums.weight; skips updates with zero total weight."""
+
+  def init_fn(params: GradSums):
+    return inner.init(params.grads)
+
+  def update_fn(sums: GradSums, state, params: GradSums | None = None):
+    mean_grads, _ = normalize(sums)
+    updates, new_state = inner.update(
+        mean_grads, state, None if params is None else params.grads)
+    keep = sums.weight > 0
+    updates = jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), updates)
+    new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
+    return GradSums(updates, jnp.zeros_like(sums.loss_sum), jnp.zeros_like(sums.weight)), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def accumulating_optimizer(inner: optax.GradientTransformation, config: AccumConfig):
+  """`inner` (plus clipping after accumulation, if configured) fed with GradSums.
+
+  Returns an object with optax's `init(params_as_gradsums)` / `update(sums, state,
+  params_as_gradsums)`; in multisteps/hybrid modes it is an `optax.MultiSteps`.
+  """
+  if config.clip_norm is not None and not config.clip_before_accumulation:
+    inner = optax.chain(optax.clip_by_global_norm(config.clip_norm), inner)
+  tx = normalized(inner)
+  if config.calls_per_update == 1:
+    return tx
+  return optax.MultiSteps(
+      tx, every_k_schedule=config.calls_per_update, use_grad_mean=False,
+      accumulator_dtype=config.accum_jnp_dtype)
+
+
+def pending_sums(opt_state) -> GradSums | None:
+  """The sums accumulated so far in the current cycle (None for scan-mode optimizers)."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    return opt_state.acc_grads
+  return None
+
+
+def flush_multisteps(tx, opt_state, params):
+  """Applies a partial cycle's sums as one update (no-op if nothing is pending).
+
+  Returns (updates for params, new MultiSteps state at the start of a fresh cycle).
+  """
+  pending = opt_state.mini_step > 0
+  updates, inner_state = tx.inner_opt.update(
+      opt_state.acc_grads, opt_state.inner_opt_state, params=as_opt_params(params))
+  where = lambda new, old: jax.tree.map(lambda n, o: jnp.where(pending, n, o), new, old)
+  new_state = optax.MultiStepsState(
+      mini_step=jnp.zeros_like(opt_state.mini_step),
+      gradient_step=opt_state.gradient_step + pending.astype(opt_state.gradient_step.dtype),
+      inner_opt_state=where(inner_state, opt_state.inner_opt_state),
+      acc_grads=jax.tree.map(jnp.zeros_like, opt_state.acc_grads),
+      skip_state=opt_state.skip_state)
+  updates = jax.tree.map(lambda u: jnp.where(pending, u, jnp.zeros_like(u)), updates.grads)
+  return updates, new_state

@@ -1,0 +1,124 @@
+"""Training state and the one train step that every mode uses.
+
+`make_train_step(loss_fn, tx, config)` returns a pure function `(state, batch) -> (state,
+metrics)` to be jitted once. A call scans the micro-batches it is given through
+`accumulate_sums` and hands the sums to the accumulating optimizer of `optim.py`:
+
+- scan: the call gets K micro-batches and the optimizer steps every call;
+- multisteps: the call gets 1 micro-batch, MultiSteps steps every K calls;
+- hybrid: the call gets c micro-batches, MultiSteps steps every K / c calls.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from accumjax import optim
+from accumjax.config import AccumConfig
+from accumjax.core import ConfigError, GradSums, accumulate_sums, normalize
+from accumjax.precision import with_compute_dtype
+
+
+class TrainState(NamedTuple):
+  """Everything a run needs to continue; a pytree of arrays (checkpointable).
+
+  Attributes:
+    params: float32 params.
+    opt_state: the accumulating optimizer's state (MultiStepsState outside scan mode).
+    rng: base key; micro-batch j of update u uses fold_in(fold_in(rng, u), j).
+    update_step: optimizer updates done (skipped zero-weight updates included).
+    cycle_microbatch: micro-batches already summed into the current, unfinished update.
+    microbatch_step: micro-batches processed since the start, strictly increasing.
+  """
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  update_step: jax.Array
+  cycle_microbatch: jax.Array
+  microbatch_step: jax.Array
+
+
+def init_train_state(params, tx, rng) -> TrainState:
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(params, tx.init(optim.as_opt_params(params)), rng, zero, zero, zero)
+
+
+def _global_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(loss_fn, tx, config: AccumConfig):
+  """The train step for `config.mode`; jit it once (donating the state is safe).
+
+  The batch of a call holds `config.per_call * config.microbatch_size` rows. Fewer whole
+  micro-batches are accepted too (the end of the data); the weights keep the math exact, and
+  in multisteps/hybrid modes `make_flush` then applies a cycle cut short.
+
+  Metrics: `loss` and `weight` are the cycle's token-weighted loss and total weight so far
+  (the whole update's when `updated`); `call_loss`/`call_weight` are this call's alone;
+  `grad_norm` is the norm of the cycle's mean gradient before clipping; `skipped` marks an
+  update with zero total weight (params and optimizer state left unchanged).
+  """
+  compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
+  clip_each = config.clip_norm if config.clip_before_accumulation else None
+
+  def train_step(state: TrainState, batch):
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    b, c = config.microbatch_size, config.per_call
+    if rows % b or not 1 <= rows // b <= c:
+      raise ConfigError(
+          f'a {config.mode} call takes {c} micro-batch(es) of {b} rows ({c * b} rows, or fewer '
+          f'whole micro-batches at the end of the data); got {rows} rows.')
+    n = rows // b
+    sums, _ = accumulate_sums(
+        compute_loss, state.params, batch, num_microbatches=n,
+        rng=jax.random.fold_in(state.rng, state.update_step),
+        index_offset=state.cycle_microbatch, accum_dtype=config.accum_jnp_dtype,
+        clip_microbatch_norm=clip_each)
+    before = optim.pending_sums(state.opt_state)
+    totals = sums if before is None else jax.tree.map(jnp.add, before, sums)
+    updates, opt_state = tx.update(sums, state.opt_state, optim.as_opt_params(state.params))
+    params = optax.apply_updates(state.params, updates.grads)
+    if isinstance(opt_state, optax.MultiStepsState):
+      updated = opt_state.mini_step == 0
+    else:
+      updated = jnp.ones((), bool)
+    new_state = TrainState(
+        params=params, opt_state=opt_state, rng=state.rng,
+        update_step=state.update_step + updated.astype(jnp.int32),
+        cycle_microbatch=jnp.where(updated, 0, state.cycle_microbatch + n),
+        microbatch_step=state.microbatch_step + n)
+    mean_grads, loss = normalize(totals)
+    _, call_loss = normalize(GradSums(None, sums.loss_sum, sums.weight))
+    metrics = {
+        'loss': loss, 'weight': totals.weight,
+        'call_loss': call_loss, 'call_weight': sums.weight,
+        'grad_norm': _global_norm(mean_grads),
+        'updated': updated, 'skipped': updated & (totals.weight == 0),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_flush(tx):
+  """`flush(state) -> state`: applies a partially accumulated cycle as one update.
+
+  For a cycle cut short (the data ends after j < K micro-batches) in multisteps/hybrid modes;
+  the update is exactly the big-batch update on those j micro-batches. No-op when nothing is
+  pending and in scan mode (a scan call is always a whole update).
+  """
+
+  def flush(state: TrainState) -> TrainState:
+    if not isinstance(state.opt_state, optax.MultiStepsState):
+      return state
+    pending = state.opt_state.mini_step > 0
+    updates, opt_state = optim.flush_multisteps(tx, state.opt_state, state.params)
+    return state._replace(
+        params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+        update_step=state.update_step + pending.astype(jnp.int32),
+        cycle_microbatch=jnp.zeros_like(state.cycle_microbatch))
+
+  return flush

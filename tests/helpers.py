@@ -1,0 +1,34 @@
+"""Runs accumjax the way a training loop does, for comparison with tests/reference.py."""
+
+import jax
+import numpy as np
+
+import accumjax
+from tests import reference
+
+
+def lm_loss(params, batch, rng):
+  logits = reference.logits_fn(params, batch['inputs'], rng, rate=batch.get('rate', 0.0))
+  return accumjax.token_cross_entropy(logits, batch['targets'], batch['mask'])
+
+
+def calls_of(batch, config):
+  """Splits one update's batch into the per-call batches of config.mode."""
+  rows = config.per_call * config.microbatch_size
+  n = jax.tree.leaves(batch)[0].shape[0]
+  return [jax.tree.map(lambda x, s=s: x[s:s + rows], batch) for s in range(0, n, rows)]
+
+
+def run_accumjax(params, batches, opt, config, loss_fn=lm_loss, seed=0):
+  """Trains with accumjax; returns final state, per-update losses and per-call metrics."""
+  tx = accumjax.accumulating_optimizer(opt, config)
+  state = accumjax.init_train_state(params, tx, jax.random.key(seed))
+  step = jax.jit(accumjax.make_train_step(loss_fn, tx, config))
+  losses, calls = [], []
+  for batch in batches:
+    for call in calls_of(batch, config):
+      state, metrics = step(state, call)
+      calls.append((state, metrics))
+      if bool(metrics['updated']):
+        losses.append(float(metrics['loss']))
+  return state, np.array(losses), calls
