@@ -41,8 +41,9 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(params, tx, rng) -> TrainState:
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(params, tx.init(optim.as_opt_params(params)), rng, zero, zero, zero)
+  # Distinct buffers (not one shared zero): the jitted step donates its state.
+  zero = lambda: jnp.zeros((), jnp.int32)
+  return TrainState(params, tx.init(optim.as_opt_params(params)), rng, zero(), zero(), zero())
 
 
 def _global_norm(tree):

@@ -1,0 +1,164 @@
+"""Byte-level text data: the embedded default corpus and a deterministic, resumable iterator.
+
+The default corpus needs no download: the `.py` sources of the running interpreter's standard
+library (test directories and site-packages excluded), read in sorted path order. On CPython
+3.11.7 that is 734 files, 12.1 MB. Every 20th file (sorted order) is held out for eval, so
+train and eval never share a file.
+
+Examples are the paragraphs of a file (runs of lines between blank lines) followed by EOS, cut
+into windows of at most seq_len + 1 bytes. They have very different lengths (seq_len 128: a
+median of 129 tokens, a quarter under 81, 5% under 20), so batches are padded with a mask and micro-batches carry
+different token counts: the case where token-weighted normalisation matters. `pack=True`
+instead concatenates all blocks into one stream cut into full windows (no padding; attention
+may cross block boundaries).
+
+Not here: device placement or sharding (see step.py / the experiments).
+"""
+
+import dataclasses
+import pathlib
+import re
+import sysconfig
+
+import numpy as np
+
+PAD, EOS = 256, 257
+VOCAB_SIZE = 258
+_EXCLUDED_DIRS = {'site-packages', 'test', 'tests', 'idle_test', '__pycache__'}
+_BLOCK_SPLIT = re.compile(rb'\n(?:[ \t]*\n)+')
+TEXT_SUFFIXES = {'.py', '.txt', '.md', '.rst', '.c', '.h', '.json', '.toml', '.cfg', '.ini'}
+
+
+class DataError(ValueError):
+  """A missing or unusable data path."""
+
+
+def default_corpus_files() -> list[pathlib.Path]:
+  root = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  return sorted(
+      p for p in root.rglob('*.py')
+      if not _EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+
+
+def corpus_files(path: str | None) -> list[pathlib.Path]:
+  """The files of `path` (a text file or a directory of them), or the default corpus."""
+  if path is None:
+    return default_corpus_files()
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise DataError(f'--data {path!r} does not exist; give a text file or a directory.')
+  if p.is_file():
+    return [p]
+  files = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix in TEXT_SUFFIXES)
+  if not files:
+    raise DataError(
+        f'--data {path!r} has no text files (suffixes: {", ".join(sorted(TEXT_SUFFIXES))}).')
+  return files
+
+
+@dataclasses.dataclass
+class Split:
+  """Rows of seq_len + 1 token ids (PAD-filled) and the number of real tokens in each."""
+  tokens: np.ndarray   # [N, seq_len + 1] uint16
+  lengths: np.ndarray  # [N] int32
+  num_files: int
+  num_bytes: int
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.lengths.sum())
+
+
+def _windows(blocks: list[bytes], seq_len: int, pack: bool) -> tuple[np.ndarray, np.ndarray]:
+  width = seq_len + 1
+  ids = [np.concatenate([np.frombuffer(b, np.uint8).astype(np.uint16), [EOS]]) for b in blocks]
+  if pack:
+    stream = np.concatenate(ids) if ids else np.zeros((0,), np.uint16)
+    n = len(stream) // width
+    return stream[:n * width].reshape(n, width), np.full((n,), width, np.int32)
+  pieces = [x[s:s + width] for x in ids for s in range(0, len(x), width)]
+  pieces = [x for x in pieces if len(x) >= 2]  # one token predicts nothing
+  tokens = np.full((len(pieces), width), PAD, np.uint16)
+  lengths = np.array([len(x) for x in pieces], np.int32)
+  for i, x in enumerate(pieces):
+    tokens[i, :len(x)] = x
+  return tokens, lengths
+
+
+def load_splits(path: str | None, seq_len: int, pack: bool = False, eval_every: int = 20):
+  """(train, eval) Splits; every `eval_every`-th file goes to eval (the only file's tail if
+  `path` is a single file)."""
+  files = corpus_files(path)
+  texts = [f.read_bytes() for f in files]
+  if len(files) == 1:  # a single file: hold out its last 5%
+    cut = int(len(texts[0]) * 0.95)
+    parts = {'train': [texts[0][:cut]], 'eval': [texts[0][cut:]]}
+  else:
+    parts = {'train': [t for i, t in enumerate(texts) if i % eval_every != eval_every // 2],
+             'eval': [t for i, t in enumerate(texts) if i % eval_every == eval_every // 2]}
+  splits = {}
+  for name, part in parts.items():
+    blocks = [b for t in part for b in _BLOCK_SPLIT.split(t) if b.strip()]
+    tokens, lengths = _windows(blocks, seq_len, pack)
+    splits[name] = Split(tokens, lengths, len(part), sum(map(len, part)))
+  for name, split in splits.items():
+    if len(split.lengths) == 0:
+      raise DataError(f'the {name} split of {path or "the default corpus"} is empty.')
+  return splits['train'], splits['eval']
+
+
+def rows_to_batch(tokens: np.ndarray, lengths: np.ndarray) -> dict:
+  """inputs / targets / mask, each [rows, seq_len]; mask marks real target tokens."""
+  seq_len = tokens.shape[1] - 1
+  mask = np.arange(1, seq_len + 1)[None, :] < lengths[:, None]
+  return {'inputs': tokens[:, :-1].astype(np.int32), 'targets': tokens[:, 1:].astype(np.int32),
+          'mask': mask.astype(np.float32)}
+
+
+class RowIterator:
+  """A stream of rows in a seeded random order, reshuffled every epoch.
+
+  The position is two ints (`state()` / `set_state()`): it goes into a checkpoint, and the
+  same seed and state give the same rows. Rows are a stream, so K x B and 1 x (K * B) see the
+  same rows in the same updates.
+  """
+
+  def __init__(self, split: Split, seed: int):
+    self.split, self.seed = split, seed
+    self.epoch, self.position = 0, 0
+    self._order = self._permutation(0)
+
+  def _permutation(self, epoch):
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.split.lengths))
+
+  def state(self) -> dict:
+    return {'epoch': self.epoch, 'position': self.position}
+
+  def set_state(self, state: dict):
+    self.epoch, self.position = int(state['epoch']), int(state['position'])
+    self._order = self._permutation(self.epoch)
+
+  def next_rows(self, n: int) -> dict:
+    index = []
+    while len(index) < n:
+      take = self._order[self.position:self.position + n - len(index)]
+      index.extend(take.tolist())
+      self.position += len(take)
+      if self.position == len(self._order):
+        self.set_state({'epoch': self.epoch + 1, 'position': 0})
+    index = np.array(index)
+    return rows_to_batch(self.split.tokens[index], self.split.lengths[index])
+
+
+def eval_batches(split: Split, rows_per_batch: int, num_batches: int) -> list[dict]:
+  """A fixed eval set: the first rows of the eval split, in file order."""
+  n = min(len(split.lengths), rows_per_batch * num_batches)
+  n -= n % rows_per_batch
+  if n == 0:
+    n = rows_per_batch  # tiny eval split: pad with zero-length rows (zero weight)
+  tokens = np.full((n, split.tokens.shape[1]), PAD, np.uint16)
+  lengths = np.zeros((n,), np.int32)
+  m = min(n, len(split.lengths))
+  tokens[:m], lengths[:m] = split.tokens[:m], split.lengths[:m]
+  return [rows_to_batch(tokens[s:s + rows_per_batch], lengths[s:s + rows_per_batch])
+          for s in range(0, n, rows_per_batch)]

@@ -1,0 +1,102 @@
+"""Logging helpers for runs: the banner, log lines, progress bar, metrics.jsonl, the loss plot,
+the summary table, and a fingerprint of the params for bitwise comparison of runs.
+
+The only place in the library that prints.
+"""
+
+import hashlib
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+
+def fingerprint(tree) -> str:
+  """sha256 (first 16 hex digits) of every leaf's path, dtype, shape and bytes, in tree order."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    a = np.asarray(leaf)
+    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|'.encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to `path`."""
+
+  def __init__(self, path: pathlib.Path):
+    self._f = open(path, 'a')  # noqa: SIM115 (closed in close())
+
+  def write(self, record: dict):
+    self._f.write(json.dumps(record) + '\n')
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
+class Logger:
+  """Prints to `stream` above an optional tqdm progress bar over optimizer updates."""
+
+  def __init__(self, stream=sys.stdout, progress: bool | None = None):
+    self.stream, self.progress, self._bar = stream, progress, None
+
+  def start_progress(self, total: int, initial: int = 0):
+    if self.progress is False:
+      return
+    from tqdm import tqdm
+    # progress=None: a bar only on a terminal, so logs and CI output stay clean.
+    self._bar = tqdm(total=total, initial=initial, unit='upd', dynamic_ncols=True, leave=False,
+                     disable=None if self.progress is None else False, file=sys.stderr)
+
+  def advance(self, n: int = 1):
+    if self._bar is not None:
+      self._bar.update(n)
+
+  def info(self, msg: str = ''):
+    if self._bar is not None and not self._bar.disable:
+      self._bar.write(msg, file=self.stream)
+    else:
+      print(msg, file=self.stream, flush=True)
+
+  def table(self, title: str, rows: list[tuple[str, object]]):
+    width = max(len(k) for k, _ in rows)
+    self.info(title)
+    for k, v in rows:
+      self.info(f'  {k:<{width}}  {v}')
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+
+def update_line(update, total, loss, ema, lr, accum, num_microbatches, tok_s, gnorm) -> str:
+  return (f'update [{update}/{total}] loss {loss:.4f} ema {ema:.4f} lr {lr:.1e} '
+          f'accum {accum}/{num_microbatches} tok/s {tok_s:.0f} gnorm {gnorm:.2f}')
+
+
+def plot_losses(records: list[dict], path: pathlib.Path, title: str = ''):
+  """Train and eval loss vs optimizer updates and vs tokens, as a PNG."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  train = [r for r in records if r['kind'] == 'train']
+  evals = [r for r in records if r['kind'] == 'eval']
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, key, label in ((axes[0], 'update', 'optimizer updates'), (axes[1], 'tokens', 'tokens')):
+    ax.plot([r[key] for r in train], [r['loss'] for r in train], lw=0.8, alpha=0.6,
+            label='train (per update)')
+    ax.plot([r[key] for r in train], [r['ema'] for r in train], lw=1.5, label='train (ema)')
+    ax.plot([r[key] for r in evals], [r['loss'] for r in evals], 'o-', label='eval')
+    ax.set_xlabel(label)
+    ax.set_ylabel('loss (nats / token)')
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,127 @@
+"""A small decoder-only transformer language model in flax.nnx, used functionally.
+
+Pre-LN blocks, causal multi-head attention, learned or rotary positions, optional dropout.
+`make_lm` builds the module once, splits it (`nnx.split`) and returns a pure
+`apply(params, tokens, rng) -> logits` over a plain dict of float32 params, to be used inside
+`jax.jit` and `lax.scan` (a plain `jax.jit` over nnx objects would drop in-place updates).
+Dropout takes an explicit key, so each micro-batch's mask comes from the accumulation core.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 258
+  d_model: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  mlp_ratio: int = 4
+  max_len: int = 256
+  positions: str = 'rope'  # 'rope' or 'learned'
+  dropout: float = 0.0
+
+
+def _dropout(x, rate, rng):
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _rope(x_BxTxHxD):
+  t, d = x_BxTxHxD.shape[1], x_BxTxHxD.shape[-1]
+  freqs = 1.0 / (10000.0 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles_TxD2 = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]
+  sin = jnp.sin(angles_TxD2)[None, :, None, :].astype(x_BxTxHxD.dtype)
+  cos = jnp.cos(angles_TxD2)[None, :, None, :].astype(x_BxTxHxD.dtype)
+  x1, x2 = x_BxTxHxD[..., 0::2], x_BxTxHxD[..., 1::2]
+  return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(x_BxTxHxD.shape)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d = cfg.d_model
+    self.cfg = cfg
+    self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+    self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
+    self.proj = nnx.Linear(d, d, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+    self.fc1 = nnx.Linear(d, cfg.mlp_ratio * d, rngs=rngs)
+    self.fc2 = nnx.Linear(cfg.mlp_ratio * d, d, rngs=rngs)
+
+  def __call__(self, x_BxTxD, rng):
+    cfg = self.cfg
+    b, t, d = x_BxTxD.shape
+    h, hd = cfg.num_heads, d // cfg.num_heads
+    rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+    qkv = self.qkv(self.ln1(x_BxTxD)).reshape(b, t, 3, h, hd)
+    q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if cfg.positions == 'rope':
+      q_BxTxHxK, k_BxTxHxK = _rope(q_BxTxHxK), _rope(k_BxTxHxK)
+    scores_BxHxTxT = jnp.einsum('bqhk,bthk->bhqt', q_BxTxHxK, k_BxTxHxK) / jnp.sqrt(hd).astype(
+        x_BxTxD.dtype)
+    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+    scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(scores_BxHxTxT.dtype).min)
+    probs = jax.nn.softmax(scores_BxHxTxT.astype(jnp.float32), axis=-1).astype(x_BxTxD.dtype)
+    probs = _dropout(probs, cfg.dropout, rngs[0])
+    attn_BxTxD = jnp.einsum('bhqt,bthk->bqhk', probs, v_BxTxHxK).reshape(b, t, d)
+    x_BxTxD = x_BxTxD + _dropout(self.proj(attn_BxTxD), cfg.dropout, rngs[1])
+    mlp = self.fc2(jax.nn.gelu(self.fc1(self.ln2(x_BxTxD))))
+    return x_BxTxD + _dropout(mlp, cfg.dropout, rngs[2])
+
+
+class TransformerLM(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+    if cfg.positions == 'learned':
+      self.pos = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs)
+    for i in range(cfg.num_layers):
+      setattr(self, f'block{i}', Block(cfg, rngs))
+    self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+    self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
+
+  def __call__(self, tokens_BxT, rng=None):
+    # Direct lookups: nnx.Embed fixes its compute dtype at construction, and the compute
+    # dtype here must follow the params (cast by accumjax.precision).
+    x_BxTxD = jnp.take(self.embed.embedding[...], tokens_BxT, axis=0)
+    if self.cfg.positions == 'learned':
+      x_BxTxD = x_BxTxD + self.pos.embedding[...][None, :tokens_BxT.shape[1]]
+    rngs = [None] * self.cfg.num_layers if rng is None else list(
+        jax.random.split(rng, self.cfg.num_layers))
+    for i in range(self.cfg.num_layers):
+      x_BxTxD = getattr(self, f'block{i}')(x_BxTxD, rngs[i])
+    return self.head(self.ln_f(x_BxTxD))
+
+
+def make_lm(cfg: ModelConfig, seed: int = 0):
+  """(apply, params): `apply(params, tokens_BxT, rng=None) -> logits_BxTxV`; params a dict.
+
+  The compute dtype follows the params' dtype (see accumjax.precision).
+  """
+  if cfg.positions not in ('rope', 'learned'):
+    raise ValueError(f'positions={cfg.positions!r}; allowed: rope, learned.')
+  if cfg.d_model % cfg.num_heads or (cfg.d_model // cfg.num_heads) % 2:
+    raise ValueError(
+        f'd_model={cfg.d_model} must split into num_heads={cfg.num_heads} heads of even size.')
+  model = TransformerLM(cfg, nnx.Rngs(seed))
+  graphdef, state = nnx.split(model, nnx.Param)
+  params = nnx.to_pure_dict(state)
+
+  def apply(params, tokens_BxT, rng=None):
+    if tokens_BxT.shape[1] > cfg.max_len:
+      raise ValueError(f'sequence length {tokens_BxT.shape[1]} > max_len={cfg.max_len}.')
+    return nnx.merge(graphdef, params)(tokens_BxT, rng)
+
+  return apply, params
+
+
+def num_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
