@@ -7,10 +7,10 @@ train and eval never share a file.
 
 Examples are the paragraphs of a file (runs of lines between blank lines) followed by EOS, cut
 into windows of at most seq_len + 1 bytes. They have very different lengths (seq_len 128: a
-median of 129 tokens, a quarter under 81, 5% under 20), so batches are padded with a mask and micro-batches carry
-different token counts: the case where token-weighted normalisation matters. `pack=True`
-instead concatenates all blocks into one stream cut into full windows (no padding; attention
-may cross block boundaries).
+median of 129 tokens, a quarter under 81, 5% under 20), so batches are padded with a mask and
+micro-batches carry different token counts: the case where token-weighted normalisation
+matters. `pack=True` instead concatenates all paragraphs into one stream cut into full windows
+(no padding; attention may cross paragraph boundaries).
 
 Not here: device placement or sharding (see step.py / the experiments).
 """

@@ -40,8 +40,12 @@ class MetricsWriter:
 class Logger:
   """Prints to `stream` above an optional tqdm progress bar over optimizer updates."""
 
-  def __init__(self, stream=sys.stdout, progress: bool | None = None):
-    self.stream, self.progress, self._bar = stream, progress, None
+  def __init__(self, stream=None, progress: bool | None = None):
+    self._stream, self.progress, self._bar = stream, progress, None
+
+  @property
+  def stream(self):
+    return self._stream or sys.stdout  # looked up late, so redirection (and pytest) sees it
 
   def start_progress(self, total: int, initial: int = 0):
     if self.progress is False:

@@ -12,8 +12,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from accumjax import data as data_lib
@@ -64,7 +62,7 @@ class TrainConfig:
   dropout: float = 0.0
   # run
   seed: int = 0
-  eval_every: int = 100
+  eval_every: int = 50
   eval_batches: int = 8
   log_every: int = 10
   log_microbatches: bool = False
@@ -240,7 +238,7 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     loss, weight = float(m['loss']), float(m['weight'])
     if not math.isfinite(loss):
       raise FloatingPointError(f'non-finite loss {loss} at update {update}.')
-    ema = loss if ema is None else 0.95 * ema + 0.05 * loss
+    ema = loss if ema is None else 0.9 * ema + 0.1 * loss
     tokens_seen += weight
     window_tokens += weight
     record = {'kind': 'train', 'update': update, 'loss': loss, 'ema': ema,

@@ -1,0 +1,22 @@
+"""Every notebook runs top to bottom; their assertions are part of the suite."""
+
+import pathlib
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / 'notebooks').glob('*.ipynb'))
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(path):
+  nb = nbformat.read(path, as_version=4)
+  NotebookClient(nb, timeout=300, kernel_name='python3',
+                 resources={'metadata': {'path': str(path.parent)}}).execute()
+  outputs = ''.join(o.get('text', '') for c in nb.cells for o in c.get('outputs', []))
+  assert 'relative error' in outputs or 'loss' in outputs
+
+
+def test_there_are_notebooks():
+  assert NOTEBOOKS

@@ -1,0 +1,141 @@
+"""The main job end to end: outputs, falling loss, mode and batch-shape equivalence, bad flags."""
+
+import json
+
+import numpy as np
+import pytest
+
+from accumjax import data as data_lib
+from accumjax.train import TrainConfig, train_and_evaluate
+from experiments import train as train_cli
+
+TINY = dict(seq_len=32, batch_size=4, d_model=32, num_layers=1, num_heads=2, max_len=64,
+            eval_batches=2, log_every=2, warmup_steps=2)
+
+
+def _records(out):
+  lines = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  return [r for r in lines if r['kind'] == 'train'], [r for r in lines if r['kind'] == 'eval'], \
+      lines[-1]
+
+
+def test_smoke_outputs_and_loss_falls(tmp_path):
+  cfg = TrainConfig(**TINY, grad_accum_steps=2, steps=12, eval_every=6, lr=1e-2)
+  summary = train_and_evaluate(cfg, tmp_path)
+  train, evals, last = _records(tmp_path)
+  assert [r['update'] for r in train] == list(range(1, 13))
+  assert [r['update'] for r in evals] == [6, 12]
+  assert last['kind'] == 'summary' and last['params_fingerprint'] == summary['params_fingerprint']
+  assert train[-1]['loss'] < train[0]['loss'] - 1.0, (train[0]['loss'], train[-1]['loss'])
+  assert evals[-1]['loss'] < evals[0]['loss']
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['accumulation']['num_microbatches'] == 2
+  assert config['accumulation']['tokens_per_update'] == 4 * 2 * 32
+  png = (tmp_path / 'loss.png').read_bytes()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+
+
+def _losses(tmp_path, name, **kw):
+  cfg = TrainConfig(**{**TINY, 'steps': 5, 'eval_every': 100, 'lr': 1e-2, **kw})
+  summary = train_and_evaluate(cfg, tmp_path / name)
+  train, _, _ = _records(tmp_path / name)
+  return np.array([r['loss'] for r in train]), summary
+
+
+def test_modes_give_the_same_losses_update_by_update(tmp_path):
+  scan, s1 = _losses(tmp_path, 'scan', grad_accum_steps=4, accum_mode='scan')
+  multi, s2 = _losses(tmp_path, 'multi', grad_accum_steps=4, accum_mode='multisteps')
+  hybrid, s3 = _losses(tmp_path, 'hybrid', grad_accum_steps=4, accum_mode='hybrid')
+  np.testing.assert_allclose(multi, scan, rtol=1e-5)
+  np.testing.assert_allclose(hybrid, scan, rtol=1e-5)
+  np.testing.assert_allclose(s2['final_eval_loss'], s1['final_eval_loss'], rtol=1e-5)
+  np.testing.assert_allclose(s3['final_eval_loss'], s1['final_eval_loss'], rtol=1e-5)
+  assert scan[-1] < scan[0]  # the comparison is over real training, not a flat line
+
+
+def test_batch8_k4_matches_batch32_k1(tmp_path):
+  acc, _ = _losses(tmp_path, 'acc', batch_size=8, grad_accum_steps=4)
+  big, _ = _losses(tmp_path, 'big', batch_size=32, grad_accum_steps=1)
+  np.testing.assert_allclose(acc, big, rtol=1e-5)
+  # And it would notice a different batch: half the effective batch gives other losses.
+  half, _ = _losses(tmp_path, 'half', batch_size=8, grad_accum_steps=2)
+  assert np.max(np.abs(half[1:] - big[1:]) / big[1:]) > 1e-3
+
+
+def test_cli_runs_and_tokens_per_update_sets_k(tmp_path, capsys):
+  out = tmp_path / 'cli'
+  rc = train_cli.main([
+      '--seq-len', '32', '--batch-size', '4', '--tokens-per-update', '384', '--d-model', '32',
+      '--layers', '1', '--heads', '2', '--max-len', '64', '--steps', '2', '--eval-every', '2',
+      '--eval-batches', '1', '--log-every', '1', '--accum-mode', 'multisteps',
+      '--log-microbatches', '--out', str(out)])
+  text = capsys.readouterr().out
+  assert rc == 0
+  assert 'K (micro-batches/update)  3' in text
+  assert 'update [2/2] loss' in text and 'accum 3/3' in text
+  assert 'params fingerprint' in text
+  assert json.loads((out / 'config.json').read_text())['accumulation']['num_microbatches'] == 3
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--grad-accum-steps', '0'], '--grad-accum-steps 0 must be an integer >= 1'),
+    (['--lr=-1e-3'], '--lr -0.001 must be a positive finite number'),
+    (['--lr', '0'], '--lr 0.0 must be a positive finite number'),
+    (['--tokens-per-update', '1000'], '--tokens-per-update 1000 is not a positive multiple of'),
+    (['--data', '/nonexistent/corpus'], "--data '/nonexistent/corpus' does not exist"),
+    (['--seq-len', '512'], '--seq-len 512 is longer than the model allows (--max-len 256)'),
+    (['--accum-mode', 'hybrid', '--grad-accum-steps', '4', '--microbatches-per-call', '3'],
+     'c=3, allowed: [1, 2, 4]'),
+    (['--precision', 'fp8'], "invalid choice: 'fp8'"),
+])
+def test_bad_flags_fail_with_one_line_before_writing(tmp_path, capsys, argv, message):
+  out = tmp_path / 'never'
+  try:
+    rc = train_cli.main([*argv, '--out', str(out)])
+  except SystemExit as e:  # argparse's own checks (choices, types) exit directly
+    rc = e.code
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert message in err, err
+  assert len(err.strip().splitlines()) == 1
+  assert not out.exists()
+
+
+def test_iterator_is_deterministic_and_resumable():
+  train, _ = data_lib.load_splits(None, 32)
+  a = data_lib.RowIterator(train, seed=7)
+  first = [a.next_rows(5) for _ in range(3)]
+  state = a.state()
+  after = [a.next_rows(5) for _ in range(3)]
+  b = data_lib.RowIterator(train, seed=7)
+  for x, y in zip(first, [b.next_rows(5) for _ in range(3)], strict=True):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+  c = data_lib.RowIterator(train, seed=7)
+  c.set_state(state)
+  for x, y in zip(after, [c.next_rows(5) for _ in range(3)], strict=True):
+    np.testing.assert_array_equal(x['inputs'], y['inputs'])
+  other = data_lib.RowIterator(train, seed=8).next_rows(5)
+  assert not np.array_equal(other['inputs'], first[0]['inputs'])
+
+
+def test_iterator_crosses_epochs_with_a_new_order(tmp_path):
+  path = tmp_path / 'tiny.txt'
+  path.write_text('\n\n'.join(f'paragraph {i} ' * (i % 5 + 1) for i in range(60)))
+  train, evals = data_lib.load_splits(str(path), 16)
+  it = data_lib.RowIterator(train, seed=0)
+  n = len(train.lengths)
+  epoch0 = it.next_rows(n)['inputs']
+  epoch1 = it.next_rows(n)['inputs']
+  assert it.state() == {'epoch': 2, 'position': 0}
+  assert sorted(map(bytes, epoch0)) == sorted(map(bytes, epoch1))
+  assert not np.array_equal(epoch0, epoch1)
+  assert len(evals.lengths) > 0
+
+
+def test_default_corpus_is_real_and_variable_length():
+  train, evals = data_lib.load_splits(None, 128)
+  assert train.num_files > 500 and train.num_bytes > 5_000_000 and evals.num_files > 10
+  mask = data_lib.RowIterator(train, 0).next_rows(32)['mask']
+  counts = mask.reshape(4, 8, -1).sum(axis=(1, 2))
+  assert counts.max() > counts.min()  # micro-batches carry different token counts
+  assert (train.lengths < 129).mean() > 0.2
