@@ -27,7 +27,8 @@ class TrainState(NamedTuple):
   Attributes:
     params: float32 params.
     opt_state: the accumulating optimizer's state (MultiStepsState outside scan mode).
-    rng: base key; micro-batch j of update u uses fold_in(fold_in(rng, u), j).
+    rng: base key as raw uint32 key data (checkpointable); micro-batch j of update u uses
+      fold_in(fold_in(key, u), j).
     update_step: optimizer updates done (skipped zero-weight updates included).
     cycle_microbatch: micro-batches already summed into the current, unfinished update.
     microbatch_step: micro-batches processed since the start, strictly increasing.
@@ -41,6 +42,11 @@ class TrainState(NamedTuple):
 
 
 def init_train_state(params, tx, rng) -> TrainState:
+  """Fresh state; `rng` is a key (typed or raw) or an int seed."""
+  if isinstance(rng, int):
+    rng = jax.random.key(rng)
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.key_data(rng)
   # Distinct buffers (not one shared zero): the jitted step donates its state.
   zero = lambda: jnp.zeros((), jnp.int32)
   return TrainState(params, tx.init(optim.as_opt_params(params)), rng, zero(), zero(), zero())
@@ -75,7 +81,7 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
     n = rows // b
     sums, _ = accumulate_sums(
         compute_loss, state.params, batch, num_microbatches=n,
-        rng=jax.random.fold_in(state.rng, state.update_step),
+        rng=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update_step),
         index_offset=state.cycle_microbatch, accum_dtype=config.accum_jnp_dtype,
         clip_microbatch_norm=clip_each)
     before = optim.pending_sums(state.opt_state)

@@ -16,15 +16,23 @@ import optax
 
 from accumjax import data as data_lib
 from accumjax import logs
+from accumjax.checkpoint import Checkpointer
 from accumjax.config import AccumConfig, describe
 from accumjax.core import ConfigError
 from accumjax.losses import token_cross_entropy
 from accumjax.model import ModelConfig, make_lm, num_params
-from accumjax.optim import accumulating_optimizer
+from accumjax.optim import accumulating_optimizer, as_opt_params
 from accumjax.precision import cast_floats
-from accumjax.step import init_train_state, make_train_step
+from accumjax.step import init_train_state, make_flush, make_train_step
 
 PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16'}
+# What may change when a run is resumed. Settings that only change what is logged or saved:
+HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
+            'save_every_micro', 'keep', 'steps')
+# The shape of an update: safe to change between cycles, never inside one without a policy.
+ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
+                'microbatches_per_call')
+ON_CONFIG_CHANGE = ('refuse', 'flush')
 OPTIMIZERS = ('adamw', 'sgd', 'lion')
 SCHEDULES = ('cosine', 'constant')
 
@@ -66,6 +74,10 @@ class TrainConfig:
   eval_batches: int = 8
   log_every: int = 10
   log_microbatches: bool = False
+  # checkpoints (0 disables)
+  save_every: int = 100
+  save_every_micro: int = 0
+  keep: int = 3
 
   def num_microbatches(self, num_devices: int = 1) -> int:
     """K, from --grad-accum-steps or --tokens-per-update (default 4)."""
@@ -90,9 +102,10 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
   if cfg.grad_accum_steps is not None and cfg.tokens_per_update is not None:
     raise ConfigError('give --grad-accum-steps or --tokens-per-update, not both.')
   for name in ('batch_size', 'seq_len', 'steps', 'eval_every', 'eval_batches', 'log_every',
-               'd_model', 'num_layers', 'num_heads', 'mlp_ratio', 'max_len'):
+               'd_model', 'num_layers', 'num_heads', 'mlp_ratio', 'max_len', 'keep'):
     _positive_int(name, getattr(cfg, name))
-  _positive_int('warmup_steps', cfg.warmup_steps, minimum=0)
+  for name in ('warmup_steps', 'save_every', 'save_every_micro'):
+    _positive_int(name, getattr(cfg, name), minimum=0)
   if cfg.grad_accum_steps is not None:
     _positive_int('grad_accum_steps', cfg.grad_accum_steps)
   if cfg.seq_len > cfg.max_len:
@@ -156,18 +169,134 @@ def make_loss_fn(apply):
   return loss_fn
 
 
-def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None) -> dict:
-  """Trains `cfg.steps` optimizer updates; returns the summary (also in metrics/config)."""
+def _optimizer(cfg: TrainConfig, accum: AccumConfig):
+  schedule = lr_schedule(cfg)
+  return accumulating_optimizer(inner_optimizer(cfg, schedule), accum), schedule
+
+
+def compare_configs(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+  """(changed accumulation fields, changed fields that change the math) between runs.
+
+  Harmless fields (logging, eval, saving, --steps) may always change. Everything else that is
+  not an accumulation field (model, data, seed, precision, optimizer, schedule...) changes what
+  the resumed run computes, so it is refused.
+  """
+  new = dataclasses.asdict(cfg)
+  unknown = sorted(set(saved) - set(new))
+  if unknown:
+    raise ConfigError(f'the checkpoint was written with unknown settings {unknown}.')
+  changed = [k for k in new if k in saved and saved[k] != new[k] and k not in HARMLESS]
+  return ([k for k in changed if k in ACCUMULATION],
+          [k for k in changed if k not in ACCUMULATION])
+
+
+def _describe_change(saved: dict, cfg: TrainConfig, fields) -> str:
+  new = dataclasses.asdict(cfg)
+  return ', '.join(f'--{k.replace("_", "-")} {saved[k]!r} -> {new[k]!r}' for k in fields)
+
+
+def _convert_opt_state(state, old_tx, tx, params):
+  """Moves a cycle-boundary optimizer state between accumulation setups (scan <-> MultiSteps,
+  other K): the inner optimizer state carries over, the (empty) accumulator is rebuilt."""
+  old = state.opt_state
+  inner = old.inner_opt_state if isinstance(old, optax.MultiStepsState) else old
+  new = tx.init(as_opt_params(params))
+  if isinstance(new, optax.MultiStepsState):
+    new = new._replace(inner_opt_state=inner, gradient_step=state.update_step)
+  else:
+    new = inner
+  return state._replace(opt_state=new)
+
+
+def _resume(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_change, log):
+  """Restores the newest good checkpoint and reconciles its config with `cfg`."""
+
+  def target(meta):
+    accum_fields, math_fields = compare_configs(meta['config'], cfg)
+    if math_fields:
+      raise ConfigError(
+          f'cannot resume from step {meta["step"]} with a different '
+          f'{_describe_change(meta["config"], cfg, math_fields)}: it changes what the run '
+          'computes. Resume with the saved values, or start a new run in another --out.')
+    old_cfg = TrainConfig(**meta['config'])
+    return init_train_state(params, _optimizer(old_cfg, validate(old_cfg))[0], cfg.seed)
+
+  restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step))
+  for s, why in restored.skipped:
+    log.info(f'resume: skipped checkpoint {s}: {why}')
+  state, meta = restored.state, restored.meta
+  saved = meta['config']
+  accum_fields, _ = compare_configs(saved, cfg)
+  old_cfg = TrainConfig(**saved)
+  old_accum = validate(old_cfg)
+  old_tx = _optimizer(old_cfg, old_accum)[0]
+  where = (f'update {int(state.update_step)}, {int(state.cycle_microbatch)}/'
+           f'{old_accum.num_microbatches} micro-batches into the next')
+  log.info(f'resume: checkpoint {restored.step} ({where}) from {ckpt.path(restored.step)}')
+  shape = lambda a: (a.num_microbatches, a.microbatch_size, a.mode, a.per_call)
+  if accum_fields and shape(old_accum) != shape(accum):
+    change = _describe_change(saved, cfg, accum_fields)
+    if int(state.cycle_microbatch) > 0:
+      if on_config_change != 'flush':
+        raise ConfigError(
+            f'checkpoint {restored.step} is mid-cycle ({where}); changing {change} now would '
+            'mix two accumulation setups in one update. Resume with the saved values, or pass '
+            '--on-config-change flush to apply the partial cycle as its own update first.')
+      state = jax.jit(make_flush(old_tx))(state)
+      log.info(f'resume: flushed the partial cycle as update {int(state.update_step)} '
+               f'(exact for the micro-batches it had) before changing {change}')
+    state = _convert_opt_state(state, old_tx, tx, params)
+    log.info(f'resume: accumulation changed at a cycle boundary: {change}')
+  return state, meta
+
+
+def _trim_metrics(path: pathlib.Path, update: int) -> list[dict]:
+  """Keeps the records up to `update` (a crash may have logged updates after the checkpoint)."""
+  if not path.exists():
+    return []
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = [r for r in records if r['kind'] != 'summary' and r['update'] <= update]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  return records
+
+
+def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None, *,
+                       resume=None, on_config_change: str = 'refuse',
+                       should_stop=lambda: False) -> dict:
+  """Trains until `cfg.steps` optimizer updates; returns the summary.
+
+  Args:
+    cfg: the run's settings.
+    out_dir: where config.json, metrics.jsonl, loss.png and checkpoints/ go.
+    log: a logs.Logger (default: plain prints, no progress bar).
+    resume: None (fresh run), True or 'latest' (newest good checkpoint in out_dir), or a step.
+    on_config_change: 'refuse' (default) or 'flush': what to do when the accumulation setup
+      changed and the checkpoint is mid-cycle (flush applies the partial cycle first).
+    should_stop: polled after every call; when it returns True (a preemption signal), the run
+      saves a checkpoint where it is (mid-cycle included) and returns with 'preempted': True.
+  """
   log = log or logs.Logger(progress=False)
   accum = validate(cfg)
+  if on_config_change not in ON_CONFIG_CHANGE:
+    raise ConfigError(f'on_config_change={on_config_change!r}; allowed: refuse, flush.')
+  out = pathlib.Path(out_dir)
+  if resume is not None and not (out / 'checkpoints').is_dir():
+    raise ConfigError(f'--resume: no checkpoints/ in {out} to resume from.')
   train_split, eval_split = data_lib.load_splits(cfg.data, cfg.seq_len, cfg.pack)
   apply, params = make_lm(model_config(cfg), seed=cfg.seed)
   loss_fn = make_loss_fn(apply)
-  schedule = lr_schedule(cfg)
-  tx = accumulating_optimizer(inner_optimizer(cfg, schedule), accum)
-  state = init_train_state(params, tx, jax.random.key(cfg.seed))
+  tx, schedule = _optimizer(cfg, accum)
+  saving = bool(cfg.save_every or cfg.save_every_micro)
+  ckpt = Checkpointer(out / 'checkpoints', keep=cfg.keep) if saving or resume else None
+  rows = data_lib.RowIterator(train_split, cfg.seed)
+  run = {'ema': None, 'tokens_seen': 0.0, 'train_time': 0.0, 'last_eval': None}
+  if resume is not None:
+    state, meta = _resume(ckpt, resume, cfg, accum, tx, params, on_config_change, log)
+    rows.set_state(meta['data'])
+    run = meta['run']
+  else:
+    state = init_train_state(params, tx, cfg.seed)
   train_step = jax.jit(make_train_step(loss_fn, tx, accum), donate_argnums=0)
-
   compute_dtype = accum.compute_jnp_dtype
 
   @jax.jit
@@ -179,12 +308,11 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
 
   def evaluate(params):
     sums = [jax.device_get(eval_sums(params, b)) for b in eval_set]
-    loss_sum = sum(float(s) for s, _ in sums)
-    weight = sum(float(w) for _, w in sums)
-    return loss_sum / weight
+    return sum(float(s) for s, _ in sums) / sum(float(w) for _, w in sums)
 
-  rows = data_lib.RowIterator(train_split, cfg.seed)
-  out = pathlib.Path(out_dir)
+  update = int(state.update_step)
+  calls_done = int(state.cycle_microbatch) // accum.per_call
+  microbatches = int(state.microbatch_step)
   out.mkdir(parents=True, exist_ok=True)
   setup = describe(accum)
   info = {
@@ -192,12 +320,14 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       'data': cfg.data or f'python stdlib sources ({data_lib.default_corpus_files()[0].parent})',
       'train_files': train_split.num_files, 'train_bytes': train_split.num_bytes,
       'train_rows': int(len(train_split.lengths)), 'eval_files': eval_split.num_files,
-      'eval_rows_used': len(eval_set) * cfg.batch_size,
+      'eval_rows_used': len(eval_set) * cfg.batch_size, 'resumed_at_update': update,
   }
   (out / 'config.json').write_text(json.dumps(
       {'train': dataclasses.asdict(cfg), 'accumulation': setup, 'run': info}, indent=2))
   metrics_path = out / 'metrics.jsonl'
-  metrics_path.unlink(missing_ok=True)
+  records = _trim_metrics(metrics_path, update) if resume is not None else []
+  if resume is None:
+    metrics_path.unlink(missing_ok=True)
   writer = logs.MetricsWriter(metrics_path)
 
   log.table('accumjax train', [
@@ -217,62 +347,117 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       ('precision', f'{cfg.precision} compute, float32 params/accumulation'),
       ('optimizer', f'{cfg.optimizer}, lr {cfg.lr:g}, clip {setup["clipping"]}'),
       ('schedule', f'{cfg.schedule}, {cfg.warmup_steps} warmup updates, {cfg.steps} updates'),
+      ('checkpoints', f'every {cfg.save_every} updates' + (
+          f' and every {cfg.save_every_micro} calls' if cfg.save_every_micro else '')
+          + f', keep {cfg.keep}' if saving else 'off'),
       ('out', str(out)),
   ])
 
-  records, ema, tokens_seen, train_time = [], None, 0.0, 0.0
-  window_tokens, window_start = 0.0, time.perf_counter()
-  last_eval = None
+  last_saved = [None]
+
+  def save():
+    if last_saved[0] != microbatches:  # e.g. a preemption right after a periodic save
+      meta = {'config': dataclasses.asdict(cfg), 'data': rows.state(), 'run': run,
+              'update': update}
+      last_saved[0] = ckpt.save(state, meta)
+    return ckpt.path(last_saved[0])
+
+  def preempted():
+    path = save()
+    ckpt.wait()
+    writer.close()
+    log.close()
+    log.info(f'preempted: checkpoint written to {path} (update {update}, '
+             f'{calls_done * accum.per_call}/{accum.num_microbatches} micro-batches into the '
+             f'next); continue with --resume')
+    return {'kind': 'preempted', 'update': update, 'checkpoint': str(path), 'preempted': True}
+
+  def _loop():
+    nonlocal state, update, calls_done, microbatches
+    window_tokens, window_start = 0.0, time.perf_counter()
+    log.start_progress(cfg.steps, initial=update)
+    while update < cfg.steps:
+      t0 = time.perf_counter()
+      while calls_done < accum.calls_per_update:
+        state, m = train_step(state, rows.next_rows(accum.per_call * accum.microbatch_size))
+        calls_done += 1
+        microbatches += accum.per_call
+        if cfg.log_microbatches:
+          log.info(f'update [{update + 1}/{cfg.steps}] accum {calls_done * accum.per_call}/'
+                   f'{accum.num_microbatches} call loss {float(m["call_loss"]):.4f} '
+                   f'tokens {float(m["call_weight"]):.0f} cycle loss {float(m["loss"]):.4f}')
+        if calls_done < accum.calls_per_update:  # mid-cycle
+          if ckpt and cfg.save_every_micro and (microbatches // accum.per_call) % \
+              cfg.save_every_micro == 0:
+            save()
+          if should_stop():
+            return preempted()
+      calls_done = 0
+      update += 1
+      m = jax.device_get(m)
+      run['train_time'] += time.perf_counter() - t0
+      loss, weight = float(m['loss']), float(m['weight'])
+      if not math.isfinite(loss):
+        raise FloatingPointError(f'non-finite loss {loss} at update {update}.')
+      run['ema'] = loss if run['ema'] is None else 0.9 * run['ema'] + 0.1 * loss
+      run['tokens_seen'] += weight
+      window_tokens += weight
+      record = {'kind': 'train', 'update': update, 'loss': loss, 'ema': run['ema'],
+                'lr': float(schedule(update - 1)), 'grad_norm': float(m['grad_norm']),
+                'tokens': run['tokens_seen'], 'update_tokens': weight,
+                'skipped': bool(m['skipped']), 'time': time.perf_counter() - start}
+      records.append(record)
+      writer.write(record)
+      log.advance()
+      if update % cfg.log_every == 0 or update == cfg.steps:
+        now = time.perf_counter()
+        tok_s = window_tokens / (now - window_start)
+        window_tokens, window_start = 0.0, now
+        log.info(logs.update_line(update, cfg.steps, loss, run['ema'], record['lr'],
+                                  accum.num_microbatches, accum.num_microbatches, tok_s,
+                                  record['grad_norm']))
+      if update % cfg.eval_every == 0 or update == cfg.steps:
+        eval_loss = evaluate(state.params)
+        run['last_eval'] = {'kind': 'eval', 'update': update, 'loss': eval_loss,
+                            'perplexity': math.exp(eval_loss), 'tokens': run['tokens_seen']}
+        records.append(run['last_eval'])
+        writer.write(run['last_eval'])
+        log.info(f'eval   [{update}/{cfg.steps}] loss {eval_loss:.4f} '
+                 f'ppl {math.exp(eval_loss):.2f}')
+        window_start = time.perf_counter()  # eval time is not training throughput
+      saved_now = bool(ckpt and saving and (
+          (cfg.save_every and update % cfg.save_every == 0) or update == cfg.steps))
+      if saved_now:
+        save()
+      if should_stop() and update < cfg.steps:
+        return preempted()
   start = time.perf_counter()
-  log.start_progress(cfg.steps)
-  for update in range(1, cfg.steps + 1):
-    t0 = time.perf_counter()
-    for call in range(1, accum.calls_per_update + 1):
-      state, m = train_step(state, rows.next_rows(accum.per_call * accum.microbatch_size))
-      if cfg.log_microbatches:
-        log.info(f'update [{update}/{cfg.steps}] accum {call * accum.per_call}/'
-                 f'{accum.num_microbatches} call loss {float(m["call_loss"]):.4f} '
-                 f'tokens {float(m["call_weight"]):.0f} cycle loss {float(m["loss"]):.4f}')
-    m = jax.device_get(m)
-    train_time += time.perf_counter() - t0
-    loss, weight = float(m['loss']), float(m['weight'])
-    if not math.isfinite(loss):
-      raise FloatingPointError(f'non-finite loss {loss} at update {update}.')
-    ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-    tokens_seen += weight
-    window_tokens += weight
-    record = {'kind': 'train', 'update': update, 'loss': loss, 'ema': ema,
-              'lr': float(schedule(update - 1)), 'grad_norm': float(m['grad_norm']),
-              'tokens': tokens_seen, 'update_tokens': weight, 'skipped': bool(m['skipped']),
-              'time': time.perf_counter() - start}
-    records.append(record)
-    writer.write(record)
-    log.advance()
-    if update % cfg.log_every == 0 or update == cfg.steps:
-      now = time.perf_counter()
-      tok_s = window_tokens / (now - window_start)
-      window_tokens, window_start = 0.0, now
-      log.info(logs.update_line(update, cfg.steps, loss, ema, record['lr'],
-                                accum.num_microbatches, accum.num_microbatches, tok_s,
-                                record['grad_norm']))
-    if update % cfg.eval_every == 0 or update == cfg.steps:
-      eval_loss = evaluate(state.params)
-      last_eval = {'kind': 'eval', 'update': update, 'loss': eval_loss,
-                   'perplexity': math.exp(eval_loss), 'tokens': tokens_seen}
-      records.append(last_eval)
-      writer.write(last_eval)
-      log.info(f'eval   [{update}/{cfg.steps}] loss {eval_loss:.4f} '
-               f'ppl {math.exp(eval_loss):.2f}')
-      window_start = time.perf_counter()  # eval time is not training throughput
+  try:
+    stopped = _loop()
+    if ckpt:
+      ckpt.wait()  # surfaces a failed background save as an error here
+  finally:
+    if ckpt:
+      ckpt.close()
+  if stopped is not None:
+    return stopped
   log.close()
+  if run['last_eval'] is None or run['last_eval']['update'] != update:
+    eval_loss = evaluate(state.params)
+    run['last_eval'] = {'kind': 'eval', 'update': update, 'loss': eval_loss,
+                        'perplexity': math.exp(eval_loss), 'tokens': run['tokens_seen']}
   wall = time.perf_counter() - start
   fp = logs.fingerprint(state.params)
+  train_records = [r for r in records if r['kind'] == 'train']
   summary = {
-      'kind': 'summary', 'updates': cfg.steps, 'final_train_loss': loss,
-      'final_train_ema': ema, 'final_eval_loss': last_eval['loss'],
-      'final_eval_perplexity': last_eval['perplexity'], 'tokens_seen': tokens_seen,
-      'wall_time_s': wall, 'train_tokens_per_s': tokens_seen / train_time,
-      'first_train_loss': records[0]['loss'], 'params_fingerprint': fp,
+      'kind': 'summary', 'updates': update,
+      'final_train_loss': train_records[-1]['loss'] if train_records else float('nan'),
+      'final_train_ema': run['ema'], 'final_eval_loss': run['last_eval']['loss'],
+      'final_eval_perplexity': run['last_eval']['perplexity'],
+      'tokens_seen': run['tokens_seen'], 'wall_time_s': wall,
+      'train_tokens_per_s': run['tokens_seen'] / max(run['train_time'], 1e-9),
+      'first_train_loss': train_records[0]['loss'] if train_records else float('nan'),
+      'params_fingerprint': fp, 'preempted': False,
   }
   writer.write(summary)
   writer.close()
@@ -280,13 +465,14 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
                    title=f'{accum.mode}, K={accum.num_microbatches}, '
                          f'{setup["tokens_per_update"]:,} tokens/update, {cfg.precision}')
   log.table('summary', [
-      ('updates', cfg.steps),
+      ('updates', update),
       ('train loss (first -> last)', f'{summary["first_train_loss"]:.4f} -> '
-                                     f'{summary["final_train_loss"]:.4f} (ema {ema:.4f})'),
+                                     f'{summary["final_train_loss"]:.4f} '
+                                     f'(ema {run["ema"]:.4f})'),
       ('eval loss / perplexity', f'{summary["final_eval_loss"]:.4f} / '
                                  f'{summary["final_eval_perplexity"]:.2f}'),
-      ('tokens seen (real, unpadded)', f'{tokens_seen:,.0f}'),
-      ('wall time', f'{wall:.1f} s'),
+      ('tokens seen (real, unpadded)', f'{run["tokens_seen"]:,.0f}'),
+      ('wall time' + (' (this process)' if resume is not None else ''), f'{wall:.1f} s'),
       ('train tokens/s', f'{summary["train_tokens_per_s"]:,.0f}'),
       ('params fingerprint', fp),
       ('outputs', f'{out / "metrics.jsonl"}, {out / "config.json"}, {out / "loss.png"}'),

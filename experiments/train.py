@@ -11,9 +11,11 @@ The logic lives in accumjax.train, importable from a notebook.
 """
 
 import argparse
+import signal
 import sys
 import time
 
+from accumjax.checkpoint import CheckpointError
 from accumjax.core import ConfigError
 from accumjax.data import DataError
 from accumjax.logs import Logger
@@ -81,6 +83,19 @@ def parse_args(argv=None):
   g.add_argument('--out', default=None, help='output directory (default runs/train-<time>)')
   g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
                  help='progress bar (default: only on a terminal)')
+  g = p.add_argument_group('checkpoints (Orbax, in OUT/checkpoints)')
+  g.add_argument('--save-every', type=int, default=d.save_every,
+                 help='save every N optimizer updates, and at the end (0: never)')
+  g.add_argument('--save-every-micro', type=int, default=d.save_every_micro,
+                 help='multisteps/hybrid: also save every M calls, inside a cycle (0: never)')
+  g.add_argument('--keep', type=int, default=d.keep, help='checkpoints to keep')
+  g.add_argument('--resume', nargs='?', const='latest', default=None, metavar='STEP',
+                 help='continue the run in --out from its newest good checkpoint (or STEP, an '
+                      'Orbax step = micro-batches done); final params are bit-identical to an '
+                      'uninterrupted run')
+  g.add_argument('--on-config-change', default='refuse', choices=['refuse', 'flush'],
+                 help='when resuming mid-cycle with another batch size/K/mode: refuse '
+                      '(default), or flush the partial cycle as its own update first')
   return p.parse_args(argv)
 
 
@@ -95,16 +110,53 @@ def config_from_args(a) -> TrainConfig:
       clip_before_accumulation=a.clip_before_accumulation, steps=a.steps, d_model=a.d_model,
       num_layers=a.layers, num_heads=a.heads, mlp_ratio=a.mlp_ratio, max_len=a.max_len,
       positions=a.positions, dropout=a.dropout, seed=a.seed, eval_every=a.eval_every,
-      eval_batches=a.eval_batches, log_every=a.log_every, log_microbatches=a.log_microbatches)
+      eval_batches=a.eval_batches, log_every=a.log_every, log_microbatches=a.log_microbatches,
+      save_every=a.save_every, save_every_micro=a.save_every_micro, keep=a.keep)
+
+
+class _Preemption:
+  """SIGTERM/SIGINT set a flag; the loop finishes its call, checkpoints and returns."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested:  # a second signal: stop now
+      raise KeyboardInterrupt
+    self.requested = True
+    sys.stderr.write(f'{signal.Signals(signum).name}: finishing this call, then saving\n')
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.resume is not None and args.out is None:
+    sys.stderr.write('error: --resume needs the --out of the run to continue\n')
+    return 2
   out = args.out or time.strftime('runs/train-%Y%m%d-%H%M%S')
+  resume = args.resume
+  if resume not in (None, 'latest'):
+    if not resume.isdigit():
+      sys.stderr.write(f'error: --resume {resume!r}: give a step number or nothing\n')
+      return 2
+    resume = int(resume)
   try:
     cfg = config_from_args(args)
-    train_and_evaluate(cfg, out, Logger(progress=args.progress))
-  except (ConfigError, DataError) as e:
+    with _Preemption() as preemption:
+      train_and_evaluate(cfg, out, Logger(progress=args.progress), resume=resume,
+                         on_config_change=args.on_config_change,
+                         should_stop=lambda: preemption.requested)
+  except (ConfigError, DataError, CheckpointError) as e:
     sys.stderr.write(f'error: {e}\n')
     return 2
   return 0

@@ -1,0 +1,131 @@
+"""Orbax checkpoints of the whole training state, mid-cycle accumulation included.
+
+A checkpoint holds the `TrainState` (params, the whole optax state with MultiSteps' summed
+gradients, loss sum, weight and counters, the RNG key data, update/micro-step counters) and a
+JSON `meta` item: the run's config, the data iterator position, logging state, and our own
+fingerprint of the saved state. Orbax does not checksum array data, so `restore` recomputes the
+fingerprint and refuses a checkpoint whose bytes changed.
+
+- The Orbax step is `state.microbatch_step`, strictly increasing over micro-batches, so saves in
+  the middle of a cycle are never dropped (Orbax silently refuses a step not newer than the
+  latest; we turn that into an error).
+- Saving is asynchronous where Orbax offers it. What is saved is a private copy of the state,
+  made before `save` returns, so a train step that donates (and so overwrites) its input
+  buffers can never change what is being written.
+- Restoring always goes through an abstract target built from a fresh state (namedtuples come
+  back as namedtuples, dtypes cannot drift, shardings are the caller's), newest checkpoint
+  first, falling back to older ones with a reason for each skipped step.
+"""
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from accumjax.logs import fingerprint
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint, or a save that could not be made."""
+
+
+@dataclasses.dataclass
+class Restored:
+  state: object
+  meta: dict
+  step: int
+  skipped: list[tuple[int, str]]  # (step, why) for newer checkpoints that were not usable
+
+
+def _first_line(e: Exception) -> str:
+  return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:160]}'
+
+
+def abstract_like(state):
+  """ShapeDtypeStructs (with shardings) of `state`: the restore target."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+class Checkpointer:
+  """Saves to and restores from `directory` (one Orbax CheckpointManager)."""
+
+  def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True):
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory, item_names=('state', 'meta'),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def unfinished(self) -> list[str]:
+    """Names of saves that never committed (a kill during an async save leaves these)."""
+    if not self.directory.exists():
+      return []
+    return sorted(p.name for p in self.directory.iterdir() if 'orbax-checkpoint-tmp' in p.name)
+
+  def save(self, state, meta: dict) -> int:
+    """Starts saving `state` with `meta` under step `state.microbatch_step`; returns the step."""
+    step = int(state.microbatch_step)
+    snapshot = jax.tree.map(jnp.copy, state)  # the train step may donate `state` next
+    meta = dict(meta, step=step, fingerprint=fingerprint(snapshot))
+    saved = self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(snapshot), meta=ocp.args.JsonSave(meta)))
+    if not saved:
+      raise CheckpointError(
+          f'Orbax did not save step {step}: it is not newer than the latest step '
+          f'{self._manager.latest_step()} in {self.directory}.')
+    return step
+
+  def wait(self):
+    """Blocks until pending saves are on disk; raises what a background save raised."""
+    self._manager.wait_until_finished()
+
+  def path(self, step: int) -> pathlib.Path:
+    return self.directory / str(step)
+
+  def read_meta(self, step: int) -> dict:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def restore(self, target_for_meta, step: int | None = None) -> Restored:
+    """Restores the newest good checkpoint (or exactly `step`).
+
+    Args:
+      target_for_meta: `meta -> fresh state` (arrays or ShapeDtypeStructs, with the shardings
+        wanted now); called with each candidate's meta, so the target can follow the saved
+        config (e.g. its optimizer structure).
+      step: a specific step; by default the newest good one.
+    """
+    candidates = sorted(self.steps(), reverse=True) if step is None else [step]
+    if step is not None and step not in self.steps():
+      raise CheckpointError(
+          f'no checkpoint at step {step} in {self.directory}; available: {self.steps()}.')
+    skipped = [(name, 'unfinished save (killed while writing), ignored')
+               for name in self.unfinished()]
+    for s in candidates:
+      try:
+        meta = self.read_meta(s)
+      except Exception as e:  # noqa: BLE001 (any Orbax/tensorstore failure means: unusable)
+        skipped.append((s, f'unreadable meta ({_first_line(e)})'))
+        continue
+      target = abstract_like(target_for_meta(meta))  # its errors (config refusals) propagate
+      try:
+        state = self._manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target))).state
+      except Exception as e:  # noqa: BLE001
+        skipped.append((s, f'unreadable state ({_first_line(e)})'))
+        continue
+      actual = fingerprint(state)
+      if actual != meta.get('fingerprint'):
+        skipped.append((s, f'fingerprint mismatch: saved {meta.get("fingerprint")}, '
+                           f'restored {actual} (corrupted data)'))
+        continue
+      return Restored(state, meta, s, skipped)
+    reasons = '; '.join(f'{s}: {why}' for s, why in skipped) or 'none found'
+    raise CheckpointError(f'no usable checkpoint in {self.directory} ({reasons}).')
+
+  def close(self):
+    self._manager.close()
