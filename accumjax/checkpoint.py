@@ -13,8 +13,9 @@ fingerprint and refuses a checkpoint whose bytes changed.
   made before `save` returns, so a train step that donates (and so overwrites) its input
   buffers can never change what is being written.
 - Restoring always goes through an abstract target built from a fresh state (namedtuples come
-  back as namedtuples, dtypes cannot drift, shardings are the caller's), newest checkpoint
-  first, falling back to older ones with a reason for each skipped step.
+  back as namedtuples, shardings are the caller's) with the dtypes recorded at save time (so
+  they cannot drift, e.g. to float64 under jax_enable_x64), newest checkpoint first, falling
+  back to older ones with a reason for each skipped step.
 """
 
 import dataclasses
@@ -71,9 +72,14 @@ class Checkpointer:
     """Starts saving `state` with `meta` under step `state.microbatch_step`; returns the step."""
     step = int(state.microbatch_step)
     snapshot = jax.tree.map(jnp.copy, state)  # the train step may donate `state` next
-    meta = dict(meta, step=step, fingerprint=fingerprint(snapshot))
-    saved = self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(snapshot), meta=ocp.args.JsonSave(meta)))
+    meta = dict(meta, step=step, fingerprint=fingerprint(snapshot),
+                dtypes=[str(x.dtype) for x in jax.tree.leaves(snapshot)])
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(snapshot), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f'saving step {step} to {self.directory} failed ({_first_line(e)}); '
+                            'nothing was committed for this step.') from e
     if not saved:
       raise CheckpointError(
           f'Orbax did not save step {step}: it is not newer than the latest step '
@@ -82,7 +88,11 @@ class Checkpointer:
 
   def wait(self):
     """Blocks until pending saves are on disk; raises what a background save raised."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f'a background save to {self.directory} failed ({_first_line(e)}); '
+                            'that step was not committed.') from e
 
   def path(self, step: int) -> pathlib.Path:
     return self.directory / str(step)
@@ -112,6 +122,15 @@ class Checkpointer:
         skipped.append((s, f'unreadable meta ({_first_line(e)})'))
         continue
       target = abstract_like(target_for_meta(meta))  # its errors (config refusals) propagate
+      leaves, treedef = jax.tree.flatten(target)
+      if len(leaves) != len(meta.get('dtypes', leaves)):
+        skipped.append((s, f'holds {len(meta["dtypes"])} arrays, the target {len(leaves)}'))
+        continue
+      # The saved dtypes, not the fresh state's: under jax_enable_x64 a fresh optax state can
+      # come out float64, and restoring into it would silently widen float32 state.
+      target = treedef.unflatten([
+          jax.ShapeDtypeStruct(x.shape, jnp.dtype(d), sharding=x.sharding)
+          for x, d in zip(leaves, meta.get('dtypes', [x.dtype for x in leaves]), strict=True)])
       try:
         state = self._manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target))).state
@@ -128,4 +147,7 @@ class Checkpointer:
     raise CheckpointError(f'no usable checkpoint in {self.directory} ({reasons}).')
 
   def close(self):
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception:  # noqa: BLE001 (already reported by wait(); closing must not mask it)
+      pass

@@ -86,13 +86,15 @@ def _windows(blocks: list[bytes], seq_len: int, pack: bool) -> tuple[np.ndarray,
 
 
 def load_splits(path: str | None, seq_len: int, pack: bool = False, eval_every: int = 20):
-  """(train, eval) Splits; every `eval_every`-th file goes to eval (the only file's tail if
-  `path` is a single file)."""
+  """(train, eval) Splits; every `eval_every`-th file goes to eval (with fewer files, the last
+  one; with a single file, its last 5%)."""
   files = corpus_files(path)
   texts = [f.read_bytes() for f in files]
   if len(files) == 1:  # a single file: hold out its last 5%
     cut = int(len(texts[0]) * 0.95)
     parts = {'train': [texts[0][:cut]], 'eval': [texts[0][cut:]]}
+  elif len(files) < eval_every:  # a few files: hold out the last one
+    parts = {'train': texts[:-1], 'eval': texts[-1:]}
   else:
     parts = {'train': [t for i, t in enumerate(texts) if i % eval_every != eval_every // 2],
              'eval': [t for i, t in enumerate(texts) if i % eval_every == eval_every // 2]}

@@ -12,6 +12,7 @@ import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from accumjax import data as data_lib
@@ -202,7 +203,7 @@ def _convert_opt_state(state, old_tx, tx, params):
   inner = old.inner_opt_state if isinstance(old, optax.MultiStepsState) else old
   new = tx.init(as_opt_params(params))
   if isinstance(new, optax.MultiStepsState):
-    new = new._replace(inner_opt_state=inner, gradient_step=state.update_step)
+    new = new._replace(inner_opt_state=inner, gradient_step=jnp.copy(state.update_step))
   else:
     new = inner
   return state._replace(opt_state=new)

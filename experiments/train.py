@@ -156,9 +156,12 @@ def main(argv=None):
       train_and_evaluate(cfg, out, Logger(progress=args.progress), resume=resume,
                          on_config_change=args.on_config_change,
                          should_stop=lambda: preemption.requested)
-  except (ConfigError, DataError, CheckpointError) as e:
+  except (ConfigError, DataError) as e:
     sys.stderr.write(f'error: {e}\n')
     return 2
+  except CheckpointError as e:
+    sys.stderr.write(f'error: {e}\n')
+    return 1
   return 0
 
 

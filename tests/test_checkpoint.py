@@ -1,0 +1,258 @@
+"""Orbax checkpoints: bit-identical resume at every position of a cycle, config checks on
+resume, and corrupted / partial / unfinished checkpoints."""
+
+import functools
+import itertools
+import json
+import pathlib
+import sysconfig
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+import accumjax
+from accumjax import checkpoint
+from accumjax.model import make_lm
+from accumjax.train import TrainConfig, _optimizer, model_config, train_and_evaluate, validate
+from tests import reference
+from tests.helpers import calls_of, lm_loss
+from tests.test_equivalence import ROWS, adamw, config_for
+
+MODES = ['scan', 'multisteps', 'hybrid']
+
+
+def _calls(config, updates=3):
+  return [c for b in reference.make_batches(updates, ROWS) for c in calls_of(b, config)]
+
+
+@pytest.mark.parametrize('precision', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('mode', MODES)
+def test_resume_at_every_position_of_a_cycle_is_bit_identical(tmp_path, mode, precision):
+  config = config_for(mode, 4, compute_dtype=precision)
+  tx = accumjax.accumulating_optimizer(adamw(), config)
+  step = jax.jit(accumjax.make_train_step(lm_loss, tx, config))
+  fresh = lambda: accumjax.init_train_state(reference.init_params(), tx, 0)
+  calls = _calls(config)
+  straight = [fresh()]
+  for c in calls:
+    straight.append(step(straight[-1], c)[0])
+  # Stop after every call of the second update: its boundary and each mid-cycle position.
+  first = config.calls_per_update
+  for stop in range(first, 2 * first + 1):
+    ckpt = checkpoint.Checkpointer(tmp_path / f'{stop}', keep=2)
+    ckpt.save(straight[stop], {'stop': stop})
+    ckpt.wait()
+    ckpt.close()
+    restored = checkpoint.Checkpointer(tmp_path / f'{stop}').restore(lambda meta: fresh())
+    assert restored.meta['stop'] == stop and not restored.skipped
+    state = restored.state
+    assert type(state.opt_state) is type(fresh().opt_state)  # namedtuples stay namedtuples
+    chex.assert_trees_all_equal(state, straight[stop])
+    chex.assert_trees_all_equal_dtypes(state, fresh())
+    for c in calls[stop:]:
+      state = step(state, c)[0]
+    chex.assert_trees_all_equal(state.params, straight[-1].params)
+    chex.assert_trees_all_equal(state, straight[-1])
+  # The comparison is not vacuous: a different RNG/data position changes the result.
+  other = step(straight[first], calls[first + 1])[0]
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_equal(other, straight[first + 1])
+
+
+def test_restore_under_x64_keeps_float32(tmp_path):
+  config = config_for('multisteps', 4)
+  tx = accumjax.accumulating_optimizer(adamw(), config)
+  state = accumjax.init_train_state(reference.init_params(), tx, 0)
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(state, {})
+  ckpt.close()
+  with jax.enable_x64(True):
+    fresh = accumjax.init_train_state(reference.init_params(), tx, 0)
+    restored = checkpoint.Checkpointer(tmp_path).restore(lambda meta: fresh).state
+  chex.assert_trees_all_equal_dtypes(restored, state)
+  assert restored.params['w1'].dtype == np.float32
+
+
+def test_same_step_twice_is_an_error_not_a_silent_drop(tmp_path):
+  config = config_for('scan', 4)
+  tx = accumjax.accumulating_optimizer(adamw(), config)
+  state = accumjax.init_train_state(reference.init_params(), tx, 0)
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(state, {})
+  with pytest.raises(checkpoint.CheckpointError, match='not newer than the latest step 0'):
+    ckpt.save(state, {})
+  ckpt.close()
+
+
+# --- the real training loop: train_and_evaluate with preemption and --resume ---------------
+
+TINY = dict(seq_len=32, batch_size=4, d_model=32, num_layers=1, num_heads=2, max_len=64,
+            eval_batches=1, log_every=100, warmup_steps=2, steps=4, eval_every=100, lr=1e-2,
+            grad_accum_steps=4, save_every=1)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """A small real-text corpus (four stdlib files), so runs load in milliseconds."""
+  root = tmp_path_factory.mktemp('corpus')
+  lib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  for name in ('textwrap.py', 'shlex.py', 'fnmatch.py', 'glob.py'):
+    (root / name).write_bytes((lib / name).read_bytes())
+  return str(root)
+
+
+def _run(out, corpus, stop_after=None, resume=None, log=None, **kw):
+  """train_and_evaluate; `stop_after=n` raises the preemption flag at the n-th poll (call)."""
+  counter = itertools.count(1)
+  cfg = TrainConfig(**{**TINY, 'data': corpus, **kw})
+  should_stop = (lambda: next(counter) == stop_after) if stop_after else (lambda: False)
+  return train_and_evaluate(cfg, out, log, resume=resume, should_stop=should_stop)
+
+
+@functools.cache
+def _straight_fingerprint(corpus, tmp_root, mode):
+  return _run(pathlib.Path(tmp_root) / f'straight-{mode}', corpus,
+              accum_mode=mode)['params_fingerprint']
+
+
+@pytest.fixture
+def straight(corpus, tmp_path_factory):
+  root = tmp_path_factory.getbasetemp() / 'straight'
+  return lambda mode: _straight_fingerprint(corpus, str(root), mode)
+
+
+def _restore(out, corpus, **cfg_kwargs):
+  cfg = TrainConfig(**{**TINY, 'data': corpus, **cfg_kwargs})
+  _, params = make_lm(model_config(cfg), seed=cfg.seed)
+  tx = _optimizer(cfg, validate(cfg))[0]
+  return checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints').restore(
+      lambda meta: accumjax.init_train_state(params, tx, cfg.seed))
+
+
+@pytest.mark.parametrize('mode,stop_after', [
+    ('multisteps', 6),   # mid-cycle: update 1 done, 2 of 4 micro-batches into update 2
+    ('hybrid', 3),       # mid-cycle: c = 2, one call into update 2
+    ('scan', 2),         # boundary
+])
+def test_preempted_run_resumes_bit_identically(tmp_path, corpus, mode, stop_after):
+  ref = _run(tmp_path / 'straight', corpus, accum_mode=mode)
+  stopped = _run(tmp_path / 'run', corpus, stop_after=stop_after, accum_mode=mode,
+                 save_every_micro=0)
+  assert stopped['preempted']
+  resumed = _run(tmp_path / 'run', corpus, resume='latest', accum_mode=mode)
+  assert resumed['params_fingerprint'] == ref['params_fingerprint']
+  chex.assert_trees_all_equal(_restore(tmp_path / 'run', corpus, accum_mode=mode).state,
+                              _restore(tmp_path / 'straight', corpus, accum_mode=mode).state)
+  lines = [json.loads(x) for x in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['update'] for r in lines if r['kind'] == 'train'] == [1, 2, 3, 4]
+
+
+def _stop_mid_cycle(tmp_path, corpus):
+  out = tmp_path / 'run'
+  assert _run(out, corpus, stop_after=6, accum_mode='multisteps')['preempted']
+  return out
+
+
+def test_resume_refuses_accumulation_change_mid_cycle(tmp_path, corpus):
+  out = _stop_mid_cycle(tmp_path, corpus)
+  with pytest.raises(accumjax.ConfigError, match=(
+      r'is mid-cycle \(update 1, 2/4 micro-batches into the next\); changing '
+      r'--grad-accum-steps 4 -> 2 now')):
+    _run(out, corpus, resume='latest', accum_mode='multisteps', grad_accum_steps=2)
+  with pytest.raises(accumjax.ConfigError, match='--batch-size 4 -> 8'):
+    _run(out, corpus, resume='latest', accum_mode='multisteps', batch_size=8)
+  with pytest.raises(accumjax.ConfigError, match="--accum-mode 'multisteps' -> 'scan'"):
+    _run(out, corpus, resume='latest', accum_mode='scan')
+
+
+def test_resume_flushes_partial_cycle_when_asked(tmp_path, corpus):
+  out = _stop_mid_cycle(tmp_path, corpus)
+  cfg = TrainConfig(**{**TINY, 'data': corpus, 'accum_mode': 'scan', 'grad_accum_steps': 2})
+  summary = train_and_evaluate(cfg, out, resume='latest', on_config_change='flush')
+  assert summary['updates'] == 4 and np.isfinite(summary['final_train_loss'])
+  lines = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  # update 1 from the first run, update 2 = the flushed half cycle, then two scan updates
+  assert [r['update'] for r in lines if r['kind'] == 'train'] == [1, 3, 4]
+
+
+def test_resume_refuses_changes_to_the_math(tmp_path, corpus):
+  out = _stop_mid_cycle(tmp_path, corpus)
+  for kw, field in [({'d_model': 64}, '--d-model 32 -> 64'), ({'seed': 1}, '--seed 0 -> 1'),
+                    ({'lr': 0.1}, '--lr 0.01 -> 0.1'), ({'precision': 'bf16'}, '--precision'),
+                    ({'data': None}, '--data')]:
+    with pytest.raises(accumjax.ConfigError, match=field):
+      _run(out, corpus, resume='latest', accum_mode='multisteps', **kw)
+
+
+def test_harmless_changes_are_allowed_and_bit_identical(tmp_path, corpus, straight):
+  out = _stop_mid_cycle(tmp_path, corpus)
+  resumed = _run(out, corpus, resume='latest', accum_mode='multisteps', eval_every=1,
+                 log_every=1, keep=5)
+  assert resumed['params_fingerprint'] == straight('multisteps')
+
+
+def test_boundary_accumulation_change_is_allowed(tmp_path, corpus):
+  out = tmp_path / 'run'
+  assert _run(out, corpus, stop_after=4, accum_mode='multisteps')['preempted']  # boundary
+  summary = _run(out, corpus, resume='latest', accum_mode='hybrid', grad_accum_steps=2)
+  assert summary['updates'] == 4 and np.isfinite(summary['final_train_loss'])
+
+
+def _latest_state_files(out):
+  ckpt = checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints')
+  latest = ckpt.steps()[-1]
+  files = [p for p in (ckpt.path(latest) / 'state').rglob('*') if p.is_file()
+           and '/d/' in str(p)]
+  return latest, sorted(files, key=lambda p: p.stat().st_size)
+
+
+def test_bit_flip_is_detected_and_older_checkpoint_used(tmp_path, corpus, straight):
+  out = _stop_mid_cycle(tmp_path, corpus)
+  latest, files = _latest_state_files(out)
+  target = files[-1]
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  target.write_bytes(bytes(data))
+  logs = []
+
+  class Log:
+    def info(self, msg=''):
+      logs.append(msg)
+
+    def __getattr__(self, name):
+      return lambda *a, **k: None
+
+  resumed = _run(out, corpus, resume='latest', log=Log(), accum_mode='multisteps')
+  skipped = [m for m in logs if m.startswith(f'resume: skipped checkpoint {latest}')]
+  assert skipped and 'fingerprint mismatch' in skipped[0], logs
+  assert resumed['params_fingerprint'] == straight('multisteps')
+
+
+def test_truncated_and_unfinished_checkpoints_fall_back(tmp_path, corpus, straight):
+  out = _stop_mid_cycle(tmp_path, corpus)
+  latest, files = _latest_state_files(out)
+  for f in files:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+  (out / 'checkpoints' / f'{latest + 1}.orbax-checkpoint-tmp-123').mkdir()
+  restored = _restore(out, corpus, accum_mode='multisteps')
+  reasons = dict(restored.skipped)
+  assert restored.step < latest
+  assert 'unfinished save' in reasons[f'{latest + 1}.orbax-checkpoint-tmp-123']
+  assert 'unreadable state' in reasons[latest]
+  resumed = _run(out, corpus, resume='latest', accum_mode='multisteps')
+  assert resumed['params_fingerprint'] == straight('multisteps')
+
+
+def test_no_good_checkpoint_is_a_clear_error(tmp_path, corpus):
+  out = _stop_mid_cycle(tmp_path, corpus)
+  ckpt = checkpoint.Checkpointer(out / 'checkpoints')
+  for step in ckpt.steps():
+    for f in (ckpt.path(step) / 'state').rglob('*'):
+      if f.is_file() and '/d/' in str(f):
+        f.write_bytes(b'')
+  with pytest.raises(checkpoint.CheckpointError, match='no usable checkpoint in .*unreadable'):
+    _run(out, corpus, resume='latest', accum_mode='multisteps')
+  with pytest.raises(accumjax.ConfigError, match='no checkpoints/ in'):
+    _run(tmp_path / 'empty', corpus, resume='latest')
