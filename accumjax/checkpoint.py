@@ -41,7 +41,11 @@ class Restored:
 
 
 def _first_line(e: Exception) -> str:
-  return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:160]}'
+  """Type and first line of an error, long paths elided in the middle (the cause is at the end)."""
+  line = (str(e).splitlines() or [''])[0]
+  if len(line) > 300:
+    line = f'{line[:100]} ... {line[-180:]}'
+  return f'{type(e).__name__}: {line}'
 
 
 def abstract_like(state):
@@ -78,8 +82,10 @@ class Checkpointer:
       saved = self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(snapshot), meta=ocp.args.JsonSave(meta)))
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f'saving step {step} to {self.directory} failed ({_first_line(e)}); '
-                            'nothing was committed for this step.') from e
+      raise CheckpointError(
+          f'checkpoint save failed in {self.directory} while starting step {step} (an earlier '
+          f'background save can fail here too): {_first_line(e)}. Nothing half-written is '
+          'ever restored; --resume uses the newest committed checkpoint.') from e
     if not saved:
       raise CheckpointError(
           f'Orbax did not save step {step}: it is not newer than the latest step '
@@ -91,8 +97,9 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f'a background save to {self.directory} failed ({_first_line(e)}); '
-                            'that step was not committed.') from e
+      raise CheckpointError(
+          f'a background checkpoint save in {self.directory} failed: {_first_line(e)}. That '
+          'step was not committed; --resume uses the newest committed checkpoint.') from e
 
   def path(self, step: int) -> pathlib.Path:
     return self.directory / str(step)

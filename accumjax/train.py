@@ -288,7 +288,8 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   loss_fn = make_loss_fn(apply)
   tx, schedule = _optimizer(cfg, accum)
   saving = bool(cfg.save_every or cfg.save_every_micro)
-  ckpt = Checkpointer(out / 'checkpoints', keep=cfg.keep) if saving or resume else None
+  ckpt = Checkpointer(out / 'checkpoints', keep=cfg.keep) if saving or resume is not None \
+      else None  # created on demand if a run without saves is preempted
   rows = data_lib.RowIterator(train_split, cfg.seed)
   run = {'ema': None, 'tokens_seen': 0.0, 'train_time': 0.0, 'last_eval': None}
   if resume is not None:
@@ -357,6 +358,9 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   last_saved = [None]
 
   def save():
+    nonlocal ckpt
+    if ckpt is None:
+      ckpt = Checkpointer(out / 'checkpoints', keep=cfg.keep)
     if last_saved[0] != microbatches:  # e.g. a preemption right after a periodic save
       meta = {'config': dataclasses.asdict(cfg), 'data': rows.state(), 'run': run,
               'update': update}
@@ -388,7 +392,7 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
                    f'{accum.num_microbatches} call loss {float(m["call_loss"]):.4f} '
                    f'tokens {float(m["call_weight"]):.0f} cycle loss {float(m["loss"]):.4f}')
         if calls_done < accum.calls_per_update:  # mid-cycle
-          if ckpt and cfg.save_every_micro and (microbatches // accum.per_call) % \
+          if cfg.save_every_micro and (microbatches // accum.per_call) % \
               cfg.save_every_micro == 0:
             save()
           if should_stop():
@@ -426,7 +430,7 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
         log.info(f'eval   [{update}/{cfg.steps}] loss {eval_loss:.4f} '
                  f'ppl {math.exp(eval_loss):.2f}')
         window_start = time.perf_counter()  # eval time is not training throughput
-      saved_now = bool(ckpt and saving and (
+      saved_now = bool(saving and (
           (cfg.save_every and update % cfg.save_every == 0) or update == cfg.steps))
       if saved_now:
         save()

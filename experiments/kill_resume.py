@@ -36,13 +36,14 @@ def tiny_corpus(directory: pathlib.Path) -> str:
   return str(directory)
 
 
-def train_argv(out, corpus, mode, precision, steps=8):
+def train_argv(out, corpus, mode, precision, steps=8, save_every_micro=1):
   return [sys.executable, '-m', 'experiments.train', '--data', corpus, '--out', str(out),
           '--seq-len', '32', '--batch-size', '4', '--grad-accum-steps', '4', '--d-model', '32',
           '--layers', '1', '--heads', '2', '--max-len', '64', '--steps', str(steps),
           '--eval-every', '100', '--eval-batches', '1', '--log-every', '1', '--warmup-steps',
           '2', '--lr', '1e-2', '--accum-mode', mode, '--precision', precision,
-          '--save-every', '1', '--save-every-micro', '1', '--keep', '3', '--no-progress']
+          '--save-every', '1', '--save-every-micro', str(save_every_micro), '--keep', '3',
+          '--no-progress']
 
 
 def final_fingerprint(out: pathlib.Path):
