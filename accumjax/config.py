@@ -30,6 +30,9 @@ class AccumConfig:
       added (a different, per-micro-batch estimator, as in per-example clipping).
     seq_len: tokens per example, if the batch is a sequence batch (for tokens per update).
     num_devices: data-parallel size, for the effective batch.
+    multisteps_impl: 'lazy' (default; `optim.LazyMultiSteps`: optax.MultiSteps' state and
+      results, but interim calls only add) or 'optax' (`optax.MultiSteps` as shipped, which
+      runs the optimizer on every call). Same state; results equal to float32 rounding.
   """
   num_microbatches: int
   microbatch_size: int
@@ -41,6 +44,7 @@ class AccumConfig:
   clip_before_accumulation: bool = False
   seq_len: int | None = None
   num_devices: int = 1
+  multisteps_impl: str = 'lazy'
 
   def __post_init__(self):
     check_num_microbatches(self.num_microbatches)
@@ -71,6 +75,8 @@ class AccumConfig:
       raise ConfigError(f'clip_norm={self.clip_norm!r} must be > 0 (or None for no clipping).')
     if self.clip_before_accumulation and self.clip_norm is None:
       raise ConfigError('clip_before_accumulation=True needs a clip_norm.')
+    if self.multisteps_impl not in ('lazy', 'optax'):
+      raise ConfigError(f'multisteps_impl={self.multisteps_impl!r}; allowed: lazy, optax.')
     if self.seq_len is not None and self.seq_len < 1:
       raise ConfigError(f'seq_len={self.seq_len!r} must be >= 1.')
 
@@ -123,4 +129,5 @@ def describe(config: AccumConfig) -> dict:
       'accum_dtype': config.accum_dtype,
       'param_dtype': 'float32',
       'clipping': clipping,
+      'multisteps_impl': config.multisteps_impl if config.calls_per_update > 1 else None,
   }

@@ -55,9 +55,68 @@ def accumulating_optimizer(inner: optax.GradientTransformation, config: AccumCon
   tx = normalized(inner)
   if config.calls_per_update == 1:
     return tx
-  return optax.MultiSteps(
-      tx, every_k_schedule=config.calls_per_update, use_grad_mean=False,
-      accumulator_dtype=config.accum_jnp_dtype)
+  wrapper = LazyMultiSteps if config.multisteps_impl == 'lazy' else optax.MultiSteps
+  return wrapper(tx, every_k_schedule=config.calls_per_update, use_grad_mean=False,
+                 accumulator_dtype=config.accum_jnp_dtype)
+
+
+class LazyMultiSteps(optax.MultiSteps):
+  """optax.MultiSteps with its state and results, minus its per-call optimizer cost.
+
+  optax.MultiSteps runs the wrapped optimizer on every call and keeps the result only on the
+  last call of a cycle (`jnp.where` over the whole optimizer state, then a masked update that
+  still rewrites every parameter). Here `apply` adds the call's sums into the accumulator and
+  runs the wrapped optimizer, and the parameter update, inside a `lax.cond` that only the
+  cycle's last call takes: an interim call costs one add. The state is an
+  `optax.MultiStepsState` holding the same values as optax's (checkpoints are interchangeable);
+  results agree to float32 rounding (tests/test_perf_paths.py; the two XLA programs fuse
+  differently, so the last bit can differ). Constant K, sums only.
+  """
+
+  def __init__(self, opt, every_k_schedule: int, use_grad_mean=False, accumulator_dtype=None):
+    if not isinstance(every_k_schedule, int) or use_grad_mean:
+      raise ValueError('LazyMultiSteps takes a constant int K and sums (use_grad_mean=False).')
+    super().__init__(opt, every_k_schedule, use_grad_mean=False,
+                     accumulator_dtype=accumulator_dtype or jnp.float32)
+    self.k = every_k_schedule
+
+  def apply(self, sums: GradSums, state: optax.MultiStepsState, params):
+    """(new params, new state) for one call's sums."""
+    acc = jax.tree.map(lambda g, a: (g + a).astype(a.dtype), sums, state.acc_grads)
+    emit = state.mini_step == self.k - 1
+
+    def fire(operand):
+      acc, inner_state, params = operand
+      updates, inner_state = self.inner_opt.update(acc, inner_state, as_opt_params(params))
+      return (optax.apply_updates(params, updates.grads), inner_state,
+              jax.tree.map(jnp.zeros_like, acc))
+
+    def hold(operand):
+      acc, inner_state, params = operand
+      return params, inner_state, acc
+
+    params, inner_state, acc = jax.lax.cond(
+        emit, fire, hold, (acc, state.inner_opt_state, params))
+    return params, optax.MultiStepsState(
+        mini_step=(state.mini_step + 1) % self.k,
+        gradient_step=state.gradient_step + emit.astype(state.gradient_step.dtype),
+        inner_opt_state=inner_state, acc_grads=acc, skip_state=state.skip_state)
+
+  def update(self, updates, state, params=None, **extra_args):
+    """The optax interface, for callers that apply updates themselves."""
+    del extra_args
+    new_params, new_state = self.apply(updates, state, params.grads)
+    deltas = jax.tree.map(jnp.subtract, new_params, params.grads)
+    return GradSums(deltas, jnp.zeros_like(updates.loss_sum), jnp.zeros_like(updates.weight)), \
+        new_state
+
+
+def apply_sums(tx, sums: GradSums, opt_state, params):
+  """One call's sums into the optimizer: (new params, new optimizer state)."""
+  if isinstance(tx, LazyMultiSteps):
+    return tx.apply(sums, opt_state, params)
+  updates, opt_state = tx.update(sums, opt_state, as_opt_params(params))
+  return optax.apply_updates(params, updates.grads), opt_state
 
 
 def pending_sums(opt_state) -> GradSums | None:

@@ -86,8 +86,7 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
         clip_microbatch_norm=clip_each)
     before = optim.pending_sums(state.opt_state)
     totals = sums if before is None else jax.tree.map(jnp.add, before, sums)
-    updates, opt_state = tx.update(sums, state.opt_state, optim.as_opt_params(state.params))
-    params = optax.apply_updates(state.params, updates.grads)
+    params, opt_state = optim.apply_sums(tx, sums, state.opt_state, state.params)
     if isinstance(opt_state, optax.MultiStepsState):
       updated = opt_state.mini_step == 0
     else:

@@ -1,0 +1,59 @@
+"""The faster paths are the same math: LazyMultiSteps equals optax.MultiSteps.
+
+Not bitwise: the two are different XLA programs, fused differently, so float32 results can
+differ in the last bit (measured: ~1 ulp). Counters and structure are exactly equal."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+import accumjax
+from accumjax import optim
+from tests import reference
+from tests.helpers import run_accumjax
+from tests.test_equivalence import ROWS, adamw, config_for
+
+
+@pytest.mark.parametrize('mode', ['multisteps', 'hybrid'])
+@pytest.mark.parametrize('clip', [None, 0.05])
+def test_lazy_multisteps_is_bitwise_optax_multisteps(mode, clip):
+  batches = reference.make_batches(3, ROWS)
+  runs = {}
+  for impl in ('lazy', 'optax'):
+    config = config_for(mode, 4, multisteps_impl=impl, clip_norm=clip)
+    tx = accumjax.accumulating_optimizer(adamw(), config)
+    assert isinstance(tx, optim.LazyMultiSteps) == (impl == 'lazy')
+    runs[impl] = run_accumjax(reference.init_params(), batches, adamw(), config)
+  (lazy, lazy_losses, lazy_calls), (ref, ref_losses, ref_calls) = runs['lazy'], runs['optax']
+  _assert_same(lazy, ref)  # whole TrainState: params, optimizer state, counters
+  assert type(lazy.opt_state) is type(ref.opt_state)
+  chex.assert_trees_all_close(lazy_losses, ref_losses, rtol=1e-6)
+  for (s1, m1), (s2, m2) in zip(lazy_calls, ref_calls, strict=True):
+    _assert_same(s1, s2)  # after every call, interim ones included
+    _assert_same(m1, m2)
+
+
+def _assert_same(a, b):
+  chex.assert_trees_all_equal_structs(a, b)
+  chex.assert_trees_all_equal_dtypes(a, b)
+  ints = lambda t: [x for x in jax.tree.leaves(t) if not jnp.issubdtype(x.dtype, jnp.floating)]
+  chex.assert_trees_all_equal(ints(a), ints(b))
+  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_multisteps_optax_interface_matches():
+  config = config_for('multisteps', 4)
+  tx = accumjax.accumulating_optimizer(adamw(), config)
+  ref = optim.optax.MultiSteps(tx.inner_opt, 4, use_grad_mean=False)
+  params = reference.init_params()
+  sums, _ = accumjax.accumulate_sums(
+      lambda p, b, r: accumjax.token_cross_entropy(
+          reference.logits_fn(p, b['inputs']), b['targets'], b['mask']),
+      params, reference.make_batches(1, ROWS)[0], num_microbatches=1)
+  s1, s2 = tx.init(optim.as_opt_params(params)), ref.init(optim.as_opt_params(params))
+  for _ in range(4):
+    u1, s1 = jax.jit(tx.update)(sums, s1, optim.as_opt_params(params))
+    u2, s2 = jax.jit(ref.update)(sums, s2, optim.as_opt_params(params))
+    chex.assert_trees_all_close(u1.grads, u2.grads, rtol=1e-5, atol=1e-8)
+    _assert_same(s1, s2)
