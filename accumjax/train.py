@@ -23,13 +23,14 @@ from accumjax.core import ConfigError
 from accumjax.losses import token_cross_entropy
 from accumjax.model import ModelConfig, make_lm, num_params
 from accumjax.optim import accumulating_optimizer, as_opt_params
+from accumjax.planner import Plan, compiled_memory, format_bytes, parse_bytes, plan_microbatch
 from accumjax.precision import cast_floats
 from accumjax.step import init_train_state, make_flush, make_train_step
 
 PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16'}
 # What may change when a run is resumed. Settings that only change what is logged or saved:
 HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
-            'save_every_micro', 'keep', 'steps')
+            'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget')
 # The shape of an update: safe to change between cycles, never inside one without a policy.
 ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
                 'microbatches_per_call')
@@ -51,6 +52,8 @@ class TrainConfig:
   tokens_per_update: int | None = None
   accum_mode: str = 'scan'
   microbatches_per_call: int | None = None
+  multisteps_impl: str = 'lazy'
+  memory_budget: str | None = None
   precision: str = 'fp32'
   # optimization
   optimizer: str = 'adamw'
@@ -136,7 +139,7 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
       num_microbatches=k, microbatch_size=cfg.batch_size, mode=cfg.accum_mode,
       microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
       clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
-      seq_len=cfg.seq_len, num_devices=num_devices)
+      seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl)
 
 
 def lr_schedule(cfg: TrainConfig):
@@ -168,6 +171,39 @@ def make_loss_fn(apply):
     logits = apply(params, batch['inputs'], rng)
     return token_cross_entropy(logits, batch['targets'], batch['mask'])
   return loss_fn
+
+
+def plan_for_budget(cfg: TrainConfig) -> tuple[TrainConfig, Plan]:
+  """Resolves --memory-budget: the largest micro-batch whose compiled train step fits, and the
+  K that reaches --tokens-per-update. Returns the config with batch_size and K set."""
+  if cfg.tokens_per_update is None or cfg.grad_accum_steps is not None:
+    raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps): '
+                      'it chooses the micro-batch size and K itself.')
+  if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % cfg.seq_len:
+    raise ConfigError(f'--tokens-per-update {cfg.tokens_per_update} must be a positive multiple '
+                      f'of --seq-len {cfg.seq_len}.')
+  budget = parse_bytes(cfg.memory_budget)
+  validate(dataclasses.replace(cfg, batch_size=1))
+  apply, params = make_lm(model_config(cfg), seed=cfg.seed)
+  loss_fn = make_loss_fn(apply)
+
+  def resolved(b, k):
+    return dataclasses.replace(cfg, batch_size=b, grad_accum_steps=k, tokens_per_update=None)
+
+  def step_memory(b, k):
+    c = resolved(b, k)
+    accum = validate(c)
+    tx = _optimizer(c, accum)[0]
+    state = jax.eval_shape(lambda p: init_train_state(p, tx, 0), params)
+    rows = accum.per_call * b
+    batch = {'inputs': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
+             'targets': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
+             'mask': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.float32)}
+    step = jax.jit(make_train_step(loss_fn, tx, accum), donate_argnums=0)
+    return compiled_memory(step, state, batch)['total']
+
+  plan = plan_microbatch(step_memory, budget, cfg.tokens_per_update // cfg.seq_len)
+  return resolved(plan.microbatch_size, plan.num_microbatches), plan
 
 
 def _optimizer(cfg: TrainConfig, accum: AccumConfig):
@@ -277,6 +313,9 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       saves a checkpoint where it is (mid-cycle included) and returns with 'preempted': True.
   """
   log = log or logs.Logger(progress=False)
+  plan = None
+  if cfg.memory_budget is not None:
+    cfg, plan = plan_for_budget(cfg)
   accum = validate(cfg)
   if on_config_change not in ON_CONFIG_CHANGE:
     raise ConfigError(f'on_config_change={on_config_change!r}; allowed: refuse, flush.')
@@ -318,6 +357,7 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   out.mkdir(parents=True, exist_ok=True)
   setup = describe(accum)
   info = {
+      'memory_plan': dataclasses.asdict(plan) if plan else None,
       'devices': [str(d) for d in jax.devices()], 'num_params': num_params(params),
       'data': cfg.data or f'python stdlib sources ({data_lib.default_corpus_files()[0].parent})',
       'train_files': train_split.num_files, 'train_bytes': train_split.num_bytes,
@@ -352,6 +392,11 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       ('checkpoints', f'every {cfg.save_every} updates' + (
           f' and every {cfg.save_every_micro} calls' if cfg.save_every_micro else '')
           + f', keep {cfg.keep}' if saving else 'off'),
+      *([('memory plan', f'budget {format_bytes(plan.budget_bytes)}: micro-batch '
+                          f'{plan.microbatch_size} x K {plan.num_microbatches}, compiled step '
+                          f'{format_bytes(plan.predicted_bytes)} (tried: ' + ', '.join(
+                              f'{b}: {format_bytes(n)}' for b, n in plan.tried) + ')')]
+        if plan else []),
       ('out', str(out)),
   ])
 

@@ -48,6 +48,12 @@ def parse_args(argv=None):
                       '(optax.MultiSteps); hybrid: c micro-batches per call')
   g.add_argument('--microbatches-per-call', type=int, default=None,
                  help='c for hybrid mode (default K/2 for even K, else 1)')
+  g.add_argument('--multisteps-impl', default=d.multisteps_impl, choices=['lazy', 'optax'],
+                 help='lazy: optimizer runs only on the last call of a cycle; optax: '
+                      'optax.MultiSteps as shipped (same state and results)')
+  g.add_argument('--memory-budget', default=None, metavar='SIZE',
+                 help='e.g. 2GiB: pick the largest micro-batch whose compiled step fits (XLA '
+                      'memory analysis), then K from --tokens-per-update')
   g.add_argument('--precision', default=d.precision, choices=list(PRECISIONS),
                  help='compute precision; params and accumulation stay float32')
   g.add_argument('--log-microbatches', action='store_true',
@@ -104,6 +110,7 @@ def config_from_args(a) -> TrainConfig:
       data=a.data, seq_len=a.seq_len, pack=a.pack, batch_size=a.batch_size,
       grad_accum_steps=a.grad_accum_steps, tokens_per_update=a.tokens_per_update,
       accum_mode=a.accum_mode, microbatches_per_call=a.microbatches_per_call,
+      multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget,
       precision=a.precision, optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
       warmup_steps=a.warmup_steps, schedule=a.schedule,
       clip_norm=a.clip_norm if a.clip_norm else None,
