@@ -69,6 +69,7 @@ class LazyMultiSteps(optax.MultiSteps):
   runs the wrapped optimizer, and the parameter update, inside a `lax.cond` that only the
   cycle's last call takes: an interim call costs one add. The state is an
   `optax.MultiStepsState` holding the same values as optax's (checkpoints are interchangeable);
+  with the `last_call` hint of a training loop that counts its calls there is no branch at all.
   results agree to float32 rounding (tests/test_perf_paths.py; the two XLA programs fuse
   differently, so the last bit can differ). Constant K, sums only.
   """
@@ -80,10 +81,21 @@ class LazyMultiSteps(optax.MultiSteps):
                      accumulator_dtype=accumulator_dtype or jnp.float32)
     self.k = every_k_schedule
 
-  def apply(self, sums: GradSums, state: optax.MultiStepsState, params):
-    """(new params, new state) for one call's sums."""
+  def apply(self, sums: GradSums, state: optax.MultiStepsState, params,
+            last_call: bool | None = None):
+    """(new params, new state) for one call's sums.
+
+    `last_call` (static) says whether this call completes the cycle, when the caller knows
+    (a training loop counts its calls): then there is no branch at all, and an interim call's
+    program only adds into the accumulator (params and optimizer state pass through, aliased
+    when donated). None decides on device with `lax.cond`, which is correct without the hint
+    but makes XLA copy the operands (slower than optax.MultiSteps on CPU; see RESULTS.md).
+    A wrong hint would break the cycle: only pass what you counted.
+    """
     acc = jax.tree.map(lambda g, a: (g + a).astype(a.dtype), sums, state.acc_grads)
     emit = state.mini_step == self.k - 1
+    if last_call is not None:
+      emit = jnp.asarray(last_call)
 
     def fire(operand):
       acc, inner_state, params = operand
@@ -95,8 +107,11 @@ class LazyMultiSteps(optax.MultiSteps):
       acc, inner_state, params = operand
       return params, inner_state, acc
 
-    params, inner_state, acc = jax.lax.cond(
-        emit, fire, hold, (acc, state.inner_opt_state, params))
+    operand = (acc, state.inner_opt_state, params)
+    if last_call is None:
+      params, inner_state, acc = jax.lax.cond(emit, fire, hold, operand)
+    else:
+      params, inner_state, acc = (fire if last_call else hold)(operand)
     return params, optax.MultiStepsState(
         mini_step=(state.mini_step + 1) % self.k,
         gradient_step=state.gradient_step + emit.astype(state.gradient_step.dtype),
@@ -111,10 +126,13 @@ class LazyMultiSteps(optax.MultiSteps):
         new_state
 
 
-def apply_sums(tx, sums: GradSums, opt_state, params):
-  """One call's sums into the optimizer: (new params, new optimizer state)."""
+def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None):
+  """One call's sums into the optimizer: (new params, new optimizer state).
+
+  `last_call` is a static hint used by LazyMultiSteps (see there); others ignore it.
+  """
   if isinstance(tx, LazyMultiSteps):
-    return tx.apply(sums, opt_state, params)
+    return tx.apply(sums, opt_state, params, last_call)
   updates, opt_state = tx.update(sums, opt_state, as_opt_params(params))
   return optax.apply_updates(params, updates.grads), opt_state
 

@@ -59,6 +59,10 @@ def _global_norm(tree):
 def make_train_step(loss_fn, tx, config: AccumConfig):
   """The train step for `config.mode`; jit it once (donating the state is safe).
 
+  `last_call` (static; jit with `static_argnames='last_call'`) tells whether this call
+  completes its cycle, when the caller counts calls: LazyMultiSteps then compiles an interim
+  program that only adds (see optim.LazyMultiSteps). None decides on device.
+
   The batch of a call holds `config.per_call * config.microbatch_size` rows. Fewer whole
   micro-batches are accepted too (the end of the data); the weights keep the math exact, and
   in multisteps/hybrid modes `make_flush` then applies a cycle cut short.
@@ -71,7 +75,7 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
   compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
   clip_each = config.clip_norm if config.clip_before_accumulation else None
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, last_call: bool | None = None):
     rows = jax.tree.leaves(batch)[0].shape[0]
     b, c = config.microbatch_size, config.per_call
     if rows % b or not 1 <= rows // b <= c:
@@ -86,7 +90,7 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
         clip_microbatch_norm=clip_each)
     before = optim.pending_sums(state.opt_state)
     totals = sums if before is None else jax.tree.map(jnp.add, before, sums)
-    params, opt_state = optim.apply_sums(tx, sums, state.opt_state, state.params)
+    params, opt_state = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call)
     if isinstance(opt_state, optax.MultiStepsState):
       updated = opt_state.mini_step == 0
     else:

@@ -337,7 +337,8 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     run = meta['run']
   else:
     state = init_train_state(params, tx, cfg.seed)
-  train_step = jax.jit(make_train_step(loss_fn, tx, accum), donate_argnums=0)
+  train_step = jax.jit(make_train_step(loss_fn, tx, accum), donate_argnums=0,
+                       static_argnames='last_call')
   compute_dtype = accum.compute_jnp_dtype
 
   @jax.jit
@@ -429,7 +430,8 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     while update < cfg.steps:
       t0 = time.perf_counter()
       while calls_done < accum.calls_per_update:
-        state, m = train_step(state, rows.next_rows(accum.per_call * accum.microbatch_size))
+        state, m = train_step(state, rows.next_rows(accum.per_call * accum.microbatch_size),
+                              last_call=calls_done + 1 == accum.calls_per_update)
         calls_done += 1
         microbatches += accum.per_call
         if cfg.log_microbatches:

@@ -19,15 +19,20 @@ def calls_of(batch, config):
   return [jax.tree.map(lambda x, s=s: x[s:s + rows], batch) for s in range(0, n, rows)]
 
 
-def run_accumjax(params, batches, opt, config, loss_fn=lm_loss, seed=0):
-  """Trains with accumjax; returns final state, per-update losses and per-call metrics."""
+def run_accumjax(params, batches, opt, config, loss_fn=lm_loss, seed=0, hint=True):
+  """Trains with accumjax; returns final state, per-update losses and per-call metrics.
+
+  `hint`: pass the static last_call hint as a training loop does (False: decide on device).
+  """
   tx = accumjax.accumulating_optimizer(opt, config)
   state = accumjax.init_train_state(params, tx, jax.random.key(seed))
-  step = jax.jit(accumjax.make_train_step(loss_fn, tx, config))
+  step = jax.jit(accumjax.make_train_step(loss_fn, tx, config), static_argnames='last_call')
   losses, calls = [], []
   for batch in batches:
-    for call in calls_of(batch, config):
-      state, metrics = step(state, call)
+    batch_calls = calls_of(batch, config)
+    for i, call in enumerate(batch_calls):
+      last = (i + 1 == len(batch_calls)) if hint else None
+      state, metrics = step(state, call, last_call=last)
       calls.append((state, metrics))
       if bool(metrics['updated']):
         losses.append(float(metrics['loss']))

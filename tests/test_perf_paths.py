@@ -17,14 +17,15 @@ from tests.test_equivalence import ROWS, adamw, config_for
 
 @pytest.mark.parametrize('mode', ['multisteps', 'hybrid'])
 @pytest.mark.parametrize('clip', [None, 0.05])
-def test_lazy_multisteps_is_bitwise_optax_multisteps(mode, clip):
+@pytest.mark.parametrize('hint', [True, False], ids=['last_call_hint', 'on_device_cond'])
+def test_lazy_multisteps_equals_optax_multisteps(mode, clip, hint):
   batches = reference.make_batches(3, ROWS)
   runs = {}
   for impl in ('lazy', 'optax'):
     config = config_for(mode, 4, multisteps_impl=impl, clip_norm=clip)
     tx = accumjax.accumulating_optimizer(adamw(), config)
     assert isinstance(tx, optim.LazyMultiSteps) == (impl == 'lazy')
-    runs[impl] = run_accumjax(reference.init_params(), batches, adamw(), config)
+    runs[impl] = run_accumjax(reference.init_params(), batches, adamw(), config, hint=hint)
   (lazy, lazy_losses, lazy_calls), (ref, ref_losses, ref_calls) = runs['lazy'], runs['optax']
   _assert_same(lazy, ref)  # whole TrainState: params, optimizer state, counters
   assert type(lazy.opt_state) is type(ref.opt_state)

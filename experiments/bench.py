@@ -1,0 +1,291 @@
+"""What accumulation costs: time and memory of every mode vs K at a fixed effective batch.
+
+    python -m experiments.bench            # ~15 minutes on 2 CPU cores (3.3M-param LM, fp32)
+    python -m experiments.bench --quick    # ~2 minutes, a tiny model (CI smoke)
+
+Each (variant, K) cell runs in its own subprocess (so peak process memory is its own), on the
+same packed real-text batch: full batch (K=1), scan, multisteps with optax.MultiSteps as
+shipped, multisteps with accumjax's LazyMultiSteps, hybrid (c = K/2), and
+optax.microbatching.microbatch as an outside reference. Per cell: median time per optimizer
+update (after a warm-up, device synchronised), tokens/s, XLA's compiled memory (temp +
+arguments + outputs - aliased), peak RSS, and the number of compilations of the step. Ratios
+against the targets of issue 5 are printed and written, with the command, to
+benchmarks/RESULTS.md (quick runs: benchmarks/RESULTS-quick.md) with a PNG plot.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+VARIANTS = ('full', 'scan', 'multisteps_optax', 'multisteps_lazy', 'hybrid', 'optax_microbatch')
+SIZES = {
+    'default': dict(d_model=256, num_layers=4, num_heads=4, seq_len=128, batch=32,
+                    ks=(1, 2, 4, 8, 16, 32), reps=5),
+    'quick': dict(d_model=64, num_layers=2, num_heads=2, seq_len=64, batch=16, ks=(1, 4),
+                  reps=3),
+}
+
+
+def _rss_bytes():
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith('VmRSS:'):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def _median_time(fn, reps, warmup=1):
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def run_cell(variant: str, k: int, size: str) -> dict:
+  """One (variant, K) measurement, in this process."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import accumjax
+  from accumjax import data, model, optim, planner
+  from accumjax.train import make_loss_fn
+
+  s = SIZES[size]
+  rows, seq = s['batch'], s['seq_len']
+  train_split, _ = data.load_splits(None, seq, pack=True)
+  batch = jax.device_put(data.RowIterator(train_split, 0).next_rows(rows))
+  apply, params = model.make_lm(model.ModelConfig(
+      d_model=s['d_model'], num_layers=s['num_layers'], num_heads=s['num_heads'],
+      max_len=seq))
+  loss_fn = make_loss_fn(apply)
+  inner = optax.adamw(1e-3)
+  rss_before = _rss_bytes()
+  out = {'variant': variant, 'k': k, 'num_params': model.num_params(params),
+         'tokens_per_update': rows * seq}
+
+  if variant == 'optax_microbatch':
+    mb = rows // k
+    grad_sums = optax.microbatching.microbatch(
+        jax.grad(lambda p, b: loss_fn(p, b, None), has_aux=False)
+        if False else jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]),
+        argnums=1, microbatch_size=mb)
+    weight = jnp.sum(batch['mask'])
+
+    def update(params, opt_state, batch):
+      _, g = grad_sums(params, batch)
+      g = jax.tree.map(lambda x: x / weight, g)
+      u, opt_state = inner.update(g, opt_state, params)
+      return optax.apply_updates(params, u), opt_state
+
+    step = jax.jit(update, donate_argnums=(0, 1))
+    state = (params, inner.init(params))
+    out['memory'] = planner.compiled_memory(step, *state, batch)
+    holder = [state]
+
+    def one_update():
+      holder[0] = step(*holder[0], batch)
+      return holder[0]
+    calls = 1
+  else:
+    mode = {'full': 'scan', 'scan': 'scan', 'hybrid': 'hybrid'}.get(variant, 'multisteps')
+    config = accumjax.AccumConfig(
+        num_microbatches=1 if variant == 'full' else k,
+        microbatch_size=rows if variant == 'full' else rows // k, mode=mode,
+        microbatches_per_call=max(1, k // 2) if mode == 'hybrid' else None, seq_len=seq,
+        multisteps_impl='optax' if variant == 'multisteps_optax' else 'lazy')
+    tx = accumjax.accumulating_optimizer(inner, config)
+    step = jax.jit(accumjax.make_train_step(loss_fn, tx, config), donate_argnums=0,
+                   static_argnames='last_call')
+    call_rows = config.per_call * config.microbatch_size
+    call_batches = [jax.tree.map(lambda x, i=i: x[i:i + call_rows], batch)
+                    for i in range(0, rows, call_rows)]
+    holder = [accumjax.init_train_state(params, tx, 0)]
+    out['memory'] = planner.compiled_memory(step, holder[0], call_batches[0])
+    calls = len(call_batches)
+
+    def one_update():
+      for i, cb in enumerate(call_batches):
+        holder[0] = step(holder[0], cb, last_call=i + 1 == len(call_batches))[0]
+      return holder[0]
+
+    if variant == 'scan':  # the parts of a scan update, measured alone
+      mbs = accumjax.split_microbatches(batch, k)
+      mb0 = jax.tree.map(lambda x: x[0], mbs)
+      grad_one = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
+      out['microbatch_grad_s'] = _median_time(lambda: grad_one(params, mb0), s['reps'])
+      sums, _ = accumjax.accumulate_sums(loss_fn, params, mb0, num_microbatches=1)
+      opt_state = tx.init(optim.as_opt_params(params))
+      opt_step = jax.jit(lambda sm, st, p: optim.apply_sums(tx, sm, st, p))
+      out['optimizer_step_s'] = _median_time(lambda: opt_step(sums, opt_state, params),
+                                             s['reps'])
+    if variant in ('multisteps_optax', 'multisteps_lazy') and k > 1:
+      # The optimizer side of an interim call (sums given), chained with donation as in
+      # training, vs a bare float32 add of a gradient-sized tree into a donated accumulator.
+      # A cycle longer than the measurement keeps every call interim.
+      long = accumjax.AccumConfig(
+          num_microbatches=10**6, microbatch_size=1, mode='multisteps',
+          multisteps_impl=config.multisteps_impl)
+      long_tx = accumjax.accumulating_optimizer(inner, long)
+      sums, _ = accumjax.accumulate_sums(loss_fn, params, call_batches[0], num_microbatches=1)
+      # Outputs in the order of the donated inputs: JAX pairs donated buffers with outputs of
+      # the same shape in order, and a crossed pairing would make XLA copy (as TrainState's
+      # field order avoids in training).
+      interim = jax.jit(lambda sm, st, p: optim.apply_sums(long_tx, sm, st, p, False)[::-1],
+                        donate_argnums=(1, 2))
+      add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+      chain = [long_tx.init(optim.as_opt_params(params)), jax.tree.map(jnp.copy, params)]
+      acc = [jax.tree.map(jnp.zeros_like, sums.grads)]
+
+      def interim_call():
+        chain[0], chain[1] = interim(sums, chain[0], chain[1])
+        return chain[0]
+
+      def add_call():
+        acc[0] = add(acc[0], sums.grads)
+        return acc[0]
+
+      reps = max(30, s['reps'] * 6)
+      out['interim_optimizer_s'] = _median_time(interim_call, reps, warmup=3)
+      out['bare_add_s'] = _median_time(add_call, reps, warmup=3)
+
+  t_update = _median_time(one_update, s['reps'])
+  out.update(
+      update_s=t_update, tokens_per_s=rows * seq / t_update, calls_per_update=calls,
+      compilations=step._cache_size(),  # multisteps/hybrid: interim + last-call programs
+      peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      rss_before=rss_before)
+  return out
+
+
+def _fmt_mib(n):
+  return f'{n / 2**20:.1f}'
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--quick', action='store_true', help='tiny model, K in {1, 4}')
+  p.add_argument('--cell', nargs=2, metavar=('VARIANT', 'K'), help=argparse.SUPPRESS)
+  p.add_argument('--out', default=None, help='results markdown (default benchmarks/RESULTS.md)')
+  a = p.parse_args(argv)
+  size = 'quick' if a.quick else 'default'
+  if a.cell:
+    print(json.dumps(run_cell(a.cell[0], int(a.cell[1]), size)))
+    return 0
+  s = SIZES[size]
+  cells = [('full', 1)] + [(v, k) for k in s['ks'] for v in VARIANTS[1:]
+                           if not (v == 'hybrid' and k < 2)]
+  results = []
+  start = time.time()
+  for variant, k in cells:
+    argv = [sys.executable, '-m', 'experiments.bench', '--cell', variant, str(k)]
+    argv += ['--quick'] if a.quick else []
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    if done.returncode:
+      sys.stderr.write(done.stderr[-3000:])
+      return 1
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    results.append(r)
+    print(f'{variant:>17} K={k:<3} {r["update_s"] * 1e3:9.1f} ms/update  '
+          f'{r["tokens_per_s"]:9.0f} tok/s  compiled {_fmt_mib(r["memory"]["total"])} MiB '
+          f'(temp {_fmt_mib(r["memory"]["temp"])})  peak RSS {_fmt_mib(r["peak_rss"])} MiB  '
+          f'compilations {r["compilations"]}', flush=True)
+  text = report(results, size, time.time() - start, a.quick)
+  print(text)
+  out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
+      'RESULTS-quick.md' if a.quick else 'RESULTS.md')
+  out.write_text(text)
+  plot(results, out.with_suffix('.png'))
+  return 0
+
+
+def report(results, size, seconds, quick):
+  s = SIZES[size]
+  by = {(r['variant'], r['k']): r for r in results}
+  full = by['full', 1]
+  acc_bytes = full['num_params'] * 4
+  lines = [
+      '# accumjax benchmark: the cost of accumulation', '',
+      f'Command: `python -m experiments.bench{" --quick" if quick else ""}` '
+      f'({seconds / 60:.1f} min, {os.cpu_count()} CPU cores, JAX on CPU, fp32). Model: the '
+      f'main job\'s transformer, d_model {s["d_model"]}, {s["num_layers"]} layers, '
+      f'{full["num_params"]:,} params; effective batch {s["batch"]} x {s["seq_len"]} tokens '
+      '(packed real text) per update, AdamW. Times are medians of '
+      f'{s["reps"]} updates after a warm-up; each cell ran in its own process.', '',
+      '| variant | K | ms / update | tokens/s | compiled total MiB | compiled temp MiB | '
+      'peak RSS MiB | compilations |', '|---|---|---|---|---|---|---|---|']
+  for r in results:
+    lines.append(
+        f'| {r["variant"]} | {r["k"]} | {r["update_s"] * 1e3:.1f} | {r["tokens_per_s"]:.0f} | '
+        f'{_fmt_mib(r["memory"]["total"])} | {_fmt_mib(r["memory"]["temp"])} | '
+        f'{_fmt_mib(r["peak_rss"])} | {r["compilations"]} |')
+  lines += ['', '## Ratios vs targets', '',
+            '| K | scan / (K x micro-batch grad + optimizer step) (target <= 1.05) | '
+            'scan / full batch (target <= 1.0) | interim optimizer cost / bare add: lazy '
+            '(target <= 1.2) | same, optax.MultiSteps | scan temp / (full temp / K + '
+            'accumulator) (target <= 1.2) | predicted / measured memory |',
+            '|---|---|---|---|---|---|---|']
+  for k in s['ks']:
+    scan = by['scan', k]
+    parts = k * scan['microbatch_grad_s'] + scan['optimizer_step_s']
+    lazy, ms = by.get(('multisteps_lazy', k)), by.get(('multisteps_optax', k))
+    opt_ratio = lambda r: (f'{r["interim_optimizer_s"] / r["bare_add_s"]:.2f}'
+                           if r and 'bare_add_s' in r else 'n/a (K=1)')
+    temp_ratio = scan['memory']['temp'] / (full['memory']['temp'] / k + acc_bytes)
+    measured = scan['peak_rss'] - scan['rss_before']
+    lines.append(
+        f'| {k} | {scan["update_s"] / parts:.2f} | {scan["update_s"] / full["update_s"]:.2f} | '
+        f'{opt_ratio(lazy)} | {opt_ratio(ms)} | {temp_ratio:.2f} | '
+        f'{scan["memory"]["total"] / max(measured, 1):.2f} |')
+  lines += ['', 'Predicted memory is XLA\'s compiled total for the scan step (what the planner '
+            'of `--memory-budget` uses); measured is the process\'s peak RSS growth from just '
+            'before compiling to the end of the timed updates (it includes the compiler\'s own '
+            'memory and the allocator\'s slack, so a ratio below 1 is expected on CPU).', '',
+            f'Every variant compiled its step once (compilations = '
+            f'{sorted({r["compilations"] for r in results})}); states are donated.', '']
+  return '\n'.join(lines)
+
+
+def plot(results, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for variant in VARIANTS[1:]:
+    rs = [r for r in results if r['variant'] == variant]
+    if not rs:
+      continue
+    ks = [r['k'] for r in rs]
+    axes[0].plot(ks, [r['update_s'] * 1e3 for r in rs], 'o-', label=variant)
+    axes[1].plot(ks, [r['memory']['temp'] / 2**20 for r in rs], 'o-', label=variant)
+  full = next(r for r in results if r['variant'] == 'full')
+  axes[0].axhline(full['update_s'] * 1e3, color='k', ls='--', label='full batch')
+  axes[1].axhline(full['memory']['temp'] / 2**20, color='k', ls='--', label='full batch')
+  for ax, label in ((axes[0], 'ms per optimizer update'), (axes[1], 'compiled temp MiB')):
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('K (micro-batches per update)')
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+  axes[1].set_yscale('log')
+  axes[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+if __name__ == '__main__':
+  sys.exit(main())
