@@ -6,6 +6,7 @@ differ in the last bit (measured: ~1 ulp). Counters and structure are exactly eq
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import accumjax
@@ -58,3 +59,12 @@ def test_lazy_multisteps_optax_interface_matches():
     u2, s2 = jax.jit(ref.update)(sums, s2, optim.as_opt_params(params))
     chex.assert_trees_all_close(u1.grads, u2.grads, rtol=1e-5, atol=1e-8)
     _assert_same(s1, s2)
+
+
+def test_accumulation_precision_orders_bf16_compensated_float32():
+  from experiments import precision
+  rng = np.random.default_rng(0)
+  grads = [jnp.asarray(rng.normal(size=4096) * 1e-3, jnp.bfloat16) for _ in range(256)]
+  e_bf16, e_comp, e_f32 = precision.errors(grads)
+  assert e_f32 < 1e-6 < e_comp < e_bf16
+  assert e_bf16 > 5 * e_comp  # what compensation buys at K=256
