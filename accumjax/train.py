@@ -1,8 +1,9 @@
 """Training a byte-level language model with accumulation: `train_and_evaluate(cfg, out_dir)`.
 
 The library side of `python -m experiments.train`: builds data, model, optimizer and the one
-accumjax train step from a flat `TrainConfig`, runs the loop, writes `config.json`,
-`metrics.jsonl` and `loss.png` to `out_dir`, and returns a summary dict. No flag parsing here.
+accumjax train step from a flat `TrainConfig` (runconfig.py), resumes (resume.py), runs the
+loop with checkpoints, writes `config.json`, `metrics.jsonl` and `loss.png` to `out_dir`, and
+returns a summary dict. No flag parsing here.
 """
 
 import dataclasses
@@ -12,289 +13,30 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
-import optax
 
 from accumjax import data as data_lib
 from accumjax import logs
 from accumjax.checkpoint import Checkpointer
-from accumjax.config import AccumConfig, describe
+from accumjax.config import describe
 from accumjax.core import ConfigError
 from accumjax.losses import token_cross_entropy
-from accumjax.model import ModelConfig, make_lm, num_params
-from accumjax.optim import accumulating_optimizer, as_opt_params
-from accumjax.planner import Plan, compiled_memory, format_bytes, parse_bytes, plan_microbatch
+from accumjax.model import make_lm, num_params
+from accumjax.planner import format_bytes
 from accumjax.precision import cast_floats
-from accumjax.step import init_train_state, make_flush, make_train_step
-
-PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16'}
-# What may change when a run is resumed. Settings that only change what is logged or saved:
-HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
-            'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget')
-# The shape of an update: safe to change between cycles, never inside one without a policy.
-ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
-                'microbatches_per_call')
-ON_CONFIG_CHANGE = ('refuse', 'flush')
-OPTIMIZERS = ('adamw', 'sgd', 'lion')
-SCHEDULES = ('cosine', 'constant')
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Every setting of a run; `experiments.train --help` documents each flag."""
-  # data
-  data: str | None = None
-  seq_len: int = 128
-  pack: bool = False
-  # accumulation
-  batch_size: int = 8
-  grad_accum_steps: int | None = None
-  tokens_per_update: int | None = None
-  accum_mode: str = 'scan'
-  microbatches_per_call: int | None = None
-  multisteps_impl: str = 'lazy'
-  memory_budget: str | None = None
-  precision: str = 'fp32'
-  # optimization
-  optimizer: str = 'adamw'
-  lr: float = 3e-3
-  weight_decay: float = 0.1
-  warmup_steps: int = 20
-  schedule: str = 'cosine'
-  clip_norm: float | None = 1.0
-  clip_before_accumulation: bool = False
-  steps: int = 300
-  # model
-  d_model: int = 128
-  num_layers: int = 4
-  num_heads: int = 4
-  mlp_ratio: int = 4
-  max_len: int = 256
-  positions: str = 'rope'
-  dropout: float = 0.0
-  # run
-  seed: int = 0
-  eval_every: int = 50
-  eval_batches: int = 8
-  log_every: int = 10
-  log_microbatches: bool = False
-  # checkpoints (0 disables)
-  save_every: int = 100
-  save_every_micro: int = 0
-  keep: int = 3
-
-  def num_microbatches(self, num_devices: int = 1) -> int:
-    """K, from --grad-accum-steps or --tokens-per-update (default 4)."""
-    if self.tokens_per_update is None:
-      return 4 if self.grad_accum_steps is None else self.grad_accum_steps
-    per_mb = self.batch_size * self.seq_len * num_devices
-    if self.tokens_per_update <= 0 or self.tokens_per_update % per_mb:
-      raise ConfigError(
-          f'--tokens-per-update {self.tokens_per_update} is not a positive multiple of '
-          f'batch size x seq len x devices = {self.batch_size} x {self.seq_len} x {num_devices} '
-          f'= {per_mb}; allowed: {per_mb}, {2 * per_mb}, {4 * per_mb}, ...')
-    return self.tokens_per_update // per_mb
-
-
-def _positive_int(name, value, minimum=1):
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ConfigError(f'--{name.replace("_", "-")} {value!r} must be an integer >= {minimum}.')
-
-
-def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
-  """Checks every setting; returns the AccumConfig. Raises ConfigError before any work."""
-  if cfg.grad_accum_steps is not None and cfg.tokens_per_update is not None:
-    raise ConfigError('give --grad-accum-steps or --tokens-per-update, not both.')
-  for name in ('batch_size', 'seq_len', 'steps', 'eval_every', 'eval_batches', 'log_every',
-               'd_model', 'num_layers', 'num_heads', 'mlp_ratio', 'max_len', 'keep'):
-    _positive_int(name, getattr(cfg, name))
-  for name in ('warmup_steps', 'save_every', 'save_every_micro'):
-    _positive_int(name, getattr(cfg, name), minimum=0)
-  if cfg.grad_accum_steps is not None:
-    _positive_int('grad_accum_steps', cfg.grad_accum_steps)
-  if cfg.seq_len > cfg.max_len:
-    raise ConfigError(
-        f'--seq-len {cfg.seq_len} is longer than the model allows (--max-len {cfg.max_len}).')
-  if cfg.d_model % cfg.num_heads or (cfg.d_model // cfg.num_heads) % 2:
-    raise ConfigError(f'--d-model {cfg.d_model} must split into --heads {cfg.num_heads} '
-                      'heads of even size.')
-  if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-    raise ConfigError(f'--lr {cfg.lr} must be a positive finite number.')
-  if not cfg.weight_decay >= 0:
-    raise ConfigError(f'--weight-decay {cfg.weight_decay} must be >= 0.')
-  if not 0.0 <= cfg.dropout < 1.0:
-    raise ConfigError(f'--dropout {cfg.dropout} must be in [0, 1).')
-  choices = {'precision': tuple(PRECISIONS), 'optimizer': OPTIMIZERS, 'schedule': SCHEDULES,
-             'positions': ('rope', 'learned')}
-  for name, allowed in choices.items():
-    if getattr(cfg, name) not in allowed:
-      raise ConfigError(f'--{name} {getattr(cfg, name)!r}; allowed: {", ".join(allowed)}.')
-  if cfg.clip_norm is not None and not cfg.clip_norm > 0:
-    raise ConfigError(f'--clip-norm {cfg.clip_norm} must be > 0 (0 or omitted: see --help).')
-  k = cfg.num_microbatches(num_devices)
-  per_call = cfg.microbatches_per_call
-  if cfg.accum_mode == 'hybrid' and per_call is None:
-    per_call = k // 2 if k % 2 == 0 else 1
-  return AccumConfig(
-      num_microbatches=k, microbatch_size=cfg.batch_size, mode=cfg.accum_mode,
-      microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
-      clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
-      seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl)
-
-
-def lr_schedule(cfg: TrainConfig):
-  if cfg.schedule == 'constant':
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
-        [cfg.warmup_steps]) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
-  return optax.warmup_cosine_decay_schedule(
-      0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * 0.1)
-
-
-def inner_optimizer(cfg: TrainConfig, schedule):
-  if cfg.optimizer == 'adamw':
-    return optax.adamw(schedule, b2=0.95, weight_decay=cfg.weight_decay)
-  if cfg.optimizer == 'lion':
-    return optax.lion(schedule, weight_decay=cfg.weight_decay)
-  return optax.sgd(schedule, momentum=0.9)
-
-
-def model_config(cfg: TrainConfig) -> ModelConfig:
-  return ModelConfig(
-      vocab_size=data_lib.VOCAB_SIZE, d_model=cfg.d_model, num_layers=cfg.num_layers,
-      num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, max_len=cfg.max_len,
-      positions=cfg.positions, dropout=cfg.dropout)
-
-
-def make_loss_fn(apply):
-  def loss_fn(params, batch, rng):
-    logits = apply(params, batch['inputs'], rng)
-    return token_cross_entropy(logits, batch['targets'], batch['mask'])
-  return loss_fn
-
-
-def plan_for_budget(cfg: TrainConfig) -> tuple[TrainConfig, Plan]:
-  """Resolves --memory-budget: the largest micro-batch whose compiled train step fits, and the
-  K that reaches --tokens-per-update. Returns the config with batch_size and K set."""
-  if cfg.tokens_per_update is None or cfg.grad_accum_steps is not None:
-    raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps): '
-                      'it chooses the micro-batch size and K itself.')
-  if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % cfg.seq_len:
-    raise ConfigError(f'--tokens-per-update {cfg.tokens_per_update} must be a positive multiple '
-                      f'of --seq-len {cfg.seq_len}.')
-  budget = parse_bytes(cfg.memory_budget)
-  validate(dataclasses.replace(cfg, batch_size=1))
-  apply, params = make_lm(model_config(cfg), seed=cfg.seed)
-  loss_fn = make_loss_fn(apply)
-
-  def resolved(b, k):
-    return dataclasses.replace(cfg, batch_size=b, grad_accum_steps=k, tokens_per_update=None)
-
-  def step_memory(b, k):
-    c = resolved(b, k)
-    accum = validate(c)
-    tx = _optimizer(c, accum)[0]
-    state = jax.eval_shape(lambda p: init_train_state(p, tx, 0), params)
-    rows = accum.per_call * b
-    batch = {'inputs': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
-             'targets': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
-             'mask': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.float32)}
-    step = jax.jit(make_train_step(loss_fn, tx, accum), donate_argnums=0)
-    return compiled_memory(step, state, batch)['total']
-
-  plan = plan_microbatch(step_memory, budget, cfg.tokens_per_update // cfg.seq_len)
-  return resolved(plan.microbatch_size, plan.num_microbatches), plan
-
-
-def _optimizer(cfg: TrainConfig, accum: AccumConfig):
-  schedule = lr_schedule(cfg)
-  return accumulating_optimizer(inner_optimizer(cfg, schedule), accum), schedule
-
-
-def compare_configs(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
-  """(changed accumulation fields, changed fields that change the math) between runs.
-
-  Harmless fields (logging, eval, saving, --steps) may always change. Everything else that is
-  not an accumulation field (model, data, seed, precision, optimizer, schedule...) changes what
-  the resumed run computes, so it is refused.
-  """
-  new = dataclasses.asdict(cfg)
-  unknown = sorted(set(saved) - set(new))
-  if unknown:
-    raise ConfigError(f'the checkpoint was written with unknown settings {unknown}.')
-  changed = [k for k in new if k in saved and saved[k] != new[k] and k not in HARMLESS]
-  return ([k for k in changed if k in ACCUMULATION],
-          [k for k in changed if k not in ACCUMULATION])
-
-
-def _describe_change(saved: dict, cfg: TrainConfig, fields) -> str:
-  new = dataclasses.asdict(cfg)
-  return ', '.join(f'--{k.replace("_", "-")} {saved[k]!r} -> {new[k]!r}' for k in fields)
-
-
-def _convert_opt_state(state, old_tx, tx, params):
-  """Moves a cycle-boundary optimizer state between accumulation setups (scan <-> MultiSteps,
-  other K): the inner optimizer state carries over, the (empty) accumulator is rebuilt."""
-  old = state.opt_state
-  inner = old.inner_opt_state if isinstance(old, optax.MultiStepsState) else old
-  new = tx.init(as_opt_params(params))
-  if isinstance(new, optax.MultiStepsState):
-    new = new._replace(inner_opt_state=inner, gradient_step=jnp.copy(state.update_step))
-  else:
-    new = inner
-  return state._replace(opt_state=new)
-
-
-def _resume(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_change, log):
-  """Restores the newest good checkpoint and reconciles its config with `cfg`."""
-
-  def target(meta):
-    accum_fields, math_fields = compare_configs(meta['config'], cfg)
-    if math_fields:
-      raise ConfigError(
-          f'cannot resume from step {meta["step"]} with a different '
-          f'{_describe_change(meta["config"], cfg, math_fields)}: it changes what the run '
-          'computes. Resume with the saved values, or start a new run in another --out.')
-    old_cfg = TrainConfig(**meta['config'])
-    return init_train_state(params, _optimizer(old_cfg, validate(old_cfg))[0], cfg.seed)
-
-  restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step))
-  for s, why in restored.skipped:
-    log.info(f'resume: skipped checkpoint {s}: {why}')
-  state, meta = restored.state, restored.meta
-  saved = meta['config']
-  accum_fields, _ = compare_configs(saved, cfg)
-  old_cfg = TrainConfig(**saved)
-  old_accum = validate(old_cfg)
-  old_tx = _optimizer(old_cfg, old_accum)[0]
-  where = (f'update {int(state.update_step)}, {int(state.cycle_microbatch)}/'
-           f'{old_accum.num_microbatches} micro-batches into the next')
-  log.info(f'resume: checkpoint {restored.step} ({where}) from {ckpt.path(restored.step)}')
-  shape = lambda a: (a.num_microbatches, a.microbatch_size, a.mode, a.per_call)
-  if accum_fields and shape(old_accum) != shape(accum):
-    change = _describe_change(saved, cfg, accum_fields)
-    if int(state.cycle_microbatch) > 0:
-      if on_config_change != 'flush':
-        raise ConfigError(
-            f'checkpoint {restored.step} is mid-cycle ({where}); changing {change} now would '
-            'mix two accumulation setups in one update. Resume with the saved values, or pass '
-            '--on-config-change flush to apply the partial cycle as its own update first.')
-      state = jax.jit(make_flush(old_tx))(state)
-      log.info(f'resume: flushed the partial cycle as update {int(state.update_step)} '
-               f'(exact for the micro-batches it had) before changing {change}')
-    state = _convert_opt_state(state, old_tx, tx, params)
-    log.info(f'resume: accumulation changed at a cycle boundary: {change}')
-  return state, meta
-
-
-def _trim_metrics(path: pathlib.Path, update: int) -> list[dict]:
-  """Keeps the records up to `update` (a crash may have logged updates after the checkpoint)."""
-  if not path.exists():
-    return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  records = [r for r in records if r['kind'] != 'summary' and r['update'] <= update]
-  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
-  return records
+from accumjax.resume import resume_state, trim_metrics
+from accumjax.runconfig import (  # noqa: F401 (re-exported: the run's settings live there)
+  ON_CONFIG_CHANGE,
+  OPTIMIZERS,
+  PRECISIONS,
+  SCHEDULES,
+  TrainConfig,
+  build_optimizer,
+  make_loss_fn,
+  model_config,
+  plan_for_budget,
+  validate,
+)
+from accumjax.step import init_train_state, make_train_step
 
 
 def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None, *,
@@ -325,14 +67,14 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   train_split, eval_split = data_lib.load_splits(cfg.data, cfg.seq_len, cfg.pack)
   apply, params = make_lm(model_config(cfg), seed=cfg.seed)
   loss_fn = make_loss_fn(apply)
-  tx, schedule = _optimizer(cfg, accum)
+  tx, schedule = build_optimizer(cfg, accum)
   saving = bool(cfg.save_every or cfg.save_every_micro)
   ckpt = Checkpointer(out / 'checkpoints', keep=cfg.keep) if saving or resume is not None \
       else None  # created on demand if a run without saves is preempted
   rows = data_lib.RowIterator(train_split, cfg.seed)
   run = {'ema': None, 'tokens_seen': 0.0, 'train_time': 0.0, 'last_eval': None}
   if resume is not None:
-    state, meta = _resume(ckpt, resume, cfg, accum, tx, params, on_config_change, log)
+    state, meta = resume_state(ckpt, resume, cfg, accum, tx, params, on_config_change, log)
     rows.set_state(meta['data'])
     run = meta['run']
   else:
@@ -368,7 +110,7 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   (out / 'config.json').write_text(json.dumps(
       {'train': dataclasses.asdict(cfg), 'accumulation': setup, 'run': info}, indent=2))
   metrics_path = out / 'metrics.jsonl'
-  records = _trim_metrics(metrics_path, update) if resume is not None else []
+  records = trim_metrics(metrics_path, update) if resume is not None else []
   if resume is None:
     metrics_path.unlink(missing_ok=True)
   writer = logs.MetricsWriter(metrics_path)

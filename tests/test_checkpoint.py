@@ -15,7 +15,7 @@ import pytest
 import accumjax
 from accumjax import checkpoint
 from accumjax.model import make_lm
-from accumjax.train import TrainConfig, _optimizer, model_config, train_and_evaluate, validate
+from accumjax.train import TrainConfig, build_optimizer, model_config, train_and_evaluate, validate
 from tests import reference
 from tests.helpers import calls_of, lm_loss
 from tests.test_equivalence import ROWS, adamw, config_for
@@ -126,7 +126,7 @@ def straight(corpus, tmp_path_factory):
 def _restore(out, corpus, **cfg_kwargs):
   cfg = TrainConfig(**{**TINY, 'data': corpus, **cfg_kwargs})
   _, params = make_lm(model_config(cfg), seed=cfg.seed)
-  tx = _optimizer(cfg, validate(cfg))[0]
+  tx = build_optimizer(cfg, validate(cfg))[0]
   return checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints').restore(
       lambda meta: accumjax.init_train_state(params, tx, cfg.seed))
 

@@ -1,0 +1,106 @@
+"""Resuming a run: reconcile the saved config with the new one, restore, convert.
+
+What may change on resume (see README): harmless settings always; the accumulation setup at a
+cycle boundary, or mid-cycle only with the `flush` policy; anything that changes the math
+never.
+"""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from accumjax.checkpoint import Checkpointer
+from accumjax.core import ConfigError
+from accumjax.optim import as_opt_params
+from accumjax.runconfig import ACCUMULATION, HARMLESS, TrainConfig, build_optimizer, validate
+from accumjax.step import init_train_state, make_flush
+
+
+def compare_configs(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+  """(changed accumulation fields, changed fields that change the math) between runs.
+
+  Harmless fields (logging, eval, saving, --steps) may always change. Everything else that is
+  not an accumulation field (model, data, seed, precision, optimizer, schedule...) changes what
+  the resumed run computes, so it is refused.
+  """
+  new = dataclasses.asdict(cfg)
+  unknown = sorted(set(saved) - set(new))
+  if unknown:
+    raise ConfigError(f'the checkpoint was written with unknown settings {unknown}.')
+  changed = [k for k in new if k in saved and saved[k] != new[k] and k not in HARMLESS]
+  return ([k for k in changed if k in ACCUMULATION],
+          [k for k in changed if k not in ACCUMULATION])
+
+
+def _describe_change(saved: dict, cfg: TrainConfig, fields) -> str:
+  new = dataclasses.asdict(cfg)
+  return ', '.join(f'--{k.replace("_", "-")} {saved[k]!r} -> {new[k]!r}' for k in fields)
+
+
+def _convert_opt_state(state, old_tx, tx, params):
+  """Moves a cycle-boundary optimizer state between accumulation setups (scan <-> MultiSteps,
+  other K): the inner optimizer state carries over, the (empty) accumulator is rebuilt."""
+  old = state.opt_state
+  inner = old.inner_opt_state if isinstance(old, optax.MultiStepsState) else old
+  new = tx.init(as_opt_params(params))
+  if isinstance(new, optax.MultiStepsState):
+    new = new._replace(inner_opt_state=inner, gradient_step=jnp.copy(state.update_step))
+  else:
+    new = inner
+  return state._replace(opt_state=new)
+
+
+def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_change, log):
+  """Restores the newest good checkpoint and reconciles its config with `cfg`."""
+
+  def target(meta):
+    accum_fields, math_fields = compare_configs(meta['config'], cfg)
+    if math_fields:
+      raise ConfigError(
+          f'cannot resume from step {meta["step"]} with a different '
+          f'{_describe_change(meta["config"], cfg, math_fields)}: it changes what the run '
+          'computes. Resume with the saved values, or start a new run in another --out.')
+    old_cfg = TrainConfig(**meta['config'])
+    return init_train_state(params, build_optimizer(old_cfg, validate(old_cfg))[0], cfg.seed)
+
+  restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step))
+  for s, why in restored.skipped:
+    log.info(f'resume: skipped checkpoint {s}: {why}')
+  state, meta = restored.state, restored.meta
+  saved = meta['config']
+  accum_fields, _ = compare_configs(saved, cfg)
+  old_cfg = TrainConfig(**saved)
+  old_accum = validate(old_cfg)
+  old_tx = build_optimizer(old_cfg, old_accum)[0]
+  where = (f'update {int(state.update_step)}, {int(state.cycle_microbatch)}/'
+           f'{old_accum.num_microbatches} micro-batches into the next')
+  log.info(f'resume: checkpoint {restored.step} ({where}) from {ckpt.path(restored.step)}')
+  shape = lambda a: (a.num_microbatches, a.microbatch_size, a.mode, a.per_call)
+  if accum_fields and shape(old_accum) != shape(accum):
+    change = _describe_change(saved, cfg, accum_fields)
+    if int(state.cycle_microbatch) > 0:
+      if on_config_change != 'flush':
+        raise ConfigError(
+            f'checkpoint {restored.step} is mid-cycle ({where}); changing {change} now would '
+            'mix two accumulation setups in one update. Resume with the saved values, or pass '
+            '--on-config-change flush to apply the partial cycle as its own update first.')
+      state = jax.jit(make_flush(old_tx))(state)
+      log.info(f'resume: flushed the partial cycle as update {int(state.update_step)} '
+               f'(exact for the micro-batches it had) before changing {change}')
+    state = _convert_opt_state(state, old_tx, tx, params)
+    log.info(f'resume: accumulation changed at a cycle boundary: {change}')
+  return state, meta
+
+
+def trim_metrics(path: pathlib.Path, update: int) -> list[dict]:
+  """Keeps the records up to `update` (a crash may have logged updates after the checkpoint)."""
+  if not path.exists():
+    return []
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = [r for r in records if r['kind'] != 'summary' and r['update'] <= update]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  return records

@@ -1,0 +1,19 @@
+"""The benchmark's --quick variant runs end to end (the numbers themselves live in
+benchmarks/, measured, never asserted)."""
+
+import pytest
+
+from experiments import bench
+
+
+@pytest.mark.slow
+def test_bench_quick_runs_and_reports(tmp_path):
+  out = tmp_path / 'RESULTS.md'
+  assert bench.main(['--quick', '--out', str(out)]) == 0
+  text = out.read_text()
+  for variant in bench.VARIANTS:
+    assert f'| {variant} | ' in text
+  assert '## Ratios vs targets' in text
+  assert (tmp_path / 'RESULTS.png').read_bytes()[:4] == b'\x89PNG'
+  # No recompilation: one program per step (two for multisteps/hybrid: interim + last call).
+  assert 'compilations = [1, 2]' in text
