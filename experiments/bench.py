@@ -255,8 +255,10 @@ def report(results, size, seconds, quick):
             'of `--memory-budget` uses); measured is the process\'s peak RSS growth from just '
             'before compiling to the end of the timed updates (it includes the compiler\'s own '
             'memory and the allocator\'s slack, so a ratio below 1 is expected on CPU).', '',
-            f'Every variant compiled its step once (compilations = '
-            f'{sorted({r["compilations"] for r in results})}); states are donated.', '']
+            'No recompilation after the first update: compilations counts the programs of the '
+            'step (1 for full/scan/optax_microbatch; 2 for multisteps/hybrid, the interim and '
+            'the last-call program), measured after all timed updates; states are donated.',
+            '']
   return '\n'.join(lines)
 
 

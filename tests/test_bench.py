@@ -16,4 +16,7 @@ def test_bench_quick_runs_and_reports(tmp_path):
   assert '## Ratios vs targets' in text
   assert (tmp_path / 'RESULTS.png').read_bytes()[:4] == b'\x89PNG'
   # No recompilation: one program per step (two for multisteps/hybrid: interim + last call).
-  assert 'compilations = [1, 2]' in text
+  rows = [line.split('|') for line in text.splitlines() if line.startswith('| ')]
+  compilations = {r[1].strip(): int(r[8]) for r in rows if len(r) == 10 and r[8].strip().isdigit()}
+  assert compilations['full'] == compilations['scan'] == 1
+  assert compilations['multisteps_lazy'] == compilations['hybrid'] == 2
