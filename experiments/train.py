@@ -1,13 +1,14 @@
 """Main job: train a byte-level transformer LM on real text with gradient accumulation.
 
-    python -m experiments.train                       # defaults: ~3 minutes on 2 CPU cores
+    python -m experiments.train                       # defaults: ~2 minutes on 2 CPU cores
 
 Data: by default the Python standard library's own sources (no download; see accumjax.data).
 Defaults: 0.86M-param model, micro-batch 8 x 128 tokens, K=4 (4,096 tokens per update, scan
-mode), AdamW 3e-3 with cosine decay, 300 updates. Expect the train loss to fall from ~5.6
-(uniform over 258 bytes) to about 1.6 and eval perplexity near 5.
-Writes metrics.jsonl, config.json and loss.png to --out (default runs/train-<time>).
-The logic lives in accumjax.train, importable from a notebook.
+mode), AdamW 3e-3 with cosine decay, 300 updates. Expect the train loss to fall from 6.3 to
+about 1.6 and the eval loss to about 1.88 (perplexity ~6.6); params fingerprint
+ebf0ec3c03d95cb9 on CPython 3.11.7 / jax 0.10.2 CPU.
+Writes metrics.jsonl, config.json, loss.png and checkpoints/ to --out (default
+runs/train-<time>). The logic lives in accumjax.train, importable from a notebook.
 """
 
 import argparse
