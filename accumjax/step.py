@@ -69,7 +69,8 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
 
   Metrics: `loss` and `weight` are the cycle's token-weighted loss and total weight so far
   (the whole update's when `updated`); `call_loss`/`call_weight` are this call's alone;
-  `grad_norm` is the norm of the cycle's mean gradient before clipping; `skipped` marks an
+  `grad_norm` is the norm of the cycle's mean gradient before clipping (NaN on calls passed
+  `last_call=False`, where it is not computed); `skipped` marks an
   update with zero total weight (params and optimizer state left unchanged).
   """
   compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
@@ -89,7 +90,14 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
         index_offset=state.cycle_microbatch, accum_dtype=config.accum_jnp_dtype,
         clip_microbatch_norm=clip_each)
     before = optim.pending_sums(state.opt_state)
-    totals = sums if before is None else jax.tree.map(jnp.add, before, sums)
+    if before is None:
+      totals = sums
+    elif last_call is False:
+      # An interim call: the cycle's scalars suffice; summing the gradient trees again for a
+      # norm nobody reads would double the call's optimizer-side cost.
+      totals = GradSums(None, before.loss_sum + sums.loss_sum, before.weight + sums.weight)
+    else:
+      totals = jax.tree.map(jnp.add, before, sums)
     params, opt_state = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call)
     if isinstance(opt_state, optax.MultiStepsState):
       updated = opt_state.mini_step == 0
@@ -105,7 +113,7 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
     metrics = {
         'loss': loss, 'weight': totals.weight,
         'call_loss': call_loss, 'call_weight': sums.weight,
-        'grad_norm': _global_norm(mean_grads),
+        'grad_norm': jnp.full((), jnp.nan) if mean_grads is None else _global_norm(mean_grads),
         'updated': updated, 'skipped': updated & (totals.weight == 0),
     }
     return new_state, metrics
