@@ -79,9 +79,7 @@ def run_cell(variant: str, k: int, size: str) -> dict:
   if variant == 'optax_microbatch':
     mb = rows // k
     grad_sums = optax.microbatching.microbatch(
-        jax.grad(lambda p, b: loss_fn(p, b, None), has_aux=False)
-        if False else jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]),
-        argnums=1, microbatch_size=mb)
+        jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]), argnums=1, microbatch_size=mb)
     weight = jnp.sum(batch['mask'])
 
     def update(params, opt_state, batch):
