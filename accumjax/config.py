@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from accumjax.core import ConfigError, check_num_microbatches
 
 MODES = ('scan', 'multisteps', 'hybrid')
-COMPUTE_DTYPES = ('float32', 'bfloat16')
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+# What an update containing a micro-batch with a NaN or Inf loss or gradient does (see optim.py).
+NONFINITE_POLICIES = ('skip_update', 'skip_microbatch', 'raise')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +24,8 @@ class AccumConfig:
       `microbatches_per_call` micro-batches, MultiSteps holds the sums over K / c calls).
     microbatches_per_call: c; required for 'hybrid' (must divide K), implied otherwise.
     compute_dtype: forward/backward dtype. Params, optimizer state, accumulators and the loss
-      stay float32 whatever it is.
+      stay float32 whatever it is. 'float16' turns on dynamic loss scaling (float16's range
+      is too small for many gradients); bfloat16 has float32's range and needs none.
     accum_dtype: dtype of the gradient sums.
     clip_norm: global-norm clip (None for none).
     clip_before_accumulation: False (default) clips the accumulated mean gradient, exactly as
@@ -33,6 +36,14 @@ class AccumConfig:
     multisteps_impl: 'lazy' (default; `optim.LazyMultiSteps`: optax.MultiSteps' state and
       results, but interim calls only add) or 'optax' (`optax.MultiSteps` as shipped, which
       runs the optimizer on every call). Same state; results equal to float32 rounding.
+    nonfinite: what an update with a non-finite micro-batch does. 'skip_update' (default):
+      no update at all, params and optimizer state unchanged, the cycle stays aligned with the
+      data. 'skip_microbatch': the bad micro-batches are left out and the update is the
+      big-batch update of the rest (renormalised by their weight). 'raise': on device like
+      skip_update; the training loop then stops, naming the update and micro-batch.
+    initial_loss_scale: float16 only: the dynamic loss scale to start from.
+    loss_scale_growth_interval: float16 only: the scale doubles after this many applied
+      updates in a row without overflow; an overflow halves it (once per update).
   """
   num_microbatches: int
   microbatch_size: int
@@ -45,6 +56,9 @@ class AccumConfig:
   seq_len: int | None = None
   num_devices: int = 1
   multisteps_impl: str = 'lazy'
+  nonfinite: str = 'skip_update'
+  initial_loss_scale: float = 2.0 ** 15
+  loss_scale_growth_interval: int = 200
 
   def __post_init__(self):
     check_num_microbatches(self.num_microbatches)
@@ -77,6 +91,16 @@ class AccumConfig:
       raise ConfigError('clip_before_accumulation=True needs a clip_norm.')
     if self.multisteps_impl not in ('lazy', 'optax'):
       raise ConfigError(f'multisteps_impl={self.multisteps_impl!r}; allowed: lazy, optax.')
+    if self.nonfinite not in NONFINITE_POLICIES:
+      raise ConfigError(
+          f'nonfinite={self.nonfinite!r}; allowed: {", ".join(NONFINITE_POLICIES)}.')
+    if not (isinstance(self.initial_loss_scale, (int, float)) and
+            1.0 <= self.initial_loss_scale <= 2.0 ** 24):
+      raise ConfigError(
+          f'initial_loss_scale={self.initial_loss_scale!r} must be a number in [1, 2**24].')
+    v = self.loss_scale_growth_interval
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ConfigError(f'loss_scale_growth_interval={v!r} must be an int >= 1.')
     if self.seq_len is not None and self.seq_len < 1:
       raise ConfigError(f'seq_len={self.seq_len!r} must be >= 1.')
 
@@ -96,6 +120,11 @@ class AccumConfig:
   @property
   def effective_batch(self) -> int:
     return self.microbatch_size * self.num_microbatches * self.num_devices
+
+  @property
+  def loss_scaling(self) -> bool:
+    """Dynamic loss scaling: on exactly for float16 compute."""
+    return self.compute_dtype == 'float16'
 
   @property
   def compute_jnp_dtype(self):
@@ -130,4 +159,8 @@ def describe(config: AccumConfig) -> dict:
       'param_dtype': 'float32',
       'clipping': clipping,
       'multisteps_impl': config.multisteps_impl if config.calls_per_update > 1 else None,
+      'nonfinite': config.nonfinite,
+      'loss_scaling': (f'dynamic, from {config.initial_loss_scale:g}, x2 after '
+                       f'{config.loss_scale_growth_interval} good updates, /2 on overflow'
+                       if config.loss_scaling else 'none'),
   }

@@ -6,6 +6,13 @@ core only *sums* (gradient of loss_sum, loss_sum, weight) in float32; it never d
 division by the total weight happens once, in `accumulate_gradients` or in the optimizer
 wrapper of `accumjax.optim`, after all sums are in.
 
+Non-finite values are caught here, once per micro-batch: a micro-batch whose loss or gradient
+holds a NaN or an Inf adds nothing (its gradient, loss sum and weight are replaced by zeros
+with `jnp.where`, so no accumulator ever holds a NaN) and is counted in `GradSums.nonfinite`.
+What to do about it (skip the update, or keep the rest) is decided once per update, in
+`optim.normalized`. Under float16 compute the loss is multiplied by a loss scale before
+differentiation and each micro-batch gradient divided by it, in float32, before it is added.
+
 Not here: optimizers, training state, data. See `optim.py` and `step.py`.
 """
 
@@ -29,17 +36,22 @@ class GradSums(NamedTuple):
     grads: sum over micro-batches of d(loss_sum)/d(params), in the accumulation dtype.
     loss_sum: float32 scalar, the sum of loss_sums.
     weight: float32 scalar, the sum of weights (e.g. real tokens).
+    nonfinite: float32 scalar, how many micro-batches had a non-finite loss or gradient (they
+      contribute zero to the three sums above). A float, so optax.MultiSteps sums it like the
+      others.
   """
   grads: PyTree
   loss_sum: jax.Array
   weight: jax.Array
+  nonfinite: jax.Array
 
 
 def zero_sums(params, accum_dtype=jnp.float32) -> GradSums:
   return GradSums(
       grads=jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype), params),
       loss_sum=jnp.zeros((), jnp.float32),
-      weight=jnp.zeros((), jnp.float32))
+      weight=jnp.zeros((), jnp.float32),
+      nonfinite=jnp.zeros((), jnp.float32))
 
 
 def check_float_params(params):
@@ -111,6 +123,7 @@ def accumulate_sums(
     index_offset: jax.Array | int = 0,
     accum_dtype=jnp.float32,
     clip_microbatch_norm: float | None = None,
+    loss_scale: jax.Array | None = None,
 ) -> tuple[GradSums, PyTree]:
   """Sums gradients, loss sums and weights over micro-batches with one `lax.scan`.
 
@@ -126,36 +139,66 @@ def accumulate_sums(
     clip_microbatch_norm: if set, each micro-batch's *mean* gradient is clipped to this global
       norm before it is added back with its weight (so the result is the weight-averaged
       clipped micro-batch gradient).
+    loss_scale: optional float32 scalar (float16 loss scaling): the loss_sum is multiplied by
+      it before differentiation and each micro-batch gradient divided by it, in `accum_dtype`,
+      before it is checked and added. The sums are those of the unscaled loss.
 
   Returns:
     (GradSums, aux) where aux is the per-micro-batch aux stacked on a leading K axis (None if
-    loss_fn returns no aux).
+    loss_fn returns no aux). Micro-batches with a non-finite loss or gradient add zeros and
+    are counted in `GradSums.nonfinite`; `scan_microbatches` also says which they were.
+  """
+  sums, aux, _ = scan_microbatches(
+      loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
+      index_offset=index_offset, accum_dtype=accum_dtype,
+      clip_microbatch_norm=clip_microbatch_norm, loss_scale=loss_scale)
+  return sums, aux
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def scan_microbatches(
+    loss_fn, params, batch, *, num_microbatches, rng=None, index_offset=0,
+    accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None):
+  """`accumulate_sums` (same arguments), plus a bool[K]: which micro-batches were non-finite.
+
+  The one accumulation core: `accumulate_sums` and every train-step mode call this.
   """
   check_float_params(params)
   microbatches = split_microbatches(batch, num_microbatches)
 
   def grad_fn(p, mb, key):
     loss_sum, weight, aux = _unpack_loss(loss_fn(p, mb, key))
-    return loss_sum.astype(jnp.float32), (jnp.asarray(weight, jnp.float32), aux)
+    loss_sum = loss_sum.astype(jnp.float32)
+    scaled = loss_sum if loss_scale is None else loss_sum * loss_scale
+    return scaled, (loss_sum, jnp.asarray(weight, jnp.float32), aux)
 
   def body(carry: GradSums, xs):
     mb, index = xs
     key = None if rng is None else jax.random.fold_in(rng, index_offset + index)
-    (loss_sum, (weight, aux)), grads = jax.value_and_grad(grad_fn, has_aux=True)(
+    (_, (loss_sum, weight, aux)), grads = jax.value_and_grad(grad_fn, has_aux=True)(
         params, mb, key)
     grads = jax.tree.map(lambda g: g.astype(accum_dtype), grads)
+    if loss_scale is not None:
+      grads = jax.tree.map(lambda g: g / loss_scale.astype(accum_dtype), grads)
+    finite = _all_finite(grads) & jnp.isfinite(loss_sum) & jnp.isfinite(weight)
     if clip_microbatch_norm is not None:
       grads = _clip_weighted(grads, weight, clip_microbatch_norm)
+    # jnp.where, not a multiplication by 0: 0 * NaN is NaN.
+    keep = lambda x: jnp.where(finite, x, jnp.zeros_like(x))
     new = GradSums(
-        grads=jax.tree.map(jnp.add, carry.grads, grads),
-        loss_sum=carry.loss_sum + loss_sum,
-        weight=carry.weight + weight)
-    return new, aux
+        grads=jax.tree.map(lambda a, g: a + keep(g), carry.grads, grads),
+        loss_sum=carry.loss_sum + keep(loss_sum),
+        weight=carry.weight + keep(weight),
+        nonfinite=carry.nonfinite + (~finite).astype(jnp.float32))
+    return new, (aux, ~finite)
 
-  sums, aux = jax.lax.scan(
+  sums, (aux, bad_K) = jax.lax.scan(
       body, zero_sums(params, accum_dtype),
       (microbatches, jnp.arange(num_microbatches, dtype=jnp.int32)))
-  return sums, aux
+  return sums, aux, bad_K
 
 
 def normalize(sums: GradSums):
@@ -172,14 +215,16 @@ def accumulate_gradients(
   """Gradient of (sum of all loss_sums) / (sum of all weights) over K micro-batches.
 
   Same arguments as `accumulate_sums`. Returns `(grads, metrics)` with metrics `loss` (the
-  token-weighted mean loss), `loss_sum`, `weight` and, if loss_fn has one, `aux`. With zero
-  total weight, grads and loss are zeros (the optimizer wrapper skips such updates).
+  token-weighted mean loss), `loss_sum`, `weight`, `nonfinite` (micro-batches left out for a
+  NaN or Inf: the result is then the gradient of the others) and, if loss_fn has one, `aux`.
+  With zero total weight, grads and loss are zeros (the optimizer wrapper skips such updates).
   """
   sums, aux = accumulate_sums(
       loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
       accum_dtype=accum_dtype, clip_microbatch_norm=clip_microbatch_norm)
   grads, loss = normalize(sums)
-  metrics = {'loss': loss, 'loss_sum': sums.loss_sum, 'weight': sums.weight}
+  metrics = {'loss': loss, 'loss_sum': sums.loss_sum, 'weight': sums.weight,
+             'nonfinite': sums.nonfinite}
   if aux is not None:
     metrics['aux'] = aux
   return grads, metrics

@@ -77,9 +77,15 @@ class Logger:
       self._bar = None
 
 
-def update_line(update, total, loss, ema, lr, accum, num_microbatches, tok_s, gnorm) -> str:
+def update_line(update, total, loss, ema, lr, accum, num_microbatches, tok_s, gnorm,
+                skipped=0, nonfinite=0, loss_scale=None) -> str:
+  """One log line per logged update; `skipped`/`nonfinite` are the run's fault counters
+  (updates skipped, non-finite micro-batches), `loss_scale` the float16 scale (if any)."""
+  ema = float('nan') if ema is None else ema
   return (f'update [{update}/{total}] loss {loss:.4f} ema {ema:.4f} lr {lr:.1e} '
-          f'accum {accum}/{num_microbatches} tok/s {tok_s:.0f} gnorm {gnorm:.2f}')
+          f'accum {accum}/{num_microbatches} tok/s {tok_s:.0f} gnorm {gnorm:.2f} '
+          f'skipped {skipped} nonfinite {nonfinite}'
+          + ('' if loss_scale is None else f' scale {loss_scale:g}'))
 
 
 def plot_losses(records: list[dict], path: pathlib.Path, title: str = ''):

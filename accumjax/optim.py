@@ -3,14 +3,20 @@
 `accumulating_optimizer(inner, config)` turns any optax optimizer into one whose "gradient"
 input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`:
 
-- `normalized(inner)` divides the gradient sum by the weight sum, then runs `inner`. An update
-  whose total weight is zero is skipped: zero updates, and the inner state (schedule count,
-  moments) is left exactly as it was, so params can never become NaN from 0/0.
+- `normalized(inner, policy)` divides the gradient sum by the weight sum, then runs `inner`.
+  An update whose total weight is zero is skipped: zero updates, and the inner state (schedule
+  count, moments) is left exactly as it was, so params can never become NaN from 0/0. This is
+  also where the non-finite policy is decided, once per update: the core has already left the
+  bad micro-batches out of the sums and counted them (`sums.nonfinite`); under 'skip_update'
+  and 'raise' any count > 0 skips the update the same way, under 'skip_microbatch' the rest
+  is applied (the division by the remaining weight renormalises it).
 - For `multisteps` and `hybrid` the result is wrapped in `optax.MultiSteps(...,
   use_grad_mean=False)`. MultiSteps then *sums* the GradSums of its calls (gradient sums,
   loss sums and weights alike), so the normalisation sees the cycle's totals: the update is
   the gradient of total loss_sum / total weight however the tokens were spread across calls.
-  (MultiSteps' default running mean would weigh every call equally instead.)
+  (MultiSteps' default running mean would weigh every call equally instead.) It sums the
+  non-finite counts too, and since the core never lets a NaN into the sums, MultiSteps' reset
+  of its accumulator (`(1 - emit) * acc`, where 0 * NaN would stay NaN) always clears it.
 """
 
 import jax
@@ -23,11 +29,30 @@ from accumjax.core import GradSums, normalize
 
 def as_opt_params(params) -> GradSums:
   """The params in the structure the accumulating optimizers expect."""
-  return GradSums(params, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  zero = lambda: jnp.zeros((), jnp.float32)
+  return GradSums(params, zero(), zero(), zero())
 
 
-def normalized(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """Runs `inner` on sums.grads / sums.weight; skips updates with zero total weight."""
+def applies(sums: GradSums, policy: str = 'skip_update') -> jax.Array:
+  """Whether an update with these (whole-cycle) sums is applied: weight left, and no
+  non-finite micro-batch unless the policy is 'skip_microbatch'."""
+  keep = sums.weight > 0
+  if policy != 'skip_microbatch':
+    keep &= sums.nonfinite == 0
+  return keep
+
+
+def _updates(grads, like: GradSums) -> GradSums:
+  zero = jnp.zeros_like
+  return GradSums(grads, zero(like.loss_sum), zero(like.weight), zero(like.nonfinite))
+
+
+def normalized(inner: optax.GradientTransformation,
+               policy: str = 'skip_update') -> optax.GradientTransformation:
+  """Runs `inner` on sums.grads / sums.weight; skips updates that `applies` refuses.
+
+  A skipped update gives zero updates and leaves the inner state exactly as it was.
+  """
 
   def init_fn(params: GradSums):
     return inner.init(params.grads)
@@ -36,10 +61,10 @@ def normalized(inner: optax.GradientTransformation) -> optax.GradientTransformat
     mean_grads, _ = normalize(sums)
     updates, new_state = inner.update(
         mean_grads, state, None if params is None else params.grads)
-    keep = sums.weight > 0
+    keep = applies(sums, policy)
     updates = jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), updates)
     new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
-    return GradSums(updates, jnp.zeros_like(sums.loss_sum), jnp.zeros_like(sums.weight)), new_state
+    return _updates(updates, sums), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -52,7 +77,7 @@ def accumulating_optimizer(inner: optax.GradientTransformation, config: AccumCon
   """
   if config.clip_norm is not None and not config.clip_before_accumulation:
     inner = optax.chain(optax.clip_by_global_norm(config.clip_norm), inner)
-  tx = normalized(inner)
+  tx = normalized(inner, config.nonfinite)
   if config.calls_per_update == 1:
     return tx
   wrapper = LazyMultiSteps if config.multisteps_impl == 'lazy' else optax.MultiSteps
@@ -122,8 +147,7 @@ class LazyMultiSteps(optax.MultiSteps):
     del extra_args
     new_params, new_state = self.apply(updates, state, params.grads)
     deltas = jax.tree.map(jnp.subtract, new_params, params.grads)
-    return GradSums(deltas, jnp.zeros_like(updates.loss_sum), jnp.zeros_like(updates.weight)), \
-        new_state
+    return _updates(deltas, updates), new_state
 
 
 def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None):

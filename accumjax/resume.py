@@ -88,7 +88,7 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
             f'checkpoint {restored.step} is mid-cycle ({where}); changing {change} now would '
             'mix two accumulation setups in one update. Resume with the saved values, or pass '
             '--on-config-change flush to apply the partial cycle as its own update first.')
-      state = jax.jit(make_flush(old_tx))(state)
+      state = jax.jit(make_flush(old_tx, old_accum))(state)
       log.info(f'resume: flushed the partial cycle as update {int(state.update_step)} '
                f'(exact for the micro-batches it had) before changing {change}')
     state = _convert_opt_state(state, old_tx, tx, params)

@@ -10,10 +10,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from accumjax import data as data_lib
-from accumjax.config import AccumConfig
+from accumjax.config import NONFINITE_POLICIES, AccumConfig
 from accumjax.core import ConfigError
 from accumjax.losses import token_cross_entropy
 from accumjax.model import ModelConfig, make_lm
@@ -21,10 +22,13 @@ from accumjax.optim import accumulating_optimizer
 from accumjax.planner import Plan, compiled_memory, parse_bytes, plan_microbatch
 from accumjax.step import init_train_state, make_train_step
 
-PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16'}
-# What may change when a run is resumed. Settings that only change what is logged or saved:
+PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+# What may change when a run is resumed. Settings that only change what is logged or saved,
+# and the fault policy (it changes nothing while values are finite; a run stopped by 'raise'
+# is meant to be resumed with 'skip_update'):
 HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
-            'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget')
+            'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget',
+            'nonfinite_policy', 'max_consecutive_skips')
 # The shape of an update: safe to change between cycles, never inside one without a policy.
 ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
                 'microbatches_per_call')
@@ -49,6 +53,10 @@ class TrainConfig:
   multisteps_impl: str = 'lazy'
   memory_budget: str | None = None
   precision: str = 'fp32'
+  # non-finite values
+  nonfinite_policy: str = 'skip_update'
+  max_consecutive_skips: int = 10
+  inject_faults: str | None = None
   # optimization
   optimizer: str = 'adamw'
   lr: float = 3e-3
@@ -102,7 +110,7 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
   for name in ('batch_size', 'seq_len', 'steps', 'eval_every', 'eval_batches', 'log_every',
                'd_model', 'num_layers', 'num_heads', 'mlp_ratio', 'max_len', 'keep'):
     _positive_int(name, getattr(cfg, name))
-  for name in ('warmup_steps', 'save_every', 'save_every_micro'):
+  for name in ('warmup_steps', 'save_every', 'save_every_micro', 'max_consecutive_skips'):
     _positive_int(name, getattr(cfg, name), minimum=0)
   if cfg.grad_accum_steps is not None:
     _positive_int('grad_accum_steps', cfg.grad_accum_steps)
@@ -119,13 +127,14 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
   if not 0.0 <= cfg.dropout < 1.0:
     raise ConfigError(f'--dropout {cfg.dropout} must be in [0, 1).')
   choices = {'precision': tuple(PRECISIONS), 'optimizer': OPTIMIZERS, 'schedule': SCHEDULES,
-             'positions': ('rope', 'learned')}
+             'positions': ('rope', 'learned'), 'nonfinite_policy': NONFINITE_POLICIES}
   for name, allowed in choices.items():
     if getattr(cfg, name) not in allowed:
       raise ConfigError(f'--{name} {getattr(cfg, name)!r}; allowed: {", ".join(allowed)}.')
   if cfg.clip_norm is not None and not cfg.clip_norm > 0:
     raise ConfigError(f'--clip-norm {cfg.clip_norm} must be > 0 (0 or omitted: see --help).')
   k = cfg.num_microbatches(num_devices)
+  parse_faults(cfg.inject_faults, k)
   per_call = cfg.microbatches_per_call
   if cfg.accum_mode == 'hybrid' and per_call is None:
     per_call = k // 2 if k % 2 == 0 else 1
@@ -133,7 +142,46 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
       num_microbatches=k, microbatch_size=cfg.batch_size, mode=cfg.accum_mode,
       microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
       clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
-      seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl)
+      seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
+      nonfinite=cfg.nonfinite_policy)
+
+
+def parse_faults(spec: str | None, num_microbatches: int) -> dict[tuple[int, int], float]:
+  """--inject-faults 'U:J[:V],...' -> {(update U, micro-batch J): V}, for fault drills.
+
+  U counts updates from 1 (as the log does), J micro-batches of the cycle from 0 (as the
+  'raise' message does). V (default nan) multiplies that micro-batch's loss sum: nan, inf,
+  -inf, or a finite factor (a large one, e.g. 1e6, overflows float16 only once scaled).
+  """
+  if spec is None:
+    return {}
+  faults = {}
+  for item in spec.split(','):
+    parts = item.strip().split(':')
+    try:
+      if len(parts) not in (2, 3):
+        raise ValueError
+      u, j = int(parts[0]), int(parts[1])
+      v = float(parts[2]) if len(parts) == 3 else float('nan')
+    except ValueError:
+      raise ConfigError(
+          f'--inject-faults {spec!r}: {item!r} is not UPDATE:MICROBATCH[:VALUE] '
+          '(e.g. 3:1:nan, 5:0:inf, 7:2:1e6).') from None
+    if u < 1 or not 0 <= j < num_microbatches:
+      raise ConfigError(
+          f'--inject-faults {spec!r}: {item!r} needs UPDATE >= 1 and 0 <= MICROBATCH < '
+          f'{num_microbatches} (K).')
+    faults[(u, j)] = v
+  return faults
+
+
+def fault_rows(faults: dict, update: int, first_microbatch: int, num_microbatches: int,
+               microbatch_size: int) -> np.ndarray:
+  """The per-row `fault` factors of one call (1.0 except the injected micro-batches)."""
+  rows = np.ones((num_microbatches, microbatch_size), np.float32)
+  for i in range(num_microbatches):
+    rows[i] = faults.get((update, first_microbatch + i), 1.0)
+  return rows.reshape(-1)
 
 
 def lr_schedule(cfg: TrainConfig):
@@ -163,7 +211,10 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
 def make_loss_fn(apply):
   def loss_fn(params, batch, rng):
     logits = apply(params, batch['inputs'], rng)
-    return token_cross_entropy(logits, batch['targets'], batch['mask'])
+    loss_sum, weight = token_cross_entropy(logits, batch['targets'], batch['mask'])
+    if 'fault' in batch:  # --inject-faults drills: the micro-batch's rows carry the factor
+      loss_sum = loss_sum * jnp.prod(batch['fault'])
+    return loss_sum, weight
   return loss_fn
 
 

@@ -7,6 +7,11 @@ metrics)` to be jitted once. A call scans the micro-batches it is given through
 - scan: the call gets K micro-batches and the optimizer steps every call;
 - multisteps: the call gets 1 micro-batch, MultiSteps steps every K calls;
 - hybrid: the call gets c micro-batches, MultiSteps steps every K / c calls.
+
+The state also carries the fault counters (updates skipped for non-finite values, non-finite
+micro-batches, the current run of consecutive skips, the first bad micro-batch of the cycle)
+and, for float16, the dynamic loss scale; all of them are adjusted once per update, on the
+call that completes it, so they are checkpointed with everything else.
 """
 
 from typing import Any, NamedTuple
@@ -17,7 +22,7 @@ import optax
 
 from accumjax import optim
 from accumjax.config import AccumConfig
-from accumjax.core import ConfigError, GradSums, accumulate_sums, normalize
+from accumjax.core import ConfigError, GradSums, normalize, scan_microbatches
 from accumjax.precision import with_compute_dtype
 
 
@@ -32,6 +37,16 @@ class TrainState(NamedTuple):
     update_step: optimizer updates done (skipped zero-weight updates included).
     cycle_microbatch: micro-batches already summed into the current, unfinished update.
     microbatch_step: micro-batches processed since the start, strictly increasing.
+    skipped_updates: updates skipped because a micro-batch was non-finite (under
+      'skip_microbatch', only those where no micro-batch was left). Zero-weight skips are not
+      faults and are not counted here (the `skipped` metric marks both).
+    consecutive_skips: such skips in a row, up to now (0 after any completed update that
+      was not one).
+    nonfinite_microbatches: micro-batches with a non-finite loss or gradient, since the start.
+    cycle_first_nonfinite: index within the current cycle of its first non-finite
+      micro-batch, -1 if none (kept across calls and checkpoints, for the 'raise' message).
+    loss_scale: float32 dynamic loss scale (float16 compute); 1.0 and unused otherwise.
+    loss_scale_good: updates applied without overflow since the scale last changed.
   """
   params: Any
   opt_state: Any
@@ -39,21 +54,61 @@ class TrainState(NamedTuple):
   update_step: jax.Array
   cycle_microbatch: jax.Array
   microbatch_step: jax.Array
+  skipped_updates: jax.Array
+  consecutive_skips: jax.Array
+  nonfinite_microbatches: jax.Array
+  cycle_first_nonfinite: jax.Array
+  loss_scale: jax.Array
+  loss_scale_good: jax.Array
 
 
-def init_train_state(params, tx, rng) -> TrainState:
-  """Fresh state; `rng` is a key (typed or raw) or an int seed."""
+def init_train_state(params, tx, rng, config: AccumConfig | None = None) -> TrainState:
+  """Fresh state; `rng` is a key (typed or raw) or an int seed.
+
+  Pass the `config` of a float16 run: the loss scale starts at its `initial_loss_scale`
+  (without it, at 1.0).
+  """
   if isinstance(rng, int):
     rng = jax.random.key(rng)
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)
   # Distinct buffers (not one shared zero): the jitted step donates its state.
   zero = lambda: jnp.zeros((), jnp.int32)
-  return TrainState(params, tx.init(optim.as_opt_params(params)), rng, zero(), zero(), zero())
+  scale = config.initial_loss_scale if config is not None and config.loss_scaling else 1.0
+  return TrainState(
+      params, tx.init(optim.as_opt_params(params)), rng, zero(), zero(), zero(),
+      skipped_updates=zero(), consecutive_skips=zero(), nonfinite_microbatches=zero(),
+      cycle_first_nonfinite=jnp.full((), -1, jnp.int32),
+      loss_scale=jnp.full((), scale, jnp.float32), loss_scale_good=zero())
 
 
 def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _after_update(state: TrainState, config: AccumConfig, updated, totals: GradSums, first):
+  """The fault counters and loss scale once `updated` (a bool scalar) says whether this call
+  completed an update with the cycle's `totals`. Returns (field updates, applied)."""
+  applied = updated & optim.applies(totals, config.nonfinite)
+  bad = totals.nonfinite > 0
+  fault_skip = updated & ~applied & bad
+  fields = dict(
+      skipped_updates=state.skipped_updates + fault_skip.astype(jnp.int32),
+      consecutive_skips=jnp.where(
+          fault_skip, state.consecutive_skips + 1,
+          jnp.where(updated, 0, state.consecutive_skips)),
+      cycle_first_nonfinite=jnp.where(updated, -1, first).astype(jnp.int32))
+  if config.loss_scaling:
+    # Once per update: an overflow anywhere in the cycle halves the scale; growth_interval
+    # applied updates in a row without one double it.
+    overflow = updated & bad
+    good = state.loss_scale_good + (applied & ~bad).astype(jnp.int32)
+    grow = good >= config.loss_scale_growth_interval
+    fields['loss_scale'] = jnp.where(
+        overflow, state.loss_scale * 0.5, jnp.where(grow, state.loss_scale * 2.0,
+                                                     state.loss_scale))
+    fields['loss_scale_good'] = jnp.where(overflow | grow, 0, good)
+  return fields, applied
 
 
 def make_train_step(loss_fn, tx, config: AccumConfig):
@@ -70,8 +125,12 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
   Metrics: `loss` and `weight` are the cycle's token-weighted loss and total weight so far
   (the whole update's when `updated`); `call_loss`/`call_weight` are this call's alone;
   `grad_norm` is the norm of the cycle's mean gradient before clipping (NaN on calls passed
-  `last_call=False`, where it is not computed); `skipped` marks an
-  update with zero total weight (params and optimizer state left unchanged).
+  `last_call=False`, where it is not computed); `skipped` marks an update not applied (zero
+  total weight, or a non-finite micro-batch under 'skip_update'/'raise': params and optimizer
+  state left unchanged). `nonfinite` counts the cycle's non-finite micro-batches so far and
+  `first_nonfinite` is the cycle index of the first (-1: none); `skipped_updates`,
+  `consecutive_skips`, `nonfinite_microbatches` are the state's counters after the call, and
+  `loss_scale` the scale this call used (1.0 without float16).
   """
   compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
   clip_each = config.clip_norm if config.clip_before_accumulation else None
@@ -84,18 +143,23 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
           f'a {config.mode} call takes {c} micro-batch(es) of {b} rows ({c * b} rows, or fewer '
           f'whole micro-batches at the end of the data); got {rows} rows.')
     n = rows // b
-    sums, _ = accumulate_sums(
+    sums, _, bad_N = scan_microbatches(
         compute_loss, state.params, batch, num_microbatches=n,
         rng=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update_step),
         index_offset=state.cycle_microbatch, accum_dtype=config.accum_jnp_dtype,
-        clip_microbatch_norm=clip_each)
+        clip_microbatch_norm=clip_each,
+        loss_scale=state.loss_scale if config.loss_scaling else None)
+    first = jnp.where(
+        state.cycle_first_nonfinite >= 0, state.cycle_first_nonfinite,
+        jnp.where(jnp.any(bad_N), state.cycle_microbatch + jnp.argmax(bad_N), -1))
     before = optim.pending_sums(state.opt_state)
     if before is None:
       totals = sums
     elif last_call is False:
       # An interim call: the cycle's scalars suffice; summing the gradient trees again for a
       # norm nobody reads would double the call's optimizer-side cost.
-      totals = GradSums(None, before.loss_sum + sums.loss_sum, before.weight + sums.weight)
+      totals = GradSums(None, before.loss_sum + sums.loss_sum, before.weight + sums.weight,
+                        before.nonfinite + sums.nonfinite)
     else:
       totals = jax.tree.map(jnp.add, before, sums)
     params, opt_state = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call)
@@ -103,40 +167,51 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
       updated = opt_state.mini_step == 0
     else:
       updated = jnp.ones((), bool)
-    new_state = TrainState(
-        params=params, opt_state=opt_state, rng=state.rng,
+    fields, applied = _after_update(state, config, updated, totals, first)
+    new_state = state._replace(
+        params=params, opt_state=opt_state,
         update_step=state.update_step + updated.astype(jnp.int32),
         cycle_microbatch=jnp.where(updated, 0, state.cycle_microbatch + n),
-        microbatch_step=state.microbatch_step + n)
+        microbatch_step=state.microbatch_step + n,
+        nonfinite_microbatches=state.nonfinite_microbatches + sums.nonfinite.astype(jnp.int32),
+        **fields)
     mean_grads, loss = normalize(totals)
-    _, call_loss = normalize(GradSums(None, sums.loss_sum, sums.weight))
+    _, call_loss = normalize(sums._replace(grads=None))
     metrics = {
         'loss': loss, 'weight': totals.weight,
         'call_loss': call_loss, 'call_weight': sums.weight,
         'grad_norm': jnp.full((), jnp.nan) if mean_grads is None else _global_norm(mean_grads),
-        'updated': updated, 'skipped': updated & (totals.weight == 0),
+        'updated': updated, 'skipped': updated & ~applied,
+        'nonfinite': totals.nonfinite, 'first_nonfinite': first,
+        'skipped_updates': new_state.skipped_updates,
+        'consecutive_skips': new_state.consecutive_skips,
+        'nonfinite_microbatches': new_state.nonfinite_microbatches,
+        'loss_scale': state.loss_scale,
     }
     return new_state, metrics
 
   return train_step
 
 
-def make_flush(tx):
+def make_flush(tx, config: AccumConfig):
   """`flush(state) -> state`: applies a partially accumulated cycle as one update.
 
   For a cycle cut short (the data ends after j < K micro-batches) in multisteps/hybrid modes;
-  the update is exactly the big-batch update on those j micro-batches. No-op when nothing is
-  pending and in scan mode (a scan call is always a whole update).
+  the update is exactly the big-batch update on those j micro-batches (and follows
+  `config.nonfinite` like any update). No-op when nothing is pending and in scan mode (a scan
+  call is always a whole update).
   """
 
   def flush(state: TrainState) -> TrainState:
     if not isinstance(state.opt_state, optax.MultiStepsState):
       return state
     pending = state.opt_state.mini_step > 0
+    totals = state.opt_state.acc_grads
     updates, opt_state = optim.flush_multisteps(tx, state.opt_state, state.params)
+    fields, _ = _after_update(state, config, pending, totals, state.cycle_first_nonfinite)
     return state._replace(
         params=optax.apply_updates(state.params, updates), opt_state=opt_state,
         update_step=state.update_step + pending.astype(jnp.int32),
-        cycle_microbatch=jnp.zeros_like(state.cycle_microbatch))
+        cycle_microbatch=jnp.zeros_like(state.cycle_microbatch), **fields)
 
   return flush

@@ -4,6 +4,12 @@ The library side of `python -m experiments.train`: builds data, model, optimizer
 accumjax train step from a flat `TrainConfig` (runconfig.py), resumes (resume.py), runs the
 loop with checkpoints, writes `config.json`, `metrics.jsonl` and `loss.png` to `out_dir`, and
 returns a summary dict. No flag parsing here.
+
+Non-finite values never reach the params (see optim.py); the loop only reads the counters:
+under --nonfinite-policy raise it stops at the first update with a non-finite micro-batch,
+and under any policy after --max-consecutive-skips skipped updates in a row, with a
+`NonFiniteError` naming the update and micro-batch. It does not save at that point: the
+state is unpoisoned but the newest checkpoint is the one to resume from.
 """
 
 import dataclasses
@@ -31,12 +37,20 @@ from accumjax.runconfig import (  # noqa: F401 (re-exported: the run's settings 
   SCHEDULES,
   TrainConfig,
   build_optimizer,
+  fault_rows,
   make_loss_fn,
   model_config,
+  parse_faults,
   plan_for_budget,
   validate,
 )
 from accumjax.step import init_train_state, make_train_step
+
+
+class NonFiniteError(FloatingPointError):
+  """The run stopped for non-finite values ('raise' policy, or too many skips in a row)."""
+
+
 
 
 def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None, *,
@@ -78,7 +92,8 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     rows.set_state(meta['data'])
     run = meta['run']
   else:
-    state = init_train_state(params, tx, cfg.seed)
+    state = init_train_state(params, tx, cfg.seed, accum)
+  faults = parse_faults(cfg.inject_faults, accum.num_microbatches)
   train_step = jax.jit(make_train_step(loss_fn, tx, accum), donate_argnums=0,
                        static_argnames='last_call')
   compute_dtype = accum.compute_jnp_dtype
@@ -129,7 +144,11 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       ('tokens per update', f'{setup["tokens_per_update"]:,} (incl. padding)'),
       ('mode', f'{accum.mode} ({accum.per_call} micro-batch(es) per call, '
                f'{accum.calls_per_update} call(s) per update)'),
-      ('precision', f'{cfg.precision} compute, float32 params/accumulation'),
+      ('precision', f'{cfg.precision} compute, float32 params/accumulation, loss scaling '
+                    f'{setup["loss_scaling"]}'),
+      ('non-finite', f'{accum.nonfinite}, stop after {cfg.max_consecutive_skips or "no"} '
+                     'skipped updates in a row' + (f'; injecting {cfg.inject_faults}'
+                                                    if faults else '')),
       ('optimizer', f'{cfg.optimizer}, lr {cfg.lr:g}, clip {setup["clipping"]}'),
       ('schedule', f'{cfg.schedule}, {cfg.warmup_steps} warmup updates, {cfg.steps} updates'),
       ('checkpoints', f'every {cfg.save_every} updates' + (
@@ -165,6 +184,25 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
              f'next); continue with --resume')
     return {'kind': 'preempted', 'update': update, 'checkpoint': str(path), 'preempted': True}
 
+  def check_nonfinite(record, consecutive):
+    update, j, n = record['update'], record['first_nonfinite'], record['nonfinite']
+    newest = ckpt.steps()[-1] if ckpt is not None and ckpt.steps() else None
+    after = (f'; the newest checkpoint is step {newest} in {ckpt.directory}'
+             if newest is not None else '')
+    if n and accum.nonfinite == 'raise':
+      raise NonFiniteError(
+          f'non-finite loss or gradient in micro-batch {j} (counting from 0, of '
+          f'{accum.num_microbatches}) of update {update}; {n} micro-batch(es) of it non-finite. '
+          f'--nonfinite-policy raise stops here: update {update} was not applied, params and '
+          f'optimizer state are those after update {update - 1}{after}.')
+    if cfg.max_consecutive_skips and consecutive >= cfg.max_consecutive_skips:
+      raise NonFiniteError(
+          f'{consecutive} updates in a row skipped for non-finite values (updates '
+          f'{update - consecutive + 1}-{update}, --max-consecutive-skips '
+          f'{cfg.max_consecutive_skips}); the last one had {n} non-finite micro-batch(es), the '
+          f'first at micro-batch {j}. Params are those after update {update - consecutive}, '
+          f'never poisoned{after}.')
+
   def _loop():
     nonlocal state, update, calls_done, microbatches
     window_tokens, window_start = 0.0, time.perf_counter()
@@ -172,8 +210,11 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     while update < cfg.steps:
       t0 = time.perf_counter()
       while calls_done < accum.calls_per_update:
-        state, m = train_step(state, rows.next_rows(accum.per_call * accum.microbatch_size),
-                              last_call=calls_done + 1 == accum.calls_per_update)
+        batch = rows.next_rows(accum.per_call * accum.microbatch_size)
+        if faults:
+          batch['fault'] = fault_rows(faults, update + 1, calls_done * accum.per_call,
+                                      accum.per_call, accum.microbatch_size)
+        state, m = train_step(state, batch, last_call=calls_done + 1 == accum.calls_per_update)
         calls_done += 1
         microbatches += accum.per_call
         if cfg.log_microbatches:
@@ -190,26 +231,34 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       update += 1
       m = jax.device_get(m)
       run['train_time'] += time.perf_counter() - t0
+      # The loss of the finite micro-batches (the others were left out of every sum).
       loss, weight = float(m['loss']), float(m['weight'])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f'non-finite loss {loss} at update {update}.')
-      run['ema'] = loss if run['ema'] is None else 0.9 * run['ema'] + 0.1 * loss
-      run['tokens_seen'] += weight
+      skipped = bool(m['skipped'])
+      if not skipped:  # a skipped update trained on nothing: not in the ema, not seen
+        run['ema'] = loss if run['ema'] is None else 0.9 * run['ema'] + 0.1 * loss
+        run['tokens_seen'] += weight
       window_tokens += weight
-      record = {'kind': 'train', 'update': update, 'loss': loss, 'ema': run['ema'],
+      ema = math.nan if run['ema'] is None else run['ema']
+      record = {'kind': 'train', 'update': update, 'loss': loss, 'ema': ema,
                 'lr': float(schedule(update - 1)), 'grad_norm': float(m['grad_norm']),
-                'tokens': run['tokens_seen'], 'update_tokens': weight,
-                'skipped': bool(m['skipped']), 'time': time.perf_counter() - start}
+                'tokens': run['tokens_seen'], 'update_tokens': weight, 'skipped': skipped,
+                'nonfinite': int(m['nonfinite']), 'first_nonfinite': int(m['first_nonfinite']),
+                'skipped_updates': int(m['skipped_updates']),
+                'nonfinite_microbatches': int(m['nonfinite_microbatches']),
+                'loss_scale': float(m['loss_scale']), 'time': time.perf_counter() - start}
       records.append(record)
       writer.write(record)
+      check_nonfinite(record, int(m['consecutive_skips']))
       log.advance()
       if update % cfg.log_every == 0 or update == cfg.steps:
         now = time.perf_counter()
         tok_s = window_tokens / (now - window_start)
         window_tokens, window_start = 0.0, now
-        log.info(logs.update_line(update, cfg.steps, loss, run['ema'], record['lr'],
+        log.info(logs.update_line(update, cfg.steps, loss, ema, record['lr'],
                                   accum.num_microbatches, accum.num_microbatches, tok_s,
-                                  record['grad_norm']))
+                                  record['grad_norm'], record['skipped_updates'],
+                                  record['nonfinite_microbatches'],
+                                  record['loss_scale'] if accum.loss_scaling else None))
       if update % cfg.eval_every == 0 or update == cfg.steps:
         eval_loss = evaluate(state.params)
         run['last_eval'] = {'kind': 'eval', 'update': update, 'loss': eval_loss,
@@ -230,6 +279,10 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     stopped = _loop()
     if ckpt:
       ckpt.wait()  # surfaces a failed background save as an error here
+  except NonFiniteError:
+    writer.close()
+    log.close()
+    raise
   finally:
     if ckpt:
       ckpt.close()
@@ -252,6 +305,9 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       'train_tokens_per_s': run['tokens_seen'] / max(run['train_time'], 1e-9),
       'first_train_loss': train_records[0]['loss'] if train_records else float('nan'),
       'params_fingerprint': fp, 'preempted': False,
+      'skipped_updates': int(state.skipped_updates),
+      'nonfinite_microbatches': int(state.nonfinite_microbatches),
+      'loss_scale': float(state.loss_scale),
   }
   writer.write(summary)
   writer.close()
@@ -262,12 +318,14 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       ('updates', update),
       ('train loss (first -> last)', f'{summary["first_train_loss"]:.4f} -> '
                                      f'{summary["final_train_loss"]:.4f} '
-                                     f'(ema {run["ema"]:.4f})'),
+                                     f'(ema {run["ema"] or math.nan:.4f})'),
       ('eval loss / perplexity', f'{summary["final_eval_loss"]:.4f} / '
                                  f'{summary["final_eval_perplexity"]:.2f}'),
       ('tokens seen (real, unpadded)', f'{run["tokens_seen"]:,.0f}'),
       ('wall time' + (' (this process)' if resume is not None else ''), f'{wall:.1f} s'),
       ('train tokens/s', f'{summary["train_tokens_per_s"]:,.0f}'),
+      ('skipped updates / non-finite micro-batches',
+       f'{summary["skipped_updates"]} / {summary["nonfinite_microbatches"]}'),
       ('params fingerprint', fp),
       ('outputs', f'{out / "metrics.jsonl"}, {out / "config.json"}, {out / "loss.png"}'),
   ])

@@ -17,10 +17,18 @@ import sys
 import time
 
 from accumjax.checkpoint import CheckpointError
+from accumjax.config import NONFINITE_POLICIES
 from accumjax.core import ConfigError
 from accumjax.data import DataError
 from accumjax.logs import Logger
-from accumjax.train import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig, train_and_evaluate
+from accumjax.train import (
+  OPTIMIZERS,
+  PRECISIONS,
+  SCHEDULES,
+  NonFiniteError,
+  TrainConfig,
+  train_and_evaluate,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,9 +64,21 @@ def parse_args(argv=None):
                  help='e.g. 2GiB: pick the largest micro-batch whose compiled step fits (XLA '
                       'memory analysis), then K from --tokens-per-update')
   g.add_argument('--precision', default=d.precision, choices=list(PRECISIONS),
-                 help='compute precision; params and accumulation stay float32')
+                 help='compute precision; params and accumulation stay float32. fp16 uses '
+                      'dynamic loss scaling; bf16 needs none (float32 exponent range)')
   g.add_argument('--log-microbatches', action='store_true',
                  help='also log every call (per-micro-batch view: accum 3/4)')
+  g = p.add_argument_group('non-finite values (NaN/Inf in a micro-batch loss or gradient)')
+  g.add_argument('--nonfinite-policy', default=d.nonfinite_policy, choices=list(
+      NONFINITE_POLICIES), help='skip_update: skip the whole update (params and optimizer '
+                      'state unchanged, cycle stays aligned); skip_microbatch: drop the bad '
+                      'micro-batches, renormalise by the remaining weight; raise: stop (exit '
+                      '1) naming the update and micro-batch')
+  g.add_argument('--max-consecutive-skips', type=int, default=d.max_consecutive_skips,
+                 help='stop (exit 1) after N skipped updates in a row (0: never)')
+  g.add_argument('--inject-faults', default=None, metavar='U:J[:V],...',
+                 help='fault drill: multiply the loss of micro-batch J (from 0) of update U '
+                      '(from 1) by V (nan default, inf, or a factor such as 1e6)')
   g = p.add_argument_group('optimization')
   g.add_argument('--optimizer', default=d.optimizer, choices=list(OPTIMIZERS))
   g.add_argument('--lr', type=float, default=d.lr, help='peak learning rate')
@@ -112,7 +132,9 @@ def config_from_args(a) -> TrainConfig:
       grad_accum_steps=a.grad_accum_steps, tokens_per_update=a.tokens_per_update,
       accum_mode=a.accum_mode, microbatches_per_call=a.microbatches_per_call,
       multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget,
-      precision=a.precision, optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
+      precision=a.precision, nonfinite_policy=a.nonfinite_policy,
+      max_consecutive_skips=a.max_consecutive_skips, inject_faults=a.inject_faults,
+      optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
       warmup_steps=a.warmup_steps, schedule=a.schedule,
       clip_norm=a.clip_norm if a.clip_norm else None,
       clip_before_accumulation=a.clip_before_accumulation, steps=a.steps, d_model=a.d_model,
@@ -167,7 +189,7 @@ def main(argv=None):
   except (ConfigError, DataError) as e:
     sys.stderr.write(f'error: {e}\n')
     return 2
-  except CheckpointError as e:
+  except (CheckpointError, NonFiniteError) as e:
     sys.stderr.write(f'error: {e}\n')
     return 1
   return 0

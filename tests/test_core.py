@@ -146,11 +146,11 @@ def test_partial_final_cycle_flushes_as_one_update(mode):
     state, metrics = step(state, call)
     assert not bool(metrics['updated'])
   chex.assert_trees_all_equal(state.params, params)
-  state = jax.jit(accumjax.make_flush(tx))(state)
+  state = jax.jit(accumjax.make_flush(tx, config))(state)
   chex.assert_trees_all_close(state.params, ref, rtol=TOL, atol=1e-6)
   assert int(state.update_step) == 1 and int(state.opt_state.mini_step) == 0
   # Flushing again changes nothing.
-  again = jax.jit(accumjax.make_flush(tx))(state)
+  again = jax.jit(accumjax.make_flush(tx, config))(state)
   chex.assert_trees_all_equal(again.params, state.params)
 
 
