@@ -213,7 +213,7 @@ def make_loss_fn(apply):
     logits = apply(params, batch['inputs'], rng)
     loss_sum, weight = token_cross_entropy(logits, batch['targets'], batch['mask'])
     if 'fault' in batch:  # --inject-faults drills: the micro-batch's rows carry the factor
-      loss_sum = loss_sum * jnp.prod(batch['fault'])
+      loss_sum = loss_sum * jnp.mean(batch['fault'])
     return loss_sum, weight
   return loss_fn
 

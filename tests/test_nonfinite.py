@@ -1,0 +1,204 @@
+"""Non-finite micro-batches never poison the state: every mode x fault x micro-batch position
+under skip_update, skip_microbatch against the big batch of the remaining data, the counters,
+checkpoints after a skip, and float16 dynamic loss scaling."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import accumjax
+from accumjax import checkpoint
+from tests import reference
+from tests.helpers import calls_of, lm_loss
+from tests.test_equivalence import ROWS, TOL, adamw, config_for, sgd
+
+K = 4
+MODES = [('scan', 'lazy'), ('multisteps', 'lazy'), ('multisteps', 'optax'), ('hybrid', 'lazy')]
+
+
+def faulty_loss(params, batch, rng):
+  """lm_loss times the mean of the micro-batch's `fault` rows (1.0, nan, inf or a factor)."""
+  loss_sum, weight = lm_loss(params, batch, rng)
+  return loss_sum * jnp.mean(batch['fault']), weight
+
+
+def with_fault(batch, j=None, value=1.0, k=K):
+  """`batch` with a `fault` row field: `value` on the rows of micro-batch j, 1.0 elsewhere."""
+  fault = np.ones(ROWS, np.float32)
+  if j is not None:
+    b = ROWS // k
+    fault[j * b:(j + 1) * b] = value
+  return dict(batch, fault=jnp.asarray(fault))
+
+
+def without_microbatch(batch, j, k=K):
+  keep = np.ones(ROWS, bool)
+  keep[j * (ROWS // k):(j + 1) * (ROWS // k)] = False
+  return jax.tree.map(lambda x: x[keep], batch)
+
+
+def _stepper(config, opt):
+  tx = accumjax.accumulating_optimizer(opt, config)
+  step = jax.jit(accumjax.make_train_step(faulty_loss, tx, config), static_argnames='last_call')
+
+  def run_update(state, batch):
+    calls = calls_of(batch, config)
+    for i, call in enumerate(calls):
+      state, metrics = step(state, call, last_call=i + 1 == len(calls))
+    assert bool(metrics['updated'])
+    return state, metrics
+
+  return tx, run_update
+
+
+def _optimizer_state(opt_state):
+  """What an update may change: the inner state and accumulator (MultiSteps' own counters
+  advance on every call, skipped updates included, which keeps the cycle aligned)."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    return opt_state.inner_opt_state, opt_state.acc_grads, opt_state.mini_step
+  return opt_state
+
+
+@pytest.mark.parametrize('mode,impl', MODES)
+def test_skip_update_leaves_state_bit_identical_for_every_fault_position(tmp_path, mode, impl):
+  config = config_for(mode, K, multisteps_impl=impl)
+  params = reference.init_params()
+  raw = reference.make_batches(3, ROWS)
+  tx, run_update = _stepper(config, adamw())
+  s1, _ = run_update(accumjax.init_train_state(params, tx, 0), with_fault(raw[0]))
+  # Skipping update 2 is training on updates 1 and 3 alone, with update 3 in its own cycle.
+  ref, _ = reference.run_reference(params, [raw[0], raw[2]], adamw())
+  for value in (np.nan, np.inf):
+    for j in range(K):
+      s2, m2 = run_update(s1, with_fault(raw[1], j, value))
+      chex.assert_trees_all_equal(s2.params, s1.params)
+      chex.assert_trees_all_equal(_optimizer_state(s2.opt_state), _optimizer_state(s1.opt_state))
+      assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(s2.opt_state))
+      assert bool(m2['skipped']) and int(m2['nonfinite']) == 1, (value, j)
+      assert int(m2['first_nonfinite']) == j
+      assert (int(s2.skipped_updates), int(s2.consecutive_skips),
+              int(s2.nonfinite_microbatches), int(s2.cycle_first_nonfinite)) == (1, 1, 1, -1)
+      assert int(s2.update_step) == 2 and int(s2.cycle_microbatch) == 0  # cycle aligned
+      s3, m3 = run_update(s2, with_fault(raw[2]))
+      assert not bool(m3['skipped']) and np.isfinite(float(m3['loss']))
+      chex.assert_trees_all_close(s3.params, ref, rtol=TOL, atol=1e-6)
+      assert (int(s3.skipped_updates), int(s3.consecutive_skips)) == (1, 0)
+  # A checkpoint taken right after the skip resumes bit-identically.
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(s2, {})
+  ckpt.wait()
+  restored = checkpoint.Checkpointer(tmp_path).restore(
+      lambda meta: accumjax.init_train_state(params, tx, 0)).state
+  chex.assert_trees_all_equal(restored, s2)
+  chex.assert_trees_all_equal(run_update(restored, with_fault(raw[2]))[0], s3)
+
+
+@pytest.mark.parametrize('mode', ['multisteps', 'hybrid'])
+def test_mid_cycle_checkpoint_keeps_the_fault(tmp_path, mode):
+  # Saved after the bad micro-batch but before the cycle ends: the restored run still skips
+  # the update and still knows which micro-batch was bad.
+  config = config_for(mode, K)
+  tx = accumjax.accumulating_optimizer(sgd(), config)
+  step = jax.jit(accumjax.make_train_step(faulty_loss, tx, config))
+  calls = calls_of(with_fault(reference.make_batches(1, ROWS)[0], 0, np.nan), config)
+  state = step(accumjax.init_train_state(reference.init_params(), tx, 0), calls[0])[0]
+  assert int(state.cycle_first_nonfinite) == 0 and int(state.nonfinite_microbatches) == 1
+  ckpt = checkpoint.Checkpointer(tmp_path)
+  ckpt.save(state, {})
+  ckpt.wait()
+  state = checkpoint.Checkpointer(tmp_path).restore(
+      lambda meta: accumjax.init_train_state(reference.init_params(), tx, 0)).state
+  for call in calls[1:]:
+    state, metrics = step(state, call)
+  assert bool(metrics['skipped']) and int(metrics['first_nonfinite']) == 0
+  chex.assert_trees_all_equal(state.params, reference.init_params())
+
+
+@pytest.mark.parametrize('mode', ['scan', 'multisteps', 'hybrid'])
+def test_skip_microbatch_equals_big_batch_of_the_remaining_data(mode):
+  config = config_for(mode, K, nonfinite='skip_microbatch')
+  params = reference.init_params()
+  batch = reference.make_batches(1, ROWS)[0]
+  tx, run_update = _stepper(config, sgd())
+  fresh = accumjax.init_train_state(params, tx, 0)
+  for j, value in enumerate([np.nan, np.inf, -np.inf, np.nan]):
+    state, metrics = run_update(fresh, with_fault(batch, j, value))
+    ref, ref_losses = reference.run_reference(params, [without_microbatch(batch, j)], sgd())
+    chex.assert_trees_all_close(state.params, ref, rtol=TOL, atol=1e-6)
+    np.testing.assert_allclose(float(metrics['loss']), ref_losses[0], rtol=TOL)
+    assert not bool(metrics['skipped'])
+    assert (int(state.skipped_updates), int(state.nonfinite_microbatches)) == (0, 1)
+  # The renormalisation matters: the full batch's update is another one.
+  full, _ = reference.run_reference(params, [batch], sgd())
+  assert reference.rel_err(state.params, full) > 100 * TOL
+  # Nothing left: the update is skipped (and counted), never 0/0.
+  all_bad = dict(batch, fault=jnp.full((ROWS,), jnp.nan))
+  state, metrics = run_update(fresh, all_bad)
+  assert bool(metrics['skipped']) and int(state.skipped_updates) == 1
+  chex.assert_trees_all_equal(state.params, params)
+
+
+def test_core_masks_and_counts_without_any_nan_in_the_sums():
+  params = reference.init_params()
+  batch = with_fault(reference.make_batches(1, ROWS)[0], 2, np.inf)
+  sums, _, bad = accumjax.core.scan_microbatches(faulty_loss, params, batch, num_microbatches=K)
+  assert bad.tolist() == [False, False, True, False] and float(sums.nonfinite) == 1.0
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(sums))
+  grads, m = accumjax.accumulate_gradients(faulty_loss, params, batch, num_microbatches=K)
+  ref = jax.grad(reference.full_batch_loss)(params, without_microbatch(batch, 2))
+  chex.assert_trees_all_close(grads, ref, rtol=TOL, atol=1e-7)
+  assert float(m['nonfinite']) == 1.0
+
+
+# --- float16 with dynamic loss scaling ------------------------------------------------------
+
+def test_fp16_unscales_adjusts_the_scale_once_per_update_and_skips_overflow():
+  params = reference.init_params()
+  raw = reference.make_batches(4, ROWS)
+  results = {}
+  for scale in (2.0 ** 4, 2.0 ** 10):
+    config = config_for('hybrid', K, compute_dtype='float16', initial_loss_scale=scale,
+                        loss_scale_growth_interval=2)
+    tx, run_update = _stepper(config, sgd())
+    state = accumjax.init_train_state(params, tx, 0, config)
+    assert float(state.loss_scale) == scale
+    scales = []
+    for batch in raw[:3]:
+      state, metrics = run_update(state, with_fault(batch))
+      scales.append(float(state.loss_scale))
+      assert not bool(metrics['skipped'])
+    assert scales == [scale, 2 * scale, 2 * scale]  # doubled after 2 good updates
+    results[scale] = state
+  # Micro-batch gradients are unscaled before they are summed: the scale does not change the
+  # result beyond float16 rounding, and both follow the float32 reference.
+  ref, _ = reference.run_reference(params, raw[:3], sgd())
+  for state in results.values():
+    assert reference.rel_err(state.params, ref) < 1e-2
+  chex.assert_trees_all_close(results[16.0].params, results[1024.0].params, rtol=2e-2,
+                              atol=2e-3)
+  # 1e6 x the loss is finite in float32, but its scaled gradient overflows float16: that
+  # update alone is skipped and the scale halves; the next one applies again.
+  state = results[1024.0]
+  after, metrics = run_update(state, with_fault(raw[3], 1, 1e6))
+  assert bool(metrics['skipped']) and int(metrics['first_nonfinite']) == 1
+  assert float(after.loss_scale) == float(state.loss_scale) / 2
+  chex.assert_trees_all_equal(after.params, state.params)
+  after, metrics = run_update(after, with_fault(raw[3]))
+  assert not bool(metrics['skipped']) and int(after.skipped_updates) == 1
+  # The same factor in float32 is no fault at all.
+  config32 = config_for('hybrid', K)
+  tx32, run32 = _stepper(config32, sgd())
+  _, m32 = run32(accumjax.init_train_state(params, tx32, 0), with_fault(raw[3], 1, 1e6))
+  assert not bool(m32['skipped']) and int(m32['nonfinite']) == 0
+
+
+def test_bad_fault_settings_raise():
+  with pytest.raises(accumjax.ConfigError, match="nonfinite='ignore'; allowed: skip_update"):
+    accumjax.AccumConfig(num_microbatches=2, microbatch_size=2, nonfinite='ignore')
+  with pytest.raises(accumjax.ConfigError, match='initial_loss_scale=0.5 must be'):
+    accumjax.AccumConfig(num_microbatches=2, microbatch_size=2, initial_loss_scale=0.5)
+  with pytest.raises(accumjax.ConfigError, match='loss_scale_growth_interval=0'):
+    accumjax.AccumConfig(num_microbatches=2, microbatch_size=2, loss_scale_growth_interval=0)
