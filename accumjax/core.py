@@ -10,8 +10,9 @@ Non-finite values are caught here, once per micro-batch: a micro-batch whose los
 holds a NaN or an Inf adds nothing (its gradient, loss sum and weight are replaced by zeros
 with `jnp.where`, so no accumulator ever holds a NaN) and is counted in `GradSums.nonfinite`.
 What to do about it (skip the update, or keep the rest) is decided once per update, in
-`optim.normalized`. Under float16 compute the loss is multiplied by a loss scale before
-differentiation and each micro-batch gradient divided by it, in float32, before it is added.
+`optim.normalized`. Under float16 compute the micro-batch's mean loss is multiplied by a loss
+scale before differentiation and its gradient unscaled in float32 before it is checked and
+added, so the sums never depend on the scale.
 
 Not here: optimizers, training state, data. See `optim.py` and `step.py`.
 """
@@ -139,9 +140,10 @@ def accumulate_sums(
     clip_microbatch_norm: if set, each micro-batch's *mean* gradient is clipped to this global
       norm before it is added back with its weight (so the result is the weight-averaged
       clipped micro-batch gradient).
-    loss_scale: optional float32 scalar (float16 loss scaling): the loss_sum is multiplied by
-      it before differentiation and each micro-batch gradient divided by it, in `accum_dtype`,
-      before it is checked and added. The sums are those of the unscaled loss.
+    loss_scale: optional float32 scalar (float16 loss scaling): the micro-batch's mean loss
+      (loss_sum / weight) times the scale is differentiated, and the gradient multiplied back
+      by weight / scale in `accum_dtype` before it is checked and added. The sums are those of
+      the unscaled loss_sum.
 
   Returns:
     (GradSums, aux) where aux is the per-micro-batch aux stacked on a leading K axis (None if
@@ -153,6 +155,14 @@ def accumulate_sums(
       index_offset=index_offset, accum_dtype=accum_dtype,
       clip_microbatch_norm=clip_microbatch_norm, loss_scale=loss_scale)
   return sums, aux
+
+
+def _loss_scale_unit(weight):
+  """The loss scale multiplies the micro-batch's *mean* loss (loss_sum / weight), as it would a
+  mean loss, so the usual starting scale (2**15) suits any micro-batch size: the gradient of a
+  sum over thousands of tokens would overflow float16 at a scale that many times smaller."""
+  weight = jax.lax.stop_gradient(weight)
+  return jnp.where(weight > 0, weight, 1.0)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -171,9 +181,9 @@ def scan_microbatches(
 
   def grad_fn(p, mb, key):
     loss_sum, weight, aux = _unpack_loss(loss_fn(p, mb, key))
-    loss_sum = loss_sum.astype(jnp.float32)
-    scaled = loss_sum if loss_scale is None else loss_sum * loss_scale
-    return scaled, (loss_sum, jnp.asarray(weight, jnp.float32), aux)
+    loss_sum, weight = loss_sum.astype(jnp.float32), jnp.asarray(weight, jnp.float32)
+    scaled = loss_sum if loss_scale is None else loss_sum * (loss_scale / _loss_scale_unit(weight))
+    return scaled, (loss_sum, weight, aux)
 
   def body(carry: GradSums, xs):
     mb, index = xs
@@ -182,7 +192,8 @@ def scan_microbatches(
         params, mb, key)
     grads = jax.tree.map(lambda g: g.astype(accum_dtype), grads)
     if loss_scale is not None:
-      grads = jax.tree.map(lambda g: g / loss_scale.astype(accum_dtype), grads)
+      unscale = (_loss_scale_unit(weight) / loss_scale).astype(accum_dtype)
+      grads = jax.tree.map(lambda g: g * unscale, grads)
     finite = _all_finite(grads) & jnp.isfinite(loss_sum) & jnp.isfinite(weight)
     if clip_microbatch_norm is not None:
       grads = _clip_weighted(grads, weight, clip_microbatch_norm)

@@ -234,6 +234,8 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       # The loss of the finite micro-batches (the others were left out of every sum).
       loss, weight = float(m['loss']), float(m['weight'])
       skipped = bool(m['skipped'])
+      if not weight:
+        loss = math.nan  # no micro-batch was left to measure (a zero-weight or all-bad update)
       if not skipped:  # a skipped update trained on nothing: not in the ema, not seen
         run['ema'] = loss if run['ema'] is None else 0.9 * run['ema'] + 0.1 * loss
         run['tokens_seen'] += weight

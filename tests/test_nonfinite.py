@@ -2,6 +2,10 @@
 under skip_update, skip_microbatch against the big batch of the remaining data, the counters,
 checkpoints after a skip, and float16 dynamic loss scaling."""
 
+import json
+import pathlib
+import sysconfig
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,8 @@ import pytest
 
 import accumjax
 from accumjax import checkpoint
+from accumjax.train import TrainConfig, train_and_evaluate
+from experiments import train as train_cli
 from tests import reference
 from tests.helpers import calls_of, lm_loss
 from tests.test_equivalence import ROWS, TOL, adamw, config_for, sgd
@@ -202,3 +208,98 @@ def test_bad_fault_settings_raise():
     accumjax.AccumConfig(num_microbatches=2, microbatch_size=2, initial_loss_scale=0.5)
   with pytest.raises(accumjax.ConfigError, match='loss_scale_growth_interval=0'):
     accumjax.AccumConfig(num_microbatches=2, microbatch_size=2, loss_scale_growth_interval=0)
+
+
+# --- the training loop: counters, log line, raise, consecutive skips, resume ----------------
+
+TINY = dict(seq_len=32, batch_size=4, d_model=32, num_layers=1, num_heads=2, max_len=64,
+            eval_batches=1, log_every=1, warmup_steps=2, eval_every=100, lr=1e-2,
+            grad_accum_steps=4, save_every=0)
+FP16_TOL = 1e-3  # measured 7.8e-5 over 10 updates (README, benchmarks/faults.md)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp('corpus')
+  lib = pathlib.Path(sysconfig.get_paths()['stdlib'])
+  for name in ('textwrap.py', 'shlex.py', 'fnmatch.py', 'glob.py'):
+    (root / name).write_bytes((lib / name).read_bytes())
+  return str(root)
+
+
+def _train(out, corpus, **kw):
+  summary = train_and_evaluate(TrainConfig(**{**TINY, 'data': corpus, **kw}), out)
+  lines = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  return summary, [r for r in lines if r['kind'] == 'train']
+
+
+def test_fp16_main_model_matches_fp32_and_an_overflow_skips_only_that_update(
+    tmp_path, corpus, capsys):
+  _, fp32 = _train(tmp_path / 'fp32', corpus, steps=6, accum_mode='hybrid')
+  _, fp16 = _train(tmp_path / 'fp16', corpus, steps=6, accum_mode='hybrid', precision='fp16')
+  losses32, losses16 = (np.array([r['loss'] for r in x]) for x in (fp32, fp16))
+  np.testing.assert_allclose(losses16, losses32, rtol=FP16_TOL)
+  assert not np.array_equal(losses16, losses32)  # it really computed in float16
+  assert [r['loss_scale'] for r in fp16] == [2.0 ** 15] * 6 and fp16[-1]['skipped_updates'] == 0
+  capsys.readouterr()
+  # x1e6 on micro-batch 1 of update 4: finite in float32, an overflow once scaled in float16.
+  summary, hit = _train(tmp_path / 'hit', corpus, steps=6, accum_mode='hybrid', precision='fp16',
+                        inject_faults='4:1:1e6')
+  assert [r['skipped'] for r in hit] == [False, False, False, True, False, False]
+  assert [r['loss_scale'] for r in hit] == [2.0 ** 15] * 4 + [2.0 ** 14] * 2
+  assert (hit[3]['nonfinite'], hit[3]['first_nonfinite']) == (1, 1)
+  np.testing.assert_array_equal([r['loss'] for r in hit[:3]], losses16[:3])
+  assert (summary['skipped_updates'], summary['nonfinite_microbatches']) == (1, 1)
+  assert 'update [4/6] loss' in (text := capsys.readouterr().out)
+  assert 'skipped 1 nonfinite 1 scale 16384' in text
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--nonfinite-policy', 'raise', '--inject-faults', '2:3:inf'],
+     'non-finite loss or gradient in micro-batch 3 (counting from 0, of 4) of update 2'),
+    (['--inject-faults', '2:0,3:2:inf', '--max-consecutive-skips', '2'],
+     '2 updates in a row skipped for non-finite values (updates 2-3, --max-consecutive-skips 2)'),
+])
+def test_the_loop_stops_with_one_clear_line(tmp_path, corpus, capsys, argv, message):
+  out = tmp_path / 'run'
+  rc = train_cli.main([
+      '--data', corpus, '--seq-len', '32', '--batch-size', '4', '--grad-accum-steps', '4',
+      '--d-model', '32', '--layers', '1', '--heads', '2', '--max-len', '64', '--steps', '4',
+      '--eval-batches', '1', '--accum-mode', 'multisteps', '--save-every', '1', *argv,
+      '--out', str(out)])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert message in err and len(err.strip().splitlines()) == 1, err
+  assert 'the newest checkpoint is step' in err
+  records = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert records[-1]['skipped'] and records[-1]['nonfinite'] == 1
+
+
+def test_preempted_after_a_skip_resumes_bit_identically(tmp_path, corpus):
+  kw = dict(steps=4, accum_mode='multisteps', inject_faults='2:1:nan', save_every=1)
+  straight, records = _train(tmp_path / 'straight', corpus, **kw)
+  assert [r['skipped'] for r in records] == [False, True, False, False]
+  cfg = TrainConfig(**{**TINY, 'data': corpus, **kw})
+  polls = iter(range(1, 100))
+  stopped = train_and_evaluate(cfg, tmp_path / 'cut', should_stop=lambda: next(polls) == 10)
+  assert stopped['preempted'] and stopped['update'] == 2  # mid-cycle, after the skip
+  resumed = train_and_evaluate(cfg, tmp_path / 'cut', resume=True)
+  assert resumed['params_fingerprint'] == straight['params_fingerprint']
+  assert (resumed['skipped_updates'], resumed['nonfinite_microbatches']) == (1, 1)
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--nonfinite-policy', 'ignore'], "invalid choice: 'ignore'"),
+    (['--max-consecutive-skips', '-1'], '--max-consecutive-skips -1 must be an integer >= 0'),
+    (['--inject-faults', '2'], "--inject-faults '2': '2' is not UPDATE:MICROBATCH[:VALUE]"),
+    (['--inject-faults', '2:4'], "'2:4' needs UPDATE >= 1 and 0 <= MICROBATCH < 4 (K)"),
+])
+def test_bad_fault_flags_fail_with_one_line_before_writing(tmp_path, capsys, argv, message):
+  out = tmp_path / 'never'
+  try:
+    rc = train_cli.main([*argv, '--out', str(out)])
+  except SystemExit as e:
+    rc = e.code
+  err = capsys.readouterr().err
+  assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+  assert not out.exists()
