@@ -157,9 +157,10 @@ def anchor_rows(apply, params, batches, positions):
         mbs = [{k: v[m * B:(m + 1) * B] for k, v in b.items()} for b in mbs for m in range(K)]
         for i, mb in enumerate(mbs * 2):  # six cycles' worth: 3 batches, twice
           g = grad(p, mb)
+          before = int(state.gradient_step)
           u, state = update(g, state, p)
           p = optax.apply_updates(p, u)
-          if optax.MultiSteps(optax.sgd(0), K).has_updated(state):
+          if int(state.gradient_step) > before:
             fires.append(i + 1)
           if i + 1 == K:
             after1 = p
