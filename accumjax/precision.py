@@ -3,7 +3,8 @@
 Params stay float32; `with_compute_dtype` casts them to the compute dtype inside the loss, so
 the forward and backward passes run in (say) bfloat16 while the gradient with respect to the
 float32 params comes back float32 and is summed in float32 by the core. bfloat16 has float32's
-exponent range, so it needs no loss scaling.
+exponent range, so it needs no loss scaling; float16 (5 exponent bits, max 65504) does: the
+dynamic loss scale lives in the train state (step.py) and is applied by the core (core.py).
 """
 
 import jax
