@@ -146,12 +146,12 @@ def anchor_rows(apply, params, batches, positions):
   }
   rows = []
   for label, make in anchors.items():
+    tx = make()
+    update = jax.jit(tx.update)  # compiled once per anchor: the fault is data
     for name, value in FAULTS.items():
       outcomes = set()
       for j in positions:
-        tx = make()
         state, p = tx.init(params), params
-        update = jax.jit(tx.update)
         fires, after1, after2, nan_acc = [], None, None, False
         mbs = [with_fault(b, j if i == 1 else None, value) for i, b in enumerate(batches)]
         mbs = [{k: v[m * B:(m + 1) * B] for k, v in b.items()} for b in mbs for m in range(K)]

@@ -8,7 +8,9 @@ mode), AdamW 3e-3 with cosine decay, 300 updates. Expect the train loss to fall 
 about 1.6 and the eval loss to about 1.88 (perplexity ~6.6); params fingerprint
 ebf0ec3c03d95cb9 on CPython 3.11.7 / jax 0.10.2 CPU.
 Writes metrics.jsonl, config.json, loss.png and checkpoints/ to --out (default
-runs/train-<time>). The logic lives in accumjax.train, importable from a notebook.
+runs/train-<time>). Exit status: 0 done, 2 bad flags (one line, nothing written), 1 a
+checkpoint error or a stop for non-finite values (--nonfinite-policy raise, or
+--max-consecutive-skips skipped updates in a row), with one line saying which. The logic lives in accumjax.train, importable from a notebook.
 """
 
 import argparse

@@ -308,3 +308,18 @@ def test_bad_fault_flags_fail_with_one_line_before_writing(tmp_path, capsys, arg
   err = capsys.readouterr().err
   assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
   assert not out.exists()
+
+
+@pytest.mark.slow  # ~2 minutes: it compiles the step for every mode x policy
+def test_faults_experiment_quick_table(tmp_path):
+  from experiments import faults
+  out = tmp_path / 'faults.md'
+  assert faults.main(['--quick', '--out', str(out)]) == 0
+  text = out.read_text()
+  rows = [line for line in text.splitlines() if line.startswith('| scan') or
+          line.startswith('| multisteps') or line.startswith('| hybrid')]
+  assert len(rows) == 18
+  assert all('yes (bitwise)' in r and '| 0.0e+00 |' in r for r in rows if 'skip_microbatch' not in r)
+  assert all('| (0, 1) |' in r for r in rows if 'skip_microbatch' in r)
+  assert '| MultiSteps(adamw), no skip fn | nan | NaN | **no** |' in text
+  assert 'micro-batch 1 (counting from 0, of 4) of update 2' in text
