@@ -10,7 +10,8 @@ ebf0ec3c03d95cb9 on CPython 3.11.7 / jax 0.10.2 CPU.
 Writes metrics.jsonl, config.json, loss.png and checkpoints/ to --out (default
 runs/train-<time>). Exit status: 0 done, 2 bad flags (one line, nothing written), 1 a
 checkpoint error or a stop for non-finite values (--nonfinite-policy raise, or
---max-consecutive-skips skipped updates in a row), with one line saying which. The logic lives in accumjax.train, importable from a notebook.
+--max-consecutive-skips skipped updates in a row), with one line saying which.
+The logic lives in accumjax.train, importable from a notebook.
 """
 
 import argparse

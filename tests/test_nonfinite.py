@@ -316,10 +316,10 @@ def test_faults_experiment_quick_table(tmp_path):
   out = tmp_path / 'faults.md'
   assert faults.main(['--quick', '--out', str(out)]) == 0
   text = out.read_text()
-  rows = [line for line in text.splitlines() if line.startswith('| scan') or
-          line.startswith('| multisteps') or line.startswith('| hybrid')]
+  rows = [line for line in text.splitlines() if line.startswith(('| scan', '| multi', '| hyb'))]
   assert len(rows) == 18
-  assert all('yes (bitwise)' in r and '| 0.0e+00 |' in r for r in rows if 'skip_microbatch' not in r)
+  skipping = [r for r in rows if 'skip_microbatch' not in r]
+  assert all('yes (bitwise)' in r and '| 0.0e+00 |' in r for r in skipping)
   assert all('| (0, 1) |' in r for r in rows if 'skip_microbatch' in r)
   assert '| MultiSteps(adamw), no skip fn | nan | NaN | **no** |' in text
   assert 'micro-batch 1 (counting from 0, of 4) of update 2' in text
