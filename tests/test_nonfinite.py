@@ -310,7 +310,7 @@ def test_bad_fault_flags_fail_with_one_line_before_writing(tmp_path, capsys, arg
   assert not out.exists()
 
 
-@pytest.mark.slow  # ~2 minutes: it compiles the step for every mode x policy
+@pytest.mark.slow  # ~45 s: it compiles the step for every mode x policy
 def test_faults_experiment_quick_table(tmp_path):
   from experiments import faults
   out = tmp_path / 'faults.md'
