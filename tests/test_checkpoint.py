@@ -183,15 +183,17 @@ def test_resume_refuses_changes_to_the_math(tmp_path, corpus):
   out = _stop_mid_cycle(tmp_path, corpus)
   for kw, field in [({'d_model': 64}, '--d-model 32 -> 64'), ({'seed': 1}, '--seed 0 -> 1'),
                     ({'lr': 0.1}, '--lr 0.01 -> 0.1'), ({'precision': 'bf16'}, '--precision'),
-                    ({'data': None}, '--data')]:
+                    ({'precision': 'fp16'}, "--precision 'fp32' -> 'fp16'"),
+                    ({'inject_faults': '3:0'}, '--inject-faults None'), ({'data': None}, '--data')]:
     with pytest.raises(accumjax.ConfigError, match=field):
       _run(out, corpus, resume='latest', accum_mode='multisteps', **kw)
 
 
 def test_harmless_changes_are_allowed_and_bit_identical(tmp_path, corpus, straight):
   out = _stop_mid_cycle(tmp_path, corpus)
+  # The fault policy too: it changes nothing while values are finite.
   resumed = _run(out, corpus, resume='latest', accum_mode='multisteps', eval_every=1,
-                 log_every=1, keep=5)
+                 log_every=1, keep=5, nonfinite_policy='raise', max_consecutive_skips=1)
   assert resumed['params_fingerprint'] == straight('multisteps')
 
 

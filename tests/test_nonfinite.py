@@ -102,7 +102,7 @@ def test_skip_update_leaves_state_bit_identical_for_every_fault_position(tmp_pat
   chex.assert_trees_all_equal(run_update(restored, with_fault(raw[2]))[0], s3)
 
 
-@pytest.mark.parametrize('mode', ['multisteps', 'hybrid'])
+@pytest.mark.parametrize('mode', ['hybrid'])  # LazyMultiSteps across calls, scan within one
 def test_mid_cycle_checkpoint_keeps_the_fault(tmp_path, mode):
   # Saved after the bad micro-batch but before the cycle ends: the restored run still skips
   # the update and still knows which micro-batch was bad.
@@ -125,7 +125,8 @@ def test_mid_cycle_checkpoint_keeps_the_fault(tmp_path, mode):
   chex.assert_trees_all_equal(state.params, reference.init_params())
 
 
-@pytest.mark.parametrize('mode', ['scan', 'multisteps', 'hybrid'])
+# scan: the masking inside one scan; multisteps: masked sums carried across calls by MultiSteps.
+@pytest.mark.parametrize('mode', ['scan', 'multisteps'])
 def test_skip_microbatch_equals_big_batch_of_the_remaining_data(mode):
   config = config_for(mode, K, nonfinite='skip_microbatch')
   params = reference.init_params()
