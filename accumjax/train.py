@@ -51,8 +51,6 @@ class NonFiniteError(FloatingPointError):
   """The run stopped for non-finite values ('raise' policy, or too many skips in a row)."""
 
 
-
-
 def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None, *,
                        resume=None, on_config_change: str = 'refuse',
                        should_stop=lambda: False) -> dict:
@@ -291,6 +289,7 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   if stopped is not None:
     return stopped
   log.close()
+  ema = math.nan if run['ema'] is None else run['ema']
   if run['last_eval'] is None or run['last_eval']['update'] != update:
     eval_loss = evaluate(state.params)
     run['last_eval'] = {'kind': 'eval', 'update': update, 'loss': eval_loss,
@@ -320,7 +319,7 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       ('updates', update),
       ('train loss (first -> last)', f'{summary["first_train_loss"]:.4f} -> '
                                      f'{summary["final_train_loss"]:.4f} '
-                                     f'(ema {run["ema"] or math.nan:.4f})'),
+                                     f'(ema {ema:.4f})'),
       ('eval loss / perplexity', f'{summary["final_eval_loss"]:.4f} / '
                                  f'{summary["final_eval_perplexity"]:.2f}'),
       ('tokens seen (real, unpadded)', f'{run["tokens_seen"]:,.0f}'),
