@@ -2,6 +2,7 @@
 under skip_update, skip_microbatch against the big batch of the remaining data, the counters,
 checkpoints after a skip, and float16 dynamic loss scaling."""
 
+import functools
 import json
 import pathlib
 import sysconfig
@@ -46,6 +47,17 @@ def without_microbatch(batch, j, k=K):
   return jax.tree.map(lambda x: x[keep], batch)
 
 
+@functools.cache
+def _reference_without(skipped):
+  """The plain full-batch reference on the 3 test batches but `skipped` (shared by modes):
+  adamw over whole batches without batch `skipped`; sgd over one batch without micro-batch
+  `skipped`."""
+  params, raw = reference.init_params(), reference.make_batches(3, ROWS)
+  if skipped == 'batch 1':
+    return reference.run_reference(params, [raw[0], raw[2]], adamw())
+  return reference.run_reference(params, [without_microbatch(raw[0], skipped)], sgd())
+
+
 def _stepper(config, opt):
   tx = accumjax.accumulating_optimizer(opt, config)
   step = jax.jit(accumjax.make_train_step(faulty_loss, tx, config), static_argnames='last_call')
@@ -76,7 +88,7 @@ def test_skip_update_leaves_state_bit_identical_for_every_fault_position(tmp_pat
   tx, run_update = _stepper(config, adamw())
   s1, _ = run_update(accumjax.init_train_state(params, tx, 0), with_fault(raw[0]))
   # Skipping update 2 is training on updates 1 and 3 alone, with update 3 in its own cycle.
-  ref, _ = reference.run_reference(params, [raw[0], raw[2]], adamw())
+  ref, _ = _reference_without('batch 1')
   for value in (np.nan, np.inf):
     for j in range(K):
       s2, m2 = run_update(s1, with_fault(raw[1], j, value))
@@ -130,12 +142,12 @@ def test_mid_cycle_checkpoint_keeps_the_fault(tmp_path, mode):
 def test_skip_microbatch_equals_big_batch_of_the_remaining_data(mode):
   config = config_for(mode, K, nonfinite='skip_microbatch')
   params = reference.init_params()
-  batch = reference.make_batches(1, ROWS)[0]
+  batch = reference.make_batches(3, ROWS)[0]  # the batch _reference_without uses
   tx, run_update = _stepper(config, sgd())
   fresh = accumjax.init_train_state(params, tx, 0)
   for j, value in enumerate([np.nan, np.inf, -np.inf, np.nan]):
     state, metrics = run_update(fresh, with_fault(batch, j, value))
-    ref, ref_losses = reference.run_reference(params, [without_microbatch(batch, j)], sgd())
+    ref, ref_losses = _reference_without(j)
     chex.assert_trees_all_close(state.params, ref, rtol=TOL, atol=1e-6)
     np.testing.assert_allclose(float(metrics['loss']), ref_losses[0], rtol=TOL)
     assert not bool(metrics['skipped'])
