@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from accumjax.core import ConfigError, check_num_microbatches
 
 MODES = ('scan', 'multisteps', 'hybrid')
+DP_REDUCTIONS = ('psum', 'ordered')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -29,7 +30,10 @@ class AccumConfig:
       the big batch would be clipped; True clips each micro-batch's mean gradient before it is
       added (a different, per-micro-batch estimator, as in per-example clipping).
     seq_len: tokens per example, if the batch is a sequence batch (for tokens per update).
-    num_devices: data-parallel size, for the effective batch.
+    num_devices: data-parallel size (devices of the `data` mesh; see parallel.py).
+    dp_reduction: how the devices' sums meet, once per call: 'psum' (default; one all-reduce)
+      or 'ordered' (all-gather, then a sum in device order: bitwise the same result however
+      the devices are spread over processes, at num_devices x the gradient memory).
     multisteps_impl: 'lazy' (default; `optim.LazyMultiSteps`: optax.MultiSteps' state and
       results, but interim calls only add) or 'optax' (`optax.MultiSteps` as shipped, which
       runs the optimizer on every call). Same state; results equal to float32 rounding.
@@ -45,6 +49,7 @@ class AccumConfig:
   seq_len: int | None = None
   num_devices: int = 1
   multisteps_impl: str = 'lazy'
+  dp_reduction: str = 'psum'
 
   def __post_init__(self):
     check_num_microbatches(self.num_microbatches)
@@ -77,6 +82,9 @@ class AccumConfig:
       raise ConfigError('clip_before_accumulation=True needs a clip_norm.')
     if self.multisteps_impl not in ('lazy', 'optax'):
       raise ConfigError(f'multisteps_impl={self.multisteps_impl!r}; allowed: lazy, optax.')
+    if self.dp_reduction not in DP_REDUCTIONS:
+      raise ConfigError(
+          f'dp_reduction={self.dp_reduction!r}; allowed: {", ".join(DP_REDUCTIONS)}.')
     if self.seq_len is not None and self.seq_len < 1:
       raise ConfigError(f'seq_len={self.seq_len!r} must be >= 1.')
 
@@ -130,4 +138,6 @@ def describe(config: AccumConfig) -> dict:
       'param_dtype': 'float32',
       'clipping': clipping,
       'multisteps_impl': config.multisteps_impl if config.calls_per_update > 1 else None,
+      'dp_reduction': config.dp_reduction if config.num_devices > 1 else None,
+      'reductions_per_update': config.calls_per_update if config.num_devices > 1 else 0,
   }
