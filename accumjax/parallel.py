@@ -21,6 +21,7 @@ import functools
 import re
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -121,8 +122,10 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', **accumulate_kwar
       return jax.lax.psum(sums, DATA)
     # 'ordered': every device gathers all devices' sums and adds them in device order, so
     # the result is bitwise the same however the devices are spread over processes.
-    gathered = jax.lax.all_gather(sums, DATA)
-    return jax.tree.map(lambda x: functools.reduce(jnp.add, list(x)), gathered)
+    # One flat vector, so it is one collective, not one per leaf.
+    flat, unravel = jax.flatten_util.ravel_pytree(sums)
+    gathered = jax.lax.all_gather(flat, DATA)
+    return unravel(functools.reduce(jnp.add, list(gathered)))
 
   def run(params, batch, rng_data, index_offset, num_microbatches) -> GradSums:
     fn = jax.shard_map(
