@@ -10,6 +10,7 @@ MODES = ('scan', 'multisteps', 'hybrid')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 # What an update containing a micro-batch with a NaN or Inf loss or gradient does (see optim.py).
 NONFINITE_POLICIES = ('skip_update', 'skip_microbatch', 'raise')
+DP_REDUCTIONS = ('psum', 'ordered')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,10 @@ class AccumConfig:
       the big batch would be clipped; True clips each micro-batch's mean gradient before it is
       added (a different, per-micro-batch estimator, as in per-example clipping).
     seq_len: tokens per example, if the batch is a sequence batch (for tokens per update).
-    num_devices: data-parallel size, for the effective batch.
+    num_devices: data-parallel size (devices of the `data` mesh; see parallel.py).
+    dp_reduction: how the devices' sums meet, once per call: 'psum' (default; one all-reduce)
+      or 'ordered' (all-gather, then a sum in device order: bitwise the same result however
+      the devices are spread over processes, at num_devices x the gradient memory).
     multisteps_impl: 'lazy' (default; `optim.LazyMultiSteps`: optax.MultiSteps' state and
       results, but interim calls only add) or 'optax' (`optax.MultiSteps` as shipped, which
       runs the optimizer on every call). Same state; results equal to float32 rounding.
@@ -59,6 +63,7 @@ class AccumConfig:
   nonfinite: str = 'skip_update'
   initial_loss_scale: float = 2.0 ** 15
   loss_scale_growth_interval: int = 200
+  dp_reduction: str = 'psum'
 
   def __post_init__(self):
     check_num_microbatches(self.num_microbatches)
@@ -101,6 +106,9 @@ class AccumConfig:
     v = self.loss_scale_growth_interval
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ConfigError(f'loss_scale_growth_interval={v!r} must be an int >= 1.')
+    if self.dp_reduction not in DP_REDUCTIONS:
+      raise ConfigError(
+          f'dp_reduction={self.dp_reduction!r}; allowed: {", ".join(DP_REDUCTIONS)}.')
     if self.seq_len is not None and self.seq_len < 1:
       raise ConfigError(f'seq_len={self.seq_len!r} must be >= 1.')
 
@@ -163,4 +171,6 @@ def describe(config: AccumConfig) -> dict:
       'loss_scaling': (f'dynamic, from {config.initial_loss_scale:g}, x2 after '
                        f'{config.loss_scale_growth_interval} good updates, /2 on overflow'
                        if config.loss_scaling else 'none'),
+      'dp_reduction': config.dp_reduction if config.num_devices > 1 else None,
+      'reductions_per_update': config.calls_per_update if config.num_devices > 1 else 0,
   }

@@ -12,7 +12,7 @@ micro-batches carry different token counts: the case where token-weighted normal
 matters. `pack=True` instead concatenates all paragraphs into one stream cut into full windows
 (no padding; attention may cross paragraph boundaries).
 
-Not here: device placement or sharding (see step.py / the experiments).
+Not here: device placement or sharding (see parallel.py).
 """
 
 import dataclasses
@@ -140,7 +140,9 @@ class RowIterator:
     self.epoch, self.position = int(state['epoch']), int(state['position'])
     self._order = self._permutation(self.epoch)
 
-  def next_rows(self, n: int) -> dict:
+  def next_rows(self, n: int, part: tuple[int, int] | None = None) -> dict:
+    """The next `n` rows of the stream; with `part=(start, stop)`, only those rows of them
+    (one process's share of a global batch: every process advances by all `n`)."""
     index = []
     while len(index) < n:
       take = self._order[self.position:self.position + n - len(index)]
@@ -148,7 +150,7 @@ class RowIterator:
       self.position += len(take)
       if self.position == len(self._order):
         self.set_state({'epoch': self.epoch + 1, 'position': 0})
-    index = np.array(index)
+    index = np.array(index[slice(*part)] if part else index)
     return rows_to_batch(self.split.tokens[index], self.split.lengths[index])
 
 

@@ -24,31 +24,36 @@ def fingerprint(tree) -> str:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to `path`."""
+  """Appends one JSON object per line to `path` (None: writes nothing, e.g. not process 0)."""
 
-  def __init__(self, path: pathlib.Path):
-    self._f = open(path, 'a')  # noqa: SIM115 (closed in close())
+  def __init__(self, path: pathlib.Path | None):
+    self._f = None if path is None else open(path, 'a')  # noqa: SIM115 (closed in close())
 
   def write(self, record: dict):
-    self._f.write(json.dumps(record) + '\n')
-    self._f.flush()
+    if self._f is not None:
+      self._f.write(json.dumps(record) + '\n')
+      self._f.flush()
 
   def close(self):
-    self._f.close()
+    if self._f is not None:
+      self._f.close()
 
 
 class Logger:
-  """Prints to `stream` above an optional tqdm progress bar over optimizer updates."""
+  """Prints to `stream` above an optional tqdm progress bar over optimizer updates.
 
-  def __init__(self, stream=None, progress: bool | None = None):
-    self._stream, self.progress, self._bar = stream, progress, None
+  `quiet=True` prints nothing (the processes other than process 0 of a multi-host run).
+  """
+
+  def __init__(self, stream=None, progress: bool | None = None, quiet: bool = False):
+    self._stream, self.progress, self._bar, self.quiet = stream, progress, None, quiet
 
   @property
   def stream(self):
     return self._stream or sys.stdout  # looked up late, so redirection (and pytest) sees it
 
   def start_progress(self, total: int, initial: int = 0):
-    if self.progress is False:
+    if self.progress is False or self.quiet:
       return
     from tqdm import tqdm
     # progress=None: a bar only on a terminal, so logs and CI output stay clean.
@@ -60,6 +65,8 @@ class Logger:
       self._bar.update(n)
 
   def info(self, msg: str = ''):
+    if self.quiet:
+      return
     if self._bar is not None and not self._bar.disable:
       self._bar.write(msg, file=self.stream)
     else:

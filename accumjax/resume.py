@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from accumjax import parallel
 from accumjax.checkpoint import Checkpointer
 from accumjax.core import ConfigError
 from accumjax.optim import as_opt_params
@@ -54,8 +55,13 @@ def _convert_opt_state(state, old_tx, tx, params):
   return state._replace(opt_state=new)
 
 
-def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_change, log):
-  """Restores the newest good checkpoint and reconciles its config with `cfg`."""
+def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_change, log,
+                 mesh=None):
+  """Restores the newest good checkpoint and reconciles its config with `cfg`.
+
+  The state is restored replicated on `mesh` (any device count: the state is replicated and
+  its accumulated sums are already global), or on the default device without one.
+  """
 
   def target(meta):
     accum_fields, math_fields = compare_configs(meta['config'], cfg)
@@ -65,7 +71,9 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
           f'{_describe_change(meta["config"], cfg, math_fields)}: it changes what the run '
           'computes. Resume with the saved values, or start a new run in another --out.')
     old_cfg = TrainConfig(**meta['config'])
-    return init_train_state(params, build_optimizer(old_cfg, validate(old_cfg))[0], cfg.seed)
+    old_accum = validate(old_cfg, meta.get('num_devices', 1))
+    fresh = init_train_state(params, build_optimizer(old_cfg, old_accum)[0], cfg.seed)
+    return fresh if mesh is None else parallel.abstract_replicated(fresh, mesh)
 
   restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step))
   for s, why in restored.skipped:
@@ -74,14 +82,17 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
   saved = meta['config']
   accum_fields, _ = compare_configs(saved, cfg)
   old_cfg = TrainConfig(**saved)
-  old_accum = validate(old_cfg)
+  old_accum = validate(old_cfg, meta.get('num_devices', 1))
   old_tx = build_optimizer(old_cfg, old_accum)[0]
   where = (f'update {int(state.update_step)}, {int(state.cycle_microbatch)}/'
            f'{old_accum.num_microbatches} micro-batches into the next')
   log.info(f'resume: checkpoint {restored.step} ({where}) from {ckpt.path(restored.step)}')
-  shape = lambda a: (a.num_microbatches, a.microbatch_size, a.mode, a.per_call)
-  if accum_fields and shape(old_accum) != shape(accum):
-    change = _describe_change(saved, cfg, accum_fields)
+  shape = lambda a: (a.num_microbatches, a.microbatch_size, a.mode, a.per_call, a.num_devices)
+  if shape(old_accum) != shape(accum):
+    change = ', '.join(
+        [_describe_change(saved, cfg, accum_fields)] * bool(accum_fields) +
+        [f'devices {old_accum.num_devices} -> {accum.num_devices}'] *
+        (old_accum.num_devices != accum.num_devices))
     if int(state.cycle_microbatch) > 0:
       if on_config_change != 'flush':
         raise ConfigError(

@@ -30,8 +30,9 @@ HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save
             'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget',
             'nonfinite_policy', 'max_consecutive_skips')
 # The shape of an update: safe to change between cycles, never inside one without a policy.
+# (`mesh` and `dp_reduction` too: the device count is compared as resolved, see resume.py.)
 ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
-                'microbatches_per_call')
+                'microbatches_per_call', 'mesh', 'dp_reduction')
 ON_CONFIG_CHANGE = ('refuse', 'flush')
 OPTIMIZERS = ('adamw', 'sgd', 'lion')
 SCHEDULES = ('cosine', 'constant')
@@ -57,6 +58,9 @@ class TrainConfig:
   nonfinite_policy: str = 'skip_update'
   max_consecutive_skips: int = 10
   inject_faults: str | None = None
+  # data parallelism: 'data=N' or None (all devices); how the devices' sums meet
+  mesh: str | None = None
+  dp_reduction: str = 'psum'
   # optimization
   optimizer: str = 'adamw'
   lr: float = 3e-3
@@ -143,7 +147,7 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
       microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
       clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
       seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
-      nonfinite=cfg.nonfinite_policy)
+      nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction)
 
 
 def parse_faults(spec: str | None, num_microbatches: int) -> dict[tuple[int, int], float]:
@@ -218,15 +222,19 @@ def make_loss_fn(apply):
   return loss_fn
 
 
-def plan_for_budget(cfg: TrainConfig) -> tuple[TrainConfig, Plan]:
+def plan_for_budget(cfg: TrainConfig, num_devices: int = 1) -> tuple[TrainConfig, Plan]:
   """Resolves --memory-budget: the largest micro-batch whose compiled train step fits, and the
-  K that reaches --tokens-per-update. Returns the config with batch_size and K set."""
+  K that reaches --tokens-per-update. Returns the config with batch_size and K set.
+
+  With `num_devices` data-parallel devices the budget is per device: each device runs the
+  one-device program on its share of the rows (plus one reduction per call).
+  """
   if cfg.tokens_per_update is None or cfg.grad_accum_steps is not None:
     raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps): '
                       'it chooses the micro-batch size and K itself.')
-  if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % cfg.seq_len:
+  if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % (cfg.seq_len * num_devices):
     raise ConfigError(f'--tokens-per-update {cfg.tokens_per_update} must be a positive multiple '
-                      f'of --seq-len {cfg.seq_len}.')
+                      f'of --seq-len x devices = {cfg.seq_len} x {num_devices}.')
   budget = parse_bytes(cfg.memory_budget)
   validate(dataclasses.replace(cfg, batch_size=1))
   apply, params = make_lm(model_config(cfg), seed=cfg.seed)
@@ -247,7 +255,8 @@ def plan_for_budget(cfg: TrainConfig) -> tuple[TrainConfig, Plan]:
     step = jax.jit(make_train_step(loss_fn, tx, accum), donate_argnums=0)
     return compiled_memory(step, state, batch)['total']
 
-  plan = plan_microbatch(step_memory, budget, cfg.tokens_per_update // cfg.seq_len)
+  rows_per_device = cfg.tokens_per_update // (cfg.seq_len * num_devices)
+  plan = plan_microbatch(step_memory, budget, rows_per_device)
   return resolved(plan.microbatch_size, plan.num_microbatches), plan
 
 

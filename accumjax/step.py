@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from accumjax import optim
+from accumjax import optim, parallel
 from accumjax.config import AccumConfig
 from accumjax.core import ConfigError, GradSums, normalize, scan_microbatches
 from accumjax.precision import with_compute_dtype
@@ -111,14 +111,20 @@ def _after_update(state: TrainState, config: AccumConfig, updated, totals: GradS
   return fields, applied
 
 
-def make_train_step(loss_fn, tx, config: AccumConfig):
+def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
   """The train step for `config.mode`; jit it once (donating the state is safe).
+
+  `mesh` (a `parallel.make_mesh()` of `config.num_devices` devices) makes the step data
+  parallel: the batch is sharded along `data`, each device accumulates its own rows and the
+  devices' sums meet in one `psum` per call (see parallel.py); params and optimizer state are
+  replicated. Without a mesh the step runs on one device and `config.num_devices` must be 1.
 
   `last_call` (static; jit with `static_argnames='last_call'`) tells whether this call
   completes its cycle, when the caller counts calls: LazyMultiSteps then compiles an interim
   program that only adds (see optim.LazyMultiSteps). None decides on device.
 
-  The batch of a call holds `config.per_call * config.microbatch_size` rows. Fewer whole
+  The batch of a call holds `config.per_call * config.microbatch_size * config.num_devices`
+  rows (the global batch; `microbatch_size` is per device). Fewer whole
   micro-batches are accepted too (the end of the data); the weights keep the math exact, and
   in multisteps/hybrid modes `make_flush` then applies a cycle cut short.
 
@@ -134,21 +140,37 @@ def make_train_step(loss_fn, tx, config: AccumConfig):
   """
   compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
   clip_each = config.clip_norm if config.clip_before_accumulation else None
+  kwargs = dict(accum_dtype=config.accum_jnp_dtype, clip_microbatch_norm=clip_each)
+  devices = config.num_devices
+  if mesh is None:
+    if devices != 1:
+      raise ConfigError(f'num_devices={devices} needs a mesh of {devices} devices '
+                        '(make_train_step(..., mesh=parallel.make_mesh())).')
+
+    def call_sums(params, batch, rng_data, index_offset, n, loss_scale):
+      sums, _, bad_N = scan_microbatches(
+          compute_loss, params, batch, num_microbatches=n,
+          rng=jax.random.wrap_key_data(rng_data), index_offset=index_offset,
+          loss_scale=loss_scale, **kwargs)
+      return sums, bad_N
+  else:
+    if mesh.size != devices:
+      raise ConfigError(f'the mesh has {mesh.size} devices but num_devices={devices}.')
+    call_sums = parallel.reduced_sums(compute_loss, mesh, config.dp_reduction, **kwargs)
 
   def train_step(state: TrainState, batch, last_call: bool | None = None):
     rows = jax.tree.leaves(batch)[0].shape[0]
     b, c = config.microbatch_size, config.per_call
-    if rows % b or not 1 <= rows // b <= c:
+    if rows % (b * devices) or not 1 <= rows // (b * devices) <= c:
       raise ConfigError(
-          f'a {config.mode} call takes {c} micro-batch(es) of {b} rows ({c * b} rows, or fewer '
-          f'whole micro-batches at the end of the data); got {rows} rows.')
-    n = rows // b
-    sums, _, bad_N = scan_microbatches(
-        compute_loss, state.params, batch, num_microbatches=n,
-        rng=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update_step),
-        index_offset=state.cycle_microbatch, accum_dtype=config.accum_jnp_dtype,
-        clip_microbatch_norm=clip_each,
-        loss_scale=state.loss_scale if config.loss_scaling else None)
+          f'a {config.mode} call takes {c} micro-batch(es) of {b} rows on each of {devices} '
+          f'device(s) ({c * b * devices} rows, or fewer whole micro-batches at the end of the '
+          f'data); got {rows} rows.')
+    n = rows // (b * devices)
+    rng_data = jax.random.key_data(
+        jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update_step))
+    loss_scale = state.loss_scale if config.loss_scaling else None
+    sums, bad_N = call_sums(state.params, batch, rng_data, state.cycle_microbatch, n, loss_scale)
     first = jnp.where(
         state.cycle_first_nonfinite >= 0, state.cycle_first_nonfinite,
         jnp.where(jnp.any(bad_N), state.cycle_microbatch + jnp.argmax(bad_N), -1))

@@ -19,9 +19,11 @@ import pathlib
 import time
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from accumjax import data as data_lib
-from accumjax import logs
+from accumjax import logs, parallel
 from accumjax.checkpoint import Checkpointer
 from accumjax.config import describe
 from accumjax.core import ConfigError
@@ -66,11 +68,16 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     should_stop: polled after every call; when it returns True (a preemption signal), the run
       saves a checkpoint where it is (mid-cycle included) and returns with 'preempted': True.
   """
-  log = log or logs.Logger(progress=False)
+  main_process = jax.process_index() == 0  # logs, metrics and plots; every process trains
+  log = (log or logs.Logger(progress=False)) if main_process else logs.Logger(quiet=True)
+  mesh = parallel.make_mesh(parallel.parse_mesh(cfg.mesh))
   plan = None
   if cfg.memory_budget is not None:
-    cfg, plan = plan_for_budget(cfg)
-  accum = validate(cfg)
+    cfg, plan = plan_for_budget(cfg, mesh.size)
+  accum = validate(cfg, mesh.size)
+  if jax.process_count() > 1:  # a preemption must stop every process at the same call
+    local_stop = should_stop
+    should_stop = lambda: bool(multihost_utils.process_allgather(np.array(local_stop())).any())
   if on_config_change not in ON_CONFIG_CHANGE:
     raise ConfigError(f'on_config_change={on_config_change!r}; allowed: refuse, flush.')
   out = pathlib.Path(out_dir)
@@ -86,14 +93,30 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   rows = data_lib.RowIterator(train_split, cfg.seed)
   run = {'ema': None, 'tokens_seen': 0.0, 'train_time': 0.0, 'last_eval': None}
   if resume is not None:
-    state, meta = resume_state(ckpt, resume, cfg, accum, tx, params, on_config_change, log)
+    state, meta = resume_state(ckpt, resume, cfg, accum, tx, params, on_config_change, log,
+                               mesh)
     rows.set_state(meta['data'])
     run = meta['run']
   else:
     state = init_train_state(params, tx, cfg.seed, accum)
+  state = parallel.replicate(state, mesh)
   faults = parse_faults(cfg.inject_faults, accum.num_microbatches)
-  train_step = jax.jit(make_train_step(loss_fn, tx, accum), donate_argnums=0,
-                       static_argnames='last_call')
+  # One device: the plain one-device program (no shard_map around a single device).
+  train_step = jax.jit(make_train_step(loss_fn, tx, accum, mesh=mesh if mesh.size > 1 else None),
+                       donate_argnums=0, static_argnames='last_call')
+  call_rows = accum.per_call * accum.microbatch_size * mesh.size
+  my_rows = parallel.process_rows(call_rows)
+
+  def next_batch(update, calls_done):
+    batch = rows.next_rows(call_rows, part=my_rows)
+    if faults:
+      # Injected on the first device's rows (device-major layout): one bad micro-batch.
+      fault = np.ones(call_rows, np.float32)
+      fault[:accum.per_call * accum.microbatch_size] = fault_rows(
+          faults, update, calls_done * accum.per_call, accum.per_call, accum.microbatch_size)
+      batch['fault'] = fault[my_rows[0]:my_rows[1]]
+    return parallel.shard_batch(batch, mesh)
+
   compute_dtype = accum.compute_jnp_dtype
 
   @jax.jit
@@ -101,7 +124,9 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     logits = apply(cast_floats(params, compute_dtype), batch['inputs'])
     return token_cross_entropy(logits, batch['targets'], batch['mask'])
 
-  eval_set = data_lib.eval_batches(eval_split, cfg.batch_size, cfg.eval_batches)
+  # Eval is small: its batches are replicated and every device evaluates them whole.
+  eval_set = parallel.replicate(
+      data_lib.eval_batches(eval_split, cfg.batch_size, cfg.eval_batches), mesh)
 
   def evaluate(params):
     sums = [jax.device_get(eval_sums(params, b)) for b in eval_set]
@@ -114,22 +139,29 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   setup = describe(accum)
   info = {
       'memory_plan': dataclasses.asdict(plan) if plan else None,
-      'devices': [str(d) for d in jax.devices()], 'num_params': num_params(params),
+      'devices': [str(d) for d in mesh.devices.flat], 'processes': jax.process_count(),
+      'num_params': num_params(params),
       'data': cfg.data or f'python stdlib sources ({data_lib.default_corpus_files()[0].parent})',
       'train_files': train_split.num_files, 'train_bytes': train_split.num_bytes,
       'train_rows': int(len(train_split.lengths)), 'eval_files': eval_split.num_files,
       'eval_rows_used': len(eval_set) * cfg.batch_size, 'resumed_at_update': update,
   }
-  (out / 'config.json').write_text(json.dumps(
-      {'train': dataclasses.asdict(cfg), 'accumulation': setup, 'run': info}, indent=2))
   metrics_path = out / 'metrics.jsonl'
-  records = trim_metrics(metrics_path, update) if resume is not None else []
-  if resume is None:
-    metrics_path.unlink(missing_ok=True)
-  writer = logs.MetricsWriter(metrics_path)
+  records = []
+  if main_process:
+    (out / 'config.json').write_text(json.dumps(
+        {'train': dataclasses.asdict(cfg), 'accumulation': setup, 'run': info}, indent=2))
+    records = trim_metrics(metrics_path, update) if resume is not None else []
+    if resume is None:
+      metrics_path.unlink(missing_ok=True)
+  writer = logs.MetricsWriter(metrics_path if main_process else None)
 
   log.table('accumjax train', [
       ('device(s)', ', '.join(info['devices'])),
+      *([('data parallel', f'mesh data={mesh.size} ({jax.process_count()} process(es) x '
+                           f'{mesh.size // jax.process_count()} device(s)); {accum.dp_reduction} '
+                           f'of the sums once per call, {accum.calls_per_update} per update')]
+        if mesh.size > 1 else []),
       ('model', f'{info["num_params"]:,} params, d_model {cfg.d_model}, {cfg.num_layers} layers, '
                 f'{cfg.num_heads} heads, {cfg.positions} positions, dropout {cfg.dropout}'),
       ('data', f'{info["data"]}: {train_split.num_files} train files '
@@ -168,7 +200,7 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
       ckpt = Checkpointer(out / 'checkpoints', keep=cfg.keep)
     if last_saved[0] != microbatches:  # e.g. a preemption right after a periodic save
       meta = {'config': dataclasses.asdict(cfg), 'data': rows.state(), 'run': run,
-              'update': update}
+              'update': update, 'num_devices': mesh.size}
       last_saved[0] = ckpt.save(state, meta)
     return ckpt.path(last_saved[0])
 
@@ -208,11 +240,8 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
     while update < cfg.steps:
       t0 = time.perf_counter()
       while calls_done < accum.calls_per_update:
-        batch = rows.next_rows(accum.per_call * accum.microbatch_size)
-        if faults:
-          batch['fault'] = fault_rows(faults, update + 1, calls_done * accum.per_call,
-                                      accum.per_call, accum.microbatch_size)
-        state, m = train_step(state, batch, last_call=calls_done + 1 == accum.calls_per_update)
+        state, m = train_step(state, next_batch(update + 1, calls_done),
+                              last_call=calls_done + 1 == accum.calls_per_update)
         calls_done += 1
         microbatches += accum.per_call
         if cfg.log_microbatches:
@@ -312,9 +341,10 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   }
   writer.write(summary)
   writer.close()
-  logs.plot_losses(records, out / 'loss.png',
-                   title=f'{accum.mode}, K={accum.num_microbatches}, '
-                         f'{setup["tokens_per_update"]:,} tokens/update, {cfg.precision}')
+  if main_process:
+    logs.plot_losses(records, out / 'loss.png',
+                     title=f'{accum.mode}, K={accum.num_microbatches}, '
+                           f'{setup["tokens_per_update"]:,} tokens/update, {cfg.precision}')
   log.table('summary', [
       ('updates', update),
       ('train loss (first -> last)', f'{summary["first_train_loss"]:.4f} -> '

@@ -15,6 +15,7 @@ The logic lives in accumjax.train, importable from a notebook.
 """
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -32,6 +33,11 @@ from accumjax.train import (
   TrainConfig,
   train_and_evaluate,
 )
+
+
+def _env_int(name):
+  value = os.environ.get(name)
+  return int(value) if value and value.isdigit() else None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,6 +75,25 @@ def parse_args(argv=None):
   g.add_argument('--precision', default=d.precision, choices=list(PRECISIONS),
                  help='compute precision; params and accumulation stay float32. fp16 uses '
                       'dynamic loss scaling; bf16 needs none (float32 exponent range)')
+  g = p.add_argument_group(
+      'data parallel / multi-host (JAX\'s own runtime: a Mesh, jax.distributed)')
+  g.add_argument('--mesh', default=None, metavar='data=N',
+                 help='data-parallel mesh; default: all devices of all processes. The batch '
+                      'size is per device: effective batch = batch x K x N')
+  g.add_argument('--dp-reduction', default=d.dp_reduction, choices=['psum', 'ordered'],
+                 help='how devices\' gradient sums meet, once per call: psum (one all-reduce) '
+                      'or ordered (all-gather + sum in device order: bitwise the same on any '
+                      'process layout, N x gradient memory)')
+  g.add_argument('--coordinator-address', default=os.environ.get('JAX_COORDINATOR_ADDRESS'),
+                 metavar='HOST:PORT', help='multi-process: process 0\'s address '
+                 '(env JAX_COORDINATOR_ADDRESS)')
+  g.add_argument('--num-processes', type=int, default=_env_int('JAX_NUM_PROCESSES'),
+                 help='multi-process: how many (env JAX_NUM_PROCESSES)')
+  g.add_argument('--process-id', type=int, default=_env_int('JAX_PROCESS_ID'),
+                 help='multi-process: this one, 0..N-1 (env JAX_PROCESS_ID)')
+  g.add_argument('--distributed', action='store_true',
+                 help='jax.distributed.initialize() with cluster auto-detection (SLURM, ...)')
+  g = p.add_argument_group('logging')
   g.add_argument('--log-microbatches', action='store_true',
                  help='also log every call (per-micro-batch view: accum 3/4)')
   g = p.add_argument_group('non-finite values (NaN/Inf in a micro-batch loss or gradient)')
@@ -134,7 +159,8 @@ def config_from_args(a) -> TrainConfig:
       data=a.data, seq_len=a.seq_len, pack=a.pack, batch_size=a.batch_size,
       grad_accum_steps=a.grad_accum_steps, tokens_per_update=a.tokens_per_update,
       accum_mode=a.accum_mode, microbatches_per_call=a.microbatches_per_call,
-      multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget,
+      multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget, mesh=a.mesh,
+      dp_reduction=a.dp_reduction,
       precision=a.precision, nonfinite_policy=a.nonfinite_policy,
       max_consecutive_skips=a.max_consecutive_skips, inject_faults=a.inject_faults,
       optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
@@ -171,6 +197,23 @@ class _Preemption:
     return False
 
 
+def init_distributed(a):
+  """Joins the processes of a multi-host run (before anything touches a device)."""
+  explicit = (a.coordinator_address, a.num_processes, a.process_id)
+  if not a.distributed and all(v is None for v in explicit):
+    return
+  if not a.distributed and None in explicit:
+    raise ConfigError('multi-process needs --coordinator-address, --num-processes and '
+                      f'--process-id together (got {explicit}), or --distributed for cluster '
+                      'auto-detection.')
+  if a.num_processes is not None and not 0 <= a.process_id < a.num_processes:
+    raise ConfigError(f'--process-id {a.process_id} must be in 0..{a.num_processes - 1}.')
+  import jax
+  # CPU devices talk over gloo; GPUs use NCCL whatever this says.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(a.coordinator_address, a.num_processes, a.process_id)
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.resume is not None and args.out is None:
@@ -184,6 +227,7 @@ def main(argv=None):
       return 2
     resume = int(resume)
   try:
+    init_distributed(args)
     cfg = config_from_args(args)
     with _Preemption() as preemption:
       train_and_evaluate(cfg, out, Logger(progress=args.progress), resume=resume,

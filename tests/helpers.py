@@ -13,8 +13,8 @@ def lm_loss(params, batch, rng):
 
 
 def calls_of(batch, config):
-  """Splits one update's batch into the per-call batches of config.mode."""
-  rows = config.per_call * config.microbatch_size
+  """Splits one update's (global) batch into the per-call batches of config.mode."""
+  rows = config.per_call * config.microbatch_size * config.num_devices
   n = jax.tree.leaves(batch)[0].shape[0]
   return [jax.tree.map(lambda x, s=s: x[s:s + rows], batch) for s in range(0, n, rows)]
 

@@ -87,6 +87,11 @@ def test_cli_runs_and_tokens_per_update_sets_k(tmp_path, capsys):
     (['--accum-mode', 'hybrid', '--grad-accum-steps', '4', '--microbatches-per-call', '3'],
      'c=3, allowed: [1, 2, 4]'),
     (['--precision', 'fp8'], "invalid choice: 'fp8'"),
+    (['--mesh', 'data=3'], '--mesh data=3 needs 3 devices; this run has 1'),
+    (['--mesh', 'model=2'], "--mesh 'model=2'; allowed: auto, or data=N with N >= 1"),
+    (['--num-processes', '2'], 'multi-process needs --coordinator-address, --num-processes and '
+                               '--process-id together'),
+    (['--dp-reduction', 'ring'], "invalid choice: 'ring'"),
 ])
 def test_bad_flags_fail_with_one_line_before_writing(tmp_path, capsys, argv, message):
   out = tmp_path / 'never'
