@@ -132,7 +132,7 @@ def _restore(out, corpus, **cfg_kwargs):
 
 
 @pytest.mark.parametrize('mode,stop_after', [
-    ('multisteps', 6),   # mid-cycle: update 1 done, 2 of 4 micro-batches into update 2
+    pytest.param('multisteps', 6, marks=pytest.mark.slow),  # mid-cycle: 2 of 4 into update 2
     ('hybrid', 3),       # mid-cycle: c = 2, one call into update 2
     ('scan', 2),         # boundary
 ])
@@ -189,6 +189,7 @@ def test_resume_refuses_changes_to_the_math(tmp_path, corpus):
       _run(out, corpus, resume='latest', accum_mode='multisteps', **kw)
 
 
+@pytest.mark.slow
 def test_harmless_changes_are_allowed_and_bit_identical(tmp_path, corpus, straight):
   out = _stop_mid_cycle(tmp_path, corpus)
   # The fault policy too: it changes nothing while values are finite.

@@ -53,6 +53,7 @@ def test_sigterm_checkpoints_mid_cycle_and_resumes_identically(tmp_path, corpus,
   assert kill_resume.final_fingerprint(out) == reference
 
 
+@pytest.mark.slow
 def test_failed_save_surfaces_and_is_never_restored(tmp_path, corpus, reference):
   out = tmp_path / 'run'
   argv = kill_resume.train_argv(out, corpus, 'multisteps', 'fp32')
