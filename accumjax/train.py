@@ -268,8 +268,10 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
         run['tokens_seen'] += weight
       window_tokens += weight
       ema = math.nan if run['ema'] is None else run['ema']
+      # The schedule counts applied updates only (a skipped update leaves the count as is).
+      applied = update - 1 - int(m['skipped_updates']) + int(skipped and int(m['nonfinite']) > 0)
       record = {'kind': 'train', 'update': update, 'loss': loss, 'ema': ema,
-                'lr': float(schedule(update - 1)), 'grad_norm': float(m['grad_norm']),
+                'lr': float(schedule(applied)), 'grad_norm': float(m['grad_norm']),
                 'tokens': run['tokens_seen'], 'update_tokens': weight, 'skipped': skipped,
                 'nonfinite': int(m['nonfinite']), 'first_nonfinite': int(m['first_nonfinite']),
                 'skipped_updates': int(m['skipped_updates']),

@@ -264,6 +264,8 @@ def test_fp16_main_model_matches_fp32_and_an_overflow_skips_only_that_update(
   for run in (fp32, fp16):
     assert [r['skipped'] for r in run] == [False, False, False, True, False, False]
     assert (run[3]['nonfinite'], run[3]['first_nonfinite']) == (1, 1)
+    # The schedule counts applied updates: update 5 uses the lr update 4 would have used.
+    assert run[2]['lr'] != run[3]['lr'] == run[4]['lr'] != run[5]['lr'], run
   assert [r['loss_scale'] for r in fp16] == [2.0 ** 15] * 4 + [2.0 ** 14] * 2
   assert [r['loss_scale'] for r in fp32] == [1.0] * 6
   assert (summary['skipped_updates'], summary['nonfinite_microbatches']) == (1, 1)
