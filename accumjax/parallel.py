@@ -7,7 +7,8 @@ supplies the rows of its own devices), params and optimizer state are replicated
 
 `reduced_sums` is how the train step uses the mesh: inside `shard_map`, every device runs the
 accumulation core (`core.scan_microbatches`, one `lax.scan`) over its own rows only, then a single
-`psum` adds the devices' `GradSums` (gradient sums, loss sums and weights together). The
+`psum` adds the devices' `GradSums` (gradient sums, loss sums, weights and non-finite counts
+together, with the per-micro-batch non-finite flags). The
 division by the global weight happens once, afterwards, in the optimizer wrapper, so the update
 is the big-batch update whatever the devices' token counts. A plain `jit` over a sharded batch
 instead lets XLA reduce the gradient inside the scan, once per micro-batch
