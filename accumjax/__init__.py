@@ -1,5 +1,10 @@
-"""accumjax: gradient accumulation that is provably the same math as one big batch."""
+"""accumjax: gradient accumulation that is provably the same math as one big batch.
 
+The accumulation library: importable from a notebook, no flags, no printing. The LM trainer
+built on it lives in `accumjax.lm`.
+"""
+
+from accumjax import loop
 from accumjax.config import AccumConfig, describe
 from accumjax.core import (
     ConfigError,
@@ -9,14 +14,22 @@ from accumjax.core import (
     normalize,
     split_microbatches,
 )
+from accumjax.loop import run_update
 from accumjax.losses import per_example_loss, token_cross_entropy
-from accumjax.optim import accumulating_optimizer, as_opt_params, normalized
+from accumjax.optim import LazyMultiSteps, accumulating_optimizer, as_opt_params, normalized
 from accumjax.precision import cast_floats, with_compute_dtype
-from accumjax.step import TrainState, init_train_state, make_flush, make_train_step
+from accumjax.step import (
+    TrainState,
+    init_train_state,
+    jit_train_step,
+    make_flush,
+    make_train_step,
+)
 
 __all__ = [
-    'AccumConfig', 'ConfigError', 'GradSums', 'TrainState', 'accumulate_gradients',
-    'accumulate_sums', 'accumulating_optimizer', 'as_opt_params', 'cast_floats', 'describe',
-    'init_train_state', 'make_flush', 'make_train_step', 'normalize', 'normalized',
-    'per_example_loss', 'split_microbatches', 'token_cross_entropy', 'with_compute_dtype',
+    'AccumConfig', 'ConfigError', 'GradSums', 'LazyMultiSteps', 'TrainState',
+    'accumulate_gradients', 'accumulate_sums', 'accumulating_optimizer', 'as_opt_params',
+    'cast_floats', 'describe', 'init_train_state', 'jit_train_step', 'loop', 'make_flush',
+    'make_train_step', 'normalize', 'normalized', 'per_example_loss', 'run_update',
+    'split_microbatches', 'token_cross_entropy', 'with_compute_dtype',
 ]

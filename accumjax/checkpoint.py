@@ -19,13 +19,13 @@ fingerprint and refuses a checkpoint whose bytes changed.
 """
 
 import dataclasses
+import hashlib
 import pathlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
-
-from accumjax.logs import fingerprint
 
 
 class CheckpointError(RuntimeError):
@@ -46,6 +46,18 @@ def _first_line(e: Exception) -> str:
   if len(line) > 300:
     line = f'{line[:100]} ... {line[-180:]}'
   return f'{type(e).__name__}: {line}'
+
+
+def fingerprint(tree) -> str:
+  """Bitwise identity of a pytree: sha256 (first 16 hex digits) of every leaf's path, dtype,
+  shape and bytes, in tree order. Equal on one machine for equal computations; XLA's CPU code
+  depends on the processor, so across machines compare values, not fingerprints."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    a = np.asarray(leaf)
+    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|'.encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
 
 
 def abstract_like(state):

@@ -11,6 +11,8 @@ COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 # What an update containing a micro-batch with a NaN or Inf loss or gradient does (see optim.py).
 NONFINITE_POLICIES = ('skip_update', 'skip_microbatch', 'raise')
 DP_REDUCTIONS = ('psum', 'ordered')
+MULTISTEPS_IMPLS = ('lazy', 'optax')
+ACCUM_DTYPES = ('float32', 'float64')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +90,16 @@ class AccumConfig:
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise ConfigError(
           f'compute_dtype={self.compute_dtype!r}; allowed: {", ".join(COMPUTE_DTYPES)}.')
-    if self.accum_dtype not in ('float32', 'float64'):
-      raise ConfigError(f'accum_dtype={self.accum_dtype!r}; allowed: float32, float64.')
+    if self.accum_dtype not in ACCUM_DTYPES:
+      raise ConfigError(
+          f'accum_dtype={self.accum_dtype!r}; allowed: {", ".join(ACCUM_DTYPES)}.')
     if self.clip_norm is not None and not self.clip_norm > 0:
       raise ConfigError(f'clip_norm={self.clip_norm!r} must be > 0 (or None for no clipping).')
     if self.clip_before_accumulation and self.clip_norm is None:
       raise ConfigError('clip_before_accumulation=True needs a clip_norm.')
-    if self.multisteps_impl not in ('lazy', 'optax'):
-      raise ConfigError(f'multisteps_impl={self.multisteps_impl!r}; allowed: lazy, optax.')
+    if self.multisteps_impl not in MULTISTEPS_IMPLS:
+      raise ConfigError(f'multisteps_impl={self.multisteps_impl!r}; '
+                        f'allowed: {", ".join(MULTISTEPS_IMPLS)}.')
     if self.nonfinite not in NONFINITE_POLICIES:
       raise ConfigError(
           f'nonfinite={self.nonfinite!r}; allowed: {", ".join(NONFINITE_POLICIES)}.')

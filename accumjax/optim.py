@@ -6,10 +6,15 @@ input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`:
 - `normalized(inner, policy)` divides the gradient sum by the weight sum, then runs `inner`.
   An update whose total weight is zero is skipped: zero updates, and the inner state (schedule
   count, moments) is left exactly as it was, so params can never become NaN from 0/0. This is
-  also where the non-finite policy is decided, once per update: the core has already left the
-  bad micro-batches out of the sums and counted them (`sums.nonfinite`); under 'skip_update'
-  and 'raise' any count > 0 skips the update the same way, under 'skip_microbatch' the rest
-  is applied (the division by the remaining weight renormalises it).
+  also where the non-finite policy is decided, once per update (`applies`): the core has
+  already left the bad micro-batches out of the sums and counted them (`sums.nonfinite`);
+  under 'skip_update' and 'raise' any count > 0 skips the update the same way, under
+  'skip_microbatch' the rest is applied (the division by the remaining weight renormalises
+  it). The decision travels out in the `weight` field of the updates (1.0: applied), so
+  nothing downstream decides it again.
+- `apply_sums` is the one entry point of the train step: one call's sums in, and out the new
+  params and state plus an `Applied` record: whether this call completed an update, whether
+  that update was applied, and the cycle's totals. Nothing else re-derives these.
 - For `multisteps` and `hybrid` the result is wrapped in `optax.MultiSteps(...,
   use_grad_mean=False)`. MultiSteps then *sums* the GradSums of its calls (gradient sums,
   loss sums and weights alike), so the normalisation sees the cycle's totals: the update is
@@ -18,6 +23,8 @@ input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`:
   non-finite counts too, and since the core never lets a NaN into the sums, MultiSteps' reset
   of its accumulator (`(1 - emit) * acc`, where 0 * NaN would stay NaN) always clears it.
 """
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +49,29 @@ def applies(sums: GradSums, policy: str = 'skip_update') -> jax.Array:
   return keep
 
 
-def _updates(grads, like: GradSums) -> GradSums:
+def _updates(grads, like: GradSums, applied=None) -> GradSums:
+  """Updates in the GradSums structure; `weight` says whether they were applied (1.0 or 0.0)."""
   zero = jnp.zeros_like
-  return GradSums(grads, zero(like.loss_sum), zero(like.weight), zero(like.nonfinite))
+  flag = zero(like.weight) if applied is None else applied.astype(like.weight.dtype)
+  return GradSums(grads, zero(like.loss_sum), flag, zero(like.nonfinite))
+
+
+class Applied(NamedTuple):
+  """What one call did to the optimizer, decided once (by `normalized` and the cycle count).
+
+  Attributes:
+    params: the new params.
+    opt_state: the new optimizer state.
+    updated: bool scalar, this call completed an update (always true in scan mode).
+    applied: bool scalar, that update was applied (false: skipped, params and inner state
+      unchanged; always false on calls that complete no update).
+    totals: the cycle's sums including this call (the whole update's when `updated`).
+  """
+  params: Any
+  opt_state: Any
+  updated: jax.Array
+  applied: jax.Array
+  totals: GradSums
 
 
 def normalized(inner: optax.GradientTransformation,
@@ -64,7 +91,7 @@ def normalized(inner: optax.GradientTransformation,
     keep = applies(sums, policy)
     updates = jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), updates)
     new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
-    return _updates(updates, sums), new_state
+    return _updates(updates, sums, keep), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -107,8 +134,8 @@ class LazyMultiSteps(optax.MultiSteps):
     self.k = every_k_schedule
 
   def apply(self, sums: GradSums, state: optax.MultiStepsState, params,
-            last_call: bool | None = None):
-    """(new params, new state) for one call's sums.
+            last_call: bool | None = None) -> Applied:
+    """One call's sums into the optimizer: the new params and state, and what happened.
 
     `last_call` (static) says whether this call completes the cycle, when the caller knows
     (a training loop counts its calls): then there is no branch at all, and an interim call's
@@ -126,53 +153,54 @@ class LazyMultiSteps(optax.MultiSteps):
       acc, inner_state, params = operand
       updates, inner_state = self.inner_opt.update(acc, inner_state, as_opt_params(params))
       return (optax.apply_updates(params, updates.grads), inner_state,
-              jax.tree.map(jnp.zeros_like, acc))
+              jax.tree.map(jnp.zeros_like, acc), updates.weight > 0)
 
     def hold(operand):
       acc, inner_state, params = operand
-      return params, inner_state, acc
+      return params, inner_state, acc, jnp.zeros((), bool)
 
     operand = (acc, state.inner_opt_state, params)
     if last_call is None:
-      params, inner_state, acc = jax.lax.cond(emit, fire, hold, operand)
+      params, inner_state, new_acc, applied = jax.lax.cond(emit, fire, hold, operand)
     else:
-      params, inner_state, acc = (fire if last_call else hold)(operand)
-    return params, optax.MultiStepsState(
+      params, inner_state, new_acc, applied = (fire if last_call else hold)(operand)
+    new_state = optax.MultiStepsState(
         mini_step=(state.mini_step + 1) % self.k,
         gradient_step=state.gradient_step + emit.astype(state.gradient_step.dtype),
-        inner_opt_state=inner_state, acc_grads=acc, skip_state=state.skip_state)
+        inner_opt_state=inner_state, acc_grads=new_acc, skip_state=state.skip_state)
+    return Applied(params, new_state, emit, applied, acc)
 
   def update(self, updates, state, params=None, **extra_args):
     """The optax interface, for callers that apply updates themselves."""
     del extra_args
-    new_params, new_state = self.apply(updates, state, params.grads)
-    deltas = jax.tree.map(jnp.subtract, new_params, params.grads)
-    return _updates(deltas, updates), new_state
+    out = self.apply(updates, state, params.grads)
+    deltas = jax.tree.map(jnp.subtract, out.params, params.grads)
+    return _updates(deltas, updates, out.applied), out.opt_state
 
 
-def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None):
-  """One call's sums into the optimizer: (new params, new optimizer state).
+def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None) -> Applied:
+  """One call's sums into the accumulating optimizer `tx`: see `Applied`.
 
   `last_call` is a static hint used by LazyMultiSteps (see there); others ignore it.
   """
   if isinstance(tx, LazyMultiSteps):
     return tx.apply(sums, opt_state, params, last_call)
-  updates, opt_state = tx.update(sums, opt_state, as_opt_params(params))
-  return optax.apply_updates(params, updates.grads), opt_state
-
-
-def pending_sums(opt_state) -> GradSums | None:
-  """The sums accumulated so far in the current cycle (None for scan-mode optimizers)."""
   if isinstance(opt_state, optax.MultiStepsState):
-    return opt_state.acc_grads
-  return None
+    totals = jax.tree.map(lambda a, g: (a + g).astype(a.dtype), opt_state.acc_grads, sums)
+  else:
+    totals = sums
+  updates, opt_state = tx.update(sums, opt_state, as_opt_params(params))
+  if isinstance(opt_state, optax.MultiStepsState):
+    updated = opt_state.mini_step == 0
+  else:
+    updated = jnp.ones((), bool)
+  return Applied(optax.apply_updates(params, updates.grads), opt_state, updated,
+                 updated & (updates.weight > 0), totals)
 
 
-def flush_multisteps(tx, opt_state, params):
-  """Applies a partial cycle's sums as one update (no-op if nothing is pending).
-
-  Returns (updates for params, new MultiSteps state at the start of a fresh cycle).
-  """
+def flush_multisteps(tx, opt_state, params) -> Applied:
+  """Applies a partial cycle's sums as one update (no-op if nothing is pending); the new
+  MultiSteps state starts a fresh cycle."""
   pending = opt_state.mini_step > 0
   updates, inner_state = tx.inner_opt.update(
       opt_state.acc_grads, opt_state.inner_opt_state, params=as_opt_params(params))
@@ -183,5 +211,21 @@ def flush_multisteps(tx, opt_state, params):
       inner_opt_state=where(inner_state, opt_state.inner_opt_state),
       acc_grads=jax.tree.map(jnp.zeros_like, opt_state.acc_grads),
       skip_state=opt_state.skip_state)
-  updates = jax.tree.map(lambda u: jnp.where(pending, u, jnp.zeros_like(u)), updates.grads)
-  return updates, new_state
+  deltas = jax.tree.map(lambda u: jnp.where(pending, u, jnp.zeros_like(u)), updates.grads)
+  return Applied(optax.apply_updates(params, deltas), new_state, pending,
+                 pending & (updates.weight > 0), opt_state.acc_grads)
+
+
+def schedule_count(opt_state) -> jax.Array | None:
+  """The inner optimizer's own count of applied updates (optax's schedule step), or None.
+
+  Skipped updates leave it unchanged (see `normalized`), so `schedule(count)` is the
+  learning rate the next applied update uses.
+  """
+  inner = opt_state.inner_opt_state if isinstance(opt_state, optax.MultiStepsState) \
+      else opt_state
+  found = optax.tree_utils.tree_get_all_with_path(inner, 'count')
+  for path, count in found:
+    if any(getattr(k, 'tuple_name', None) == 'ScaleByScheduleState' for k in path):
+      return count
+  return found[0][1] if found else None

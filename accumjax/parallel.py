@@ -12,12 +12,12 @@ together, with the per-micro-batch non-finite flags). The
 division by the global weight happens once, afterwards, in the optimizer wrapper, so the update
 is the big-batch update whatever the devices' token counts. A plain `jit` over a sharded batch
 instead lets XLA reduce the gradient inside the scan, once per micro-batch
-(tests/test_parallel.py counts the all-reduces in both compiled programs).
+(tests/test_parallel.py counts the all-reduces in both compiled programs with
+`collective_counts`; the naive step lives in experiments/naive_dp.py).
 
-Not here: choosing K or the micro-batch size (config.py), the training loop (train.py).
+Not here: choosing K or the micro-batch size (config.py), the call loop (loop.py).
 """
 
-import dataclasses
 import functools
 import re
 
@@ -30,17 +30,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from accumjax.core import ConfigError, scan_microbatches
 
 DATA = 'data'
-
-
-def parse_mesh(spec: str | None) -> int | None:
-  """'data=N' -> N; None or 'auto' -> None (all devices)."""
-  if spec is None or spec == 'auto':
-    return None
-  name, _, size = spec.partition('=')
-  if name != DATA or not size.isdigit() or int(size) < 1:
-    raise ConfigError(f'--mesh {spec!r}; allowed: auto, or data=N with N >= 1 '
-                      f'(the data-parallel size; this run has {jax.device_count()} devices).')
-  return int(size)
 
 
 def make_mesh(data: int | None = None) -> Mesh:
@@ -147,28 +136,6 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', **accumulate_kwar
     return fn(params, batch, rng_data, index_offset, loss_scale)
 
   return run
-
-
-def plain_jit_step(loss_fn, tx, config, mesh: Mesh):
-  """The naive comparator: the one-device train step under a plain `jit` over the mesh.
-
-  Same global batch and update as `make_train_step(..., mesh=mesh)`, but written the way one
-  would without shard_map: micro-batches of `microbatch_size x num_devices` rows constrained
-  to be sharded along `data`, state replicated, and XLA's partitioner left to place the
-  reduction. It puts an all-reduce inside the scan's loop body (once per micro-batch). For
-  benchmarks and tests only.
-  """
-  from accumjax.step import make_train_step  # step.py imports this module
-
-  def sharded_loss(params, microbatch, rng):
-    microbatch = jax.lax.with_sharding_constraint(microbatch, batch_sharding(mesh))
-    return loss_fn(params, microbatch, rng)
-
-  one_device = dataclasses.replace(
-      config, microbatch_size=config.microbatch_size * config.num_devices, num_devices=1)
-  return jax.jit(make_train_step(sharded_loss, tx, one_device),
-                 in_shardings=(state_sharding(mesh), batch_sharding(mesh)),
-                 out_shardings=state_sharding(mesh), donate_argnums=0)
 
 
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.-]+) .*\{$')

@@ -35,11 +35,12 @@ def format_bytes(n: float) -> str:
   return f'{n:.0f} B'
 
 
-def compiled_memory(fn, *args) -> dict:
+def compiled_memory(fn, *args, **kwargs) -> dict:
   """XLA's memory analysis of `fn` (jitted or not) compiled for `args` (arrays or
-  ShapeDtypeStructs). `total` = temp + arguments + outputs - aliased (donated) bytes."""
+  ShapeDtypeStructs) and `kwargs` (e.g. a static `last_call`). `total` = temp + arguments +
+  outputs - aliased (donated) bytes."""
   jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
-  stats = jitted.lower(*args).compile().memory_analysis()
+  stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
   out = {'temp': stats.temp_size_in_bytes, 'argument': stats.argument_size_in_bytes,
          'output': stats.output_size_in_bytes, 'alias': stats.alias_size_in_bytes}
   out['total'] = out['temp'] + out['argument'] + out['output'] - out['alias']

@@ -31,14 +31,3 @@ def with_compute_dtype(loss_fn, compute_dtype):
     return (out[0].astype(jnp.float32), jnp.asarray(out[1], jnp.float32)) + tuple(out[2:])
 
   return wrapped
-
-
-def compensated_add(total, compensation, x):
-  """One step of Kahan summation in the dtype of `total`: returns (total, compensation).
-
-  Recovers most of what a low-precision accumulator loses to rounding; used by
-  experiments.precision to compare bf16, compensated-bf16 and float32 accumulation.
-  """
-  y = x.astype(total.dtype) - compensation
-  t = total + y
-  return t, (t - total) - y

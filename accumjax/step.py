@@ -22,7 +22,7 @@ import optax
 
 from accumjax import optim, parallel
 from accumjax.config import AccumConfig
-from accumjax.core import ConfigError, GradSums, normalize, scan_microbatches
+from accumjax.core import ConfigError, normalize, scan_microbatches
 from accumjax.precision import with_compute_dtype
 
 
@@ -72,7 +72,9 @@ def init_train_state(params, tx, rng, config: AccumConfig | None = None) -> Trai
     rng = jax.random.key(rng)
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)
-  # Distinct buffers (not one shared zero): the jitted step donates its state.
+  # Distinct buffers (not one shared zero, not the caller's params): the jitted step donates
+  # its state, which must not delete arrays the caller still holds.
+  params = jax.tree.map(jnp.copy, params)
   zero = lambda: jnp.zeros((), jnp.int32)
   scale = config.initial_loss_scale if config is not None and config.loss_scaling else 1.0
   return TrainState(
@@ -86,11 +88,12 @@ def _global_norm(tree):
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
-def _after_update(state: TrainState, config: AccumConfig, updated, totals: GradSums, first):
-  """The fault counters and loss scale once `updated` (a bool scalar) says whether this call
-  completed an update with the cycle's `totals`. Returns (field updates, applied)."""
-  applied = updated & optim.applies(totals, config.nonfinite)
-  bad = totals.nonfinite > 0
+def _after_update(state: TrainState, config: AccumConfig, done: optim.Applied, first):
+  """The fault counters and loss scale, given what the optimizer did (`done`: whether this
+  call completed an update, whether it was applied, the cycle's totals). Returns field
+  updates."""
+  updated, applied = done.updated, done.applied
+  bad = done.totals.nonfinite > 0
   fault_skip = updated & ~applied & bad
   fields = dict(
       skipped_updates=state.skipped_updates + fault_skip.astype(jnp.int32),
@@ -108,7 +111,54 @@ def _after_update(state: TrainState, config: AccumConfig, updated, totals: GradS
         overflow, state.loss_scale * 0.5, jnp.where(grow, state.loss_scale * 2.0,
                                                      state.loss_scale))
     fields['loss_scale_good'] = jnp.where(overflow | grow, 0, good)
-  return fields, applied
+  return fields
+
+
+def _call_sums_fn(loss_fn, config: AccumConfig, mesh):
+  """`(params, batch, rng_data, index_offset, n, loss_scale) -> (GradSums, bad_N)`: the core
+  over one call's micro-batches, on one device or reduced over the mesh."""
+  compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
+  clip_each = config.clip_norm if config.clip_before_accumulation else None
+  kwargs = dict(accum_dtype=config.accum_jnp_dtype, clip_microbatch_norm=clip_each)
+  devices = config.num_devices
+  if mesh is not None:
+    if mesh.size != devices:
+      raise ConfigError(f'the mesh has {mesh.size} devices but num_devices={devices}.')
+    return parallel.reduced_sums(compute_loss, mesh, config.dp_reduction, **kwargs)
+  if devices != 1:
+    raise ConfigError(f'num_devices={devices} needs a mesh of {devices} devices '
+                      '(make_train_step(..., mesh=parallel.make_mesh())).')
+
+  def call_sums(params, batch, rng_data, index_offset, n, loss_scale):
+    sums, _, bad_N = scan_microbatches(
+        compute_loss, params, batch, num_microbatches=n,
+        rng=jax.random.wrap_key_data(rng_data), index_offset=index_offset,
+        loss_scale=loss_scale, **kwargs)
+    return sums, bad_N
+
+  return call_sums
+
+
+def _metrics(state, new_state, sums, done: optim.Applied, first, last_call):
+  _, loss = normalize(done.totals._replace(grads=None))
+  _, call_loss = normalize(sums._replace(grads=None))
+  # An interim call (last_call=False) skips the norm: summing the cycle's gradient tree for a
+  # number nobody reads would double the call's optimizer-side cost.
+  grad_norm = jnp.full((), jnp.nan) if last_call is False else _global_norm(
+      normalize(done.totals)[0])
+  count = optim.schedule_count(state.opt_state)
+  return {
+      'loss': loss, 'weight': done.totals.weight,
+      'call_loss': call_loss, 'call_weight': sums.weight,
+      'grad_norm': grad_norm,
+      'updated': done.updated, 'skipped': done.updated & ~done.applied,
+      'nonfinite': done.totals.nonfinite, 'first_nonfinite': first,
+      'skipped_updates': new_state.skipped_updates,
+      'consecutive_skips': new_state.consecutive_skips,
+      'nonfinite_microbatches': new_state.nonfinite_microbatches,
+      'loss_scale': state.loss_scale,
+      'schedule_count': jnp.full((), -1, jnp.int32) if count is None else count,
+  }
 
 
 def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
@@ -119,7 +169,7 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
   devices' sums meet in one `psum` per call (see parallel.py); params and optimizer state are
   replicated. Without a mesh the step runs on one device and `config.num_devices` must be 1.
 
-  `last_call` (static; jit with `static_argnames='last_call'`) tells whether this call
+  `last_call` (static; `jit_train_step` jits it so) tells whether this call
   completes its cycle, when the caller counts calls: LazyMultiSteps then compiles an interim
   program that only adds (see optim.LazyMultiSteps). None decides on device.
 
@@ -136,27 +186,12 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
   state left unchanged). `nonfinite` counts the cycle's non-finite micro-batches so far and
   `first_nonfinite` is the cycle index of the first (-1: none); `skipped_updates`,
   `consecutive_skips`, `nonfinite_microbatches` are the state's counters after the call, and
-  `loss_scale` the scale this call used (1.0 without float16).
+  `loss_scale` the scale this call used (1.0 without float16); `schedule_count` the inner
+  optimizer's count of applied updates before this call (the learning-rate schedule's step;
+  -1 if the optimizer keeps none).
   """
-  compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
-  clip_each = config.clip_norm if config.clip_before_accumulation else None
-  kwargs = dict(accum_dtype=config.accum_jnp_dtype, clip_microbatch_norm=clip_each)
+  call_sums = _call_sums_fn(loss_fn, config, mesh)
   devices = config.num_devices
-  if mesh is None:
-    if devices != 1:
-      raise ConfigError(f'num_devices={devices} needs a mesh of {devices} devices '
-                        '(make_train_step(..., mesh=parallel.make_mesh())).')
-
-    def call_sums(params, batch, rng_data, index_offset, n, loss_scale):
-      sums, _, bad_N = scan_microbatches(
-          compute_loss, params, batch, num_microbatches=n,
-          rng=jax.random.wrap_key_data(rng_data), index_offset=index_offset,
-          loss_scale=loss_scale, **kwargs)
-      return sums, bad_N
-  else:
-    if mesh.size != devices:
-      raise ConfigError(f'the mesh has {mesh.size} devices but num_devices={devices}.')
-    call_sums = parallel.reduced_sums(compute_loss, mesh, config.dp_reduction, **kwargs)
 
   def train_step(state: TrainState, batch, last_call: bool | None = None):
     rows = jax.tree.leaves(batch)[0].shape[0]
@@ -174,66 +209,54 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
     first = jnp.where(
         state.cycle_first_nonfinite >= 0, state.cycle_first_nonfinite,
         jnp.where(jnp.any(bad_N), state.cycle_microbatch + jnp.argmax(bad_N), -1))
-    before = optim.pending_sums(state.opt_state)
-    if before is None:
-      totals = sums
-    elif last_call is False:
-      # An interim call: the cycle's scalars suffice; summing the gradient trees again for a
-      # norm nobody reads would double the call's optimizer-side cost.
-      totals = GradSums(None, before.loss_sum + sums.loss_sum, before.weight + sums.weight,
-                        before.nonfinite + sums.nonfinite)
-    else:
-      totals = jax.tree.map(jnp.add, before, sums)
-    params, opt_state = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call)
-    if isinstance(opt_state, optax.MultiStepsState):
-      updated = opt_state.mini_step == 0
-    else:
-      updated = jnp.ones((), bool)
-    fields, applied = _after_update(state, config, updated, totals, first)
+    done = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call)
+    updated = done.updated
     new_state = state._replace(
-        params=params, opt_state=opt_state,
+        params=done.params, opt_state=done.opt_state,
         update_step=state.update_step + updated.astype(jnp.int32),
         cycle_microbatch=jnp.where(updated, 0, state.cycle_microbatch + n),
         microbatch_step=state.microbatch_step + n,
         nonfinite_microbatches=state.nonfinite_microbatches + sums.nonfinite.astype(jnp.int32),
-        **fields)
-    mean_grads, loss = normalize(totals)
-    _, call_loss = normalize(sums._replace(grads=None))
-    metrics = {
-        'loss': loss, 'weight': totals.weight,
-        'call_loss': call_loss, 'call_weight': sums.weight,
-        'grad_norm': jnp.full((), jnp.nan) if mean_grads is None else _global_norm(mean_grads),
-        'updated': updated, 'skipped': updated & ~applied,
-        'nonfinite': totals.nonfinite, 'first_nonfinite': first,
-        'skipped_updates': new_state.skipped_updates,
-        'consecutive_skips': new_state.consecutive_skips,
-        'nonfinite_microbatches': new_state.nonfinite_microbatches,
-        'loss_scale': state.loss_scale,
-    }
+        **_after_update(state, config, done, first))
+    metrics = _metrics(state, new_state, sums, done, first, last_call)
     return new_state, metrics
 
   return train_step
 
 
 def make_flush(tx, config: AccumConfig):
-  """`flush(state) -> state`: applies a partially accumulated cycle as one update.
+  """`flush(state) -> (state, metrics)`: applies a partially accumulated cycle as one update.
 
   For a cycle cut short (the data ends after j < K micro-batches) in multisteps/hybrid modes;
   the update is exactly the big-batch update on those j micro-batches (and follows
   `config.nonfinite` like any update). No-op when nothing is pending and in scan mode (a scan
-  call is always a whole update).
+  call is always a whole update). Metrics: `loss`, `weight`, `updated` (false if nothing was
+  pending), `skipped`, `nonfinite`.
   """
 
-  def flush(state: TrainState) -> TrainState:
+  def flush(state: TrainState):
     if not isinstance(state.opt_state, optax.MultiStepsState):
-      return state
-    pending = state.opt_state.mini_step > 0
-    totals = state.opt_state.acc_grads
-    updates, opt_state = optim.flush_multisteps(tx, state.opt_state, state.params)
-    fields, _ = _after_update(state, config, pending, totals, state.cycle_first_nonfinite)
-    return state._replace(
-        params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-        update_step=state.update_step + pending.astype(jnp.int32),
+      zero = jnp.zeros((), jnp.float32)
+      return state, {'loss': zero, 'weight': zero, 'updated': jnp.zeros((), bool),
+                     'skipped': jnp.zeros((), bool), 'nonfinite': zero}
+    done = optim.flush_multisteps(tx, state.opt_state, state.params)
+    fields = _after_update(state, config, done, state.cycle_first_nonfinite)
+    new_state = state._replace(
+        params=done.params, opt_state=done.opt_state,
+        update_step=state.update_step + done.updated.astype(jnp.int32),
         cycle_microbatch=jnp.zeros_like(state.cycle_microbatch), **fields)
+    _, loss = normalize(done.totals._replace(grads=None))
+    return new_state, {'loss': loss, 'weight': done.totals.weight, 'updated': done.updated,
+                       'skipped': done.updated & ~done.applied,
+                       'nonfinite': done.totals.nonfinite}
 
   return flush
+
+
+def jit_train_step(train_step, *, donate: bool = True, **jit_kwargs):
+  """`jax.jit` with the options every train step needs, in one place: `last_call` is static
+  (one program per value; see make_train_step) and the state (argument 0) is donated, so it is
+  updated in place (`donate=False` keeps the input state alive, e.g. to compare states).
+  `jit_kwargs` go to `jax.jit` (e.g. shardings)."""
+  return jax.jit(train_step, donate_argnums=0 if donate else (), static_argnames='last_call',
+                 **jit_kwargs)

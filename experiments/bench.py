@@ -60,8 +60,9 @@ def run_cell(variant: str, k: int, size: str) -> dict:
   import optax
 
   import accumjax
-  from accumjax import data, model, optim, planner
-  from accumjax.train import make_loss_fn
+  from accumjax import optim, planner
+  from accumjax.lm import data, model
+  from accumjax.lm.build import make_loss_fn
 
   s = SIZES[size]
   rows, seq = s['batch'], s['seq_len']
@@ -105,18 +106,15 @@ def run_cell(variant: str, k: int, size: str) -> dict:
         microbatches_per_call=max(1, k // 2) if mode == 'hybrid' else None, seq_len=seq,
         multisteps_impl='optax' if variant == 'multisteps_optax' else 'lazy')
     tx = accumjax.accumulating_optimizer(inner, config)
-    step = jax.jit(accumjax.make_train_step(loss_fn, tx, config), donate_argnums=0,
-                   static_argnames='last_call')
-    call_rows = config.per_call * config.microbatch_size
-    call_batches = [jax.tree.map(lambda x, i=i: x[i:i + call_rows], batch)
-                    for i in range(0, rows, call_rows)]
+    step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config))
+    call_batches = accumjax.loop.split_calls(batch, config)
     holder = [accumjax.init_train_state(params, tx, 0)]
-    out['memory'] = planner.compiled_memory(step, holder[0], call_batches[0])
+    out['memory'] = planner.compiled_memory(step, holder[0], call_batches[0],
+                                            last_call=len(call_batches) == 1)
     calls = len(call_batches)
 
     def one_update():
-      for i, cb in enumerate(call_batches):
-        holder[0] = step(holder[0], cb, last_call=i + 1 == len(call_batches))[0]
+      holder[0] = accumjax.run_update(step, holder[0], call_batches, config).state
       return holder[0]
 
     if variant == 'scan':  # the parts of a scan update, measured alone
@@ -126,7 +124,7 @@ def run_cell(variant: str, k: int, size: str) -> dict:
       out['microbatch_grad_s'] = _median_time(lambda: grad_one(params, mb0), s['reps'])
       sums, _ = accumjax.accumulate_sums(loss_fn, params, mb0, num_microbatches=1)
       opt_state = tx.init(optim.as_opt_params(params))
-      opt_step = jax.jit(lambda sm, st, p: optim.apply_sums(tx, sm, st, p))
+      opt_step = jax.jit(lambda sm, st, p: optim.apply_sums(tx, sm, st, p)[:2])
       out['optimizer_step_s'] = _median_time(lambda: opt_step(sums, opt_state, params),
                                              s['reps'])
     if variant in ('multisteps_optax', 'multisteps_lazy') and k > 1:
@@ -141,7 +139,7 @@ def run_cell(variant: str, k: int, size: str) -> dict:
       # Outputs in the order of the donated inputs: JAX pairs donated buffers with outputs of
       # the same shape in order, and a crossed pairing would make XLA copy (as TrainState's
       # field order avoids in training).
-      interim = jax.jit(lambda sm, st, p: optim.apply_sums(long_tx, sm, st, p, False)[::-1],
+      interim = jax.jit(lambda sm, st, p: optim.apply_sums(long_tx, sm, st, p, False)[1::-1],
                         donate_argnums=(1, 2))
       add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
       chain = [long_tx.init(optim.as_opt_params(params)), jax.tree.map(jnp.copy, params)]

@@ -11,7 +11,7 @@ real text, the main job's 0.86M-param LM, fp32, AdamW):
 - `hybrid psum`: c = K/2 micro-batches per call, one psum per call (2 per update);
 - `multisteps psum`: one micro-batch per call, so one psum per micro-batch;
 - `plain jit`: the one-device step under a plain jit with sharded micro-batches
-  (`parallel.plain_jit_step`): XLA puts an all-reduce inside the scan loop body.
+  (`experiments.naive_dp.plain_jit_step`): XLA puts an all-reduce inside the scan loop body.
 Variants are timed in interleaved rounds (these machines are shared and noisy), median per
 update; ratios are against `scan psum` measured in the same rounds. Collective counts come from
 the compiled HLO of each step. Writes benchmarks/data_parallel.md with the command.
@@ -31,8 +31,10 @@ import jax  # noqa: E402
 import optax  # noqa: E402
 
 import accumjax  # noqa: E402
-from accumjax import data, model, parallel  # noqa: E402
-from accumjax.runconfig import make_loss_fn  # noqa: E402
+from accumjax import parallel  # noqa: E402
+from accumjax.lm import data, model  # noqa: E402
+from accumjax.lm.build import make_loss_fn  # noqa: E402
+from experiments.naive_dp import plain_jit_step  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZES = {
@@ -53,24 +55,17 @@ def build(variant, k, s, mesh, params, loss_fn, batch):
       dp_reduction='ordered' if variant.endswith('ordered') else 'psum')
   tx = accumjax.accumulating_optimizer(optax.adamw(1e-3), config)
   state = parallel.replicate(accumjax.init_train_state(params, tx, 0), mesh)
-  rows = config.per_call * config.microbatch_size * mesh.size
-  calls = [parallel.shard_batch(jax.tree.map(lambda x, i=i: x[i:i + rows], batch), mesh)
-           for i in range(0, len(batch['inputs']), rows)]
+  calls = [parallel.shard_batch(c, mesh) for c in accumjax.loop.split_calls(batch, config)]
   if variant == 'plain jit':
-    step = parallel.plain_jit_step(loss_fn, tx, config, mesh)
-    lowered = step.lower(state, calls[0])
-    run_call = lambda st, cb, last: step(st, cb)
+    step = plain_jit_step(loss_fn, tx, config, mesh)
   else:
-    step = jax.jit(accumjax.make_train_step(loss_fn, tx, config, mesh=mesh), donate_argnums=0,
-                   static_argnames='last_call')
-    lowered = step.lower(state, calls[0], last_call=len(calls) == 1)
-    run_call = lambda st, cb, last: step(st, cb, last_call=last)
+    step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config, mesh=mesh))
+  lowered = step.lower(state, calls[0], last_call=len(calls) == 1)
   counts = parallel.collective_counts(lowered.compile().as_text())
   holder = [state]
 
   def one_update():
-    for i, cb in enumerate(calls):
-      holder[0] = run_call(holder[0], cb, i + 1 == len(calls))[0]
+    holder[0] = accumjax.run_update(step, holder[0], calls, config).state
     return holder[0]
 
   return one_update, counts, len(calls)

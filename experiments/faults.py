@@ -29,19 +29,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from accumjax import data as data_lib
+from accumjax import loop
+from accumjax.checkpoint import fingerprint
 from accumjax.config import NONFINITE_POLICIES, AccumConfig
-from accumjax.logs import fingerprint
-from accumjax.model import make_lm
-from accumjax.runconfig import TrainConfig, build_optimizer, make_loss_fn, model_config
-from accumjax.step import init_train_state, make_train_step
+from accumjax.lm import config as config_lib
+from accumjax.lm import data as data_lib
+from accumjax.lm.build import build_optimizer, make_loss_fn
+from accumjax.lm.faults import with_faults
+from accumjax.lm.model import make_lm
+from accumjax.step import init_train_state, jit_train_step, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 K, B, SEQ = 4, 4, 32
 MODES = ('scan', 'multisteps', 'hybrid')
 FAULTS = {'nan': np.nan, 'inf': np.inf}
-CFG = TrainConfig(seq_len=SEQ, batch_size=B, d_model=32, num_layers=1, num_heads=2, max_len=64,
-                  grad_accum_steps=K, warmup_steps=1, steps=3, lr=1e-2)
+CFG = config_lib.from_flat(dict(
+    seq_len=SEQ, batch_size=B, d_model=32, num_layers=1, num_heads=2, max_len=64,
+    grad_accum_steps=K, warmup_steps=1, steps=3, lr=1e-2))
 
 
 def _batches(num=3):
@@ -65,15 +69,13 @@ def _accum(mode, policy, k=K, b=B):
 
 def _runner(apply, params, accum):
   tx = build_optimizer(CFG, accum)[0]
-  step = jax.jit(make_train_step(make_loss_fn(apply), tx, accum), static_argnames='last_call')
-  rows = accum.per_call * accum.microbatch_size
+  # Not donated: the drill compares states before and after each update.
+  step = jit_train_step(make_train_step(with_faults(make_loss_fn(apply)), tx, accum),
+                        donate=False)
 
   def run_update(state, batch):
-    n = len(batch['mask']) // rows
-    for i in range(n):
-      call = {key: v[i * rows:(i + 1) * rows] for key, v in batch.items()}
-      state, m = step(state, call, last_call=i + 1 == n)
-    return state, jax.device_get(m)
+    done = loop.run_update(step, state, loop.split_calls(batch, accum), accum)
+    return done.state, jax.device_get(done.metrics)
 
   return init_train_state(params, tx, 0, accum), run_update
 
@@ -132,7 +134,7 @@ def accumjax_rows(apply, params, batches, positions):
 
 def anchor_rows(apply, params, batches, positions):
   """optax.MultiSteps over per-micro-batch mean gradients, the three ways the issue names."""
-  loss_fn = make_loss_fn(apply)
+  loss_fn = with_faults(make_loss_fn(apply))
   grad = jax.jit(jax.grad(lambda p, mb: (lambda s, w: s / w)(*loss_fn(p, mb, None))))
   adamw = lambda: build_optimizer(CFG, _accum('scan', 'skip_update'))[1]
   anchors = {
@@ -195,7 +197,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   start = time.time()
   positions = [1] if args.quick else list(range(K))
-  apply, params = make_lm(model_config(CFG), seed=0)
+  apply, params = make_lm(CFG.model, seed=0)
   batches = _batches()
   ours = accumjax_rows(apply, params, batches, positions)
   anchors = anchor_rows(apply, params, batches, positions)

@@ -17,12 +17,21 @@ import jax.numpy as jnp
 import numpy as np
 
 import accumjax
-from accumjax import data, model
-from accumjax.precision import compensated_add
-from accumjax.train import make_loss_fn
+from accumjax.lm import data, model
+from accumjax.lm.build import make_loss_fn
 
 KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def compensated_add(total, compensation, x):
+  """One step of Kahan summation in the dtype of `total`: returns (total, compensation).
+
+  Recovers most of what a low-precision accumulator loses to rounding.
+  """
+  y = x.astype(total.dtype) - compensation
+  t = total + y
+  return t, (t - total) - y
 
 
 def microbatch_grads(num, seq_len=64, rows=4):
@@ -62,7 +71,7 @@ def main():
       f'Command: `python -m experiments.precision` ({time.time() - start:.0f} s). K real '
       f'micro-batch gradients ({grads[0].size:,} values each; main-job model, d_model 64, '
       '2 layers, bf16 compute, gradients rounded to bf16), summed in bf16, in Kahan-'
-      'compensated bf16 (`accumjax.precision.compensated_add`) and in float32 (what accumjax '
+      'compensated bf16 (`experiments.precision.compensated_add`) and in float32 (what accumjax '
       'does), against the float64 sum of the same bf16 values. Relative error '
       '||sum - ref|| / ||ref||.', '',
       '| K | bf16 accumulator | compensated bf16 | float32 accumulator |', '|---|---|---|---|',

@@ -4,14 +4,13 @@
 
 Data: by default the Python standard library's own sources (no download; see accumjax.data).
 Defaults: 0.86M-param model, micro-batch 8 x 128 tokens, K=4 (4,096 tokens per update, scan
-mode), AdamW 3e-3 with cosine decay, 300 updates. Expect the train loss to fall from 6.3 to
-about 1.6 and the eval loss to about 1.88 (perplexity ~6.6); params fingerprint
-ebf0ec3c03d95cb9 on CPython 3.11.7 / jax 0.10.2 CPU.
-Writes metrics.jsonl, config.json, loss.png and checkpoints/ to --out (default
+mode), AdamW 3e-3 with cosine decay, 300 updates. The train loss falls from about 6.3 to about
+1.6 and the eval loss to about 1.9 (the README's "What the main job does" has the measured
+numbers). Writes metrics.jsonl, config.json, loss.png and checkpoints/ to --out (default
 runs/train-<time>). Exit status: 0 done, 2 bad flags (one line, nothing written), 1 a
 checkpoint error or a stop for non-finite values (--nonfinite-policy raise, or
 --max-consecutive-skips skipped updates in a row), with one line saying which.
-The logic lives in accumjax.train, importable from a notebook.
+The logic lives in accumjax.lm.train, importable from a notebook.
 """
 
 import argparse
@@ -21,18 +20,13 @@ import sys
 import time
 
 from accumjax.checkpoint import CheckpointError
-from accumjax.config import NONFINITE_POLICIES
+from accumjax.config import DP_REDUCTIONS, MODES, MULTISTEPS_IMPLS, NONFINITE_POLICIES
 from accumjax.core import ConfigError
-from accumjax.data import DataError
-from accumjax.logs import Logger
-from accumjax.train import (
-  OPTIMIZERS,
-  PRECISIONS,
-  SCHEDULES,
-  NonFiniteError,
-  TrainConfig,
-  train_and_evaluate,
-)
+from accumjax.lm.config import ON_CONFIG_CHANGE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from accumjax.lm.data import DataError
+from accumjax.lm.logs import Logger
+from accumjax.lm.model import POSITIONS, ModelConfig
+from accumjax.lm.train import NonFiniteError, train_and_evaluate
 
 
 def _env_int(name):
@@ -47,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-  d = TrainConfig()
+  d, dm = TrainConfig(), ModelConfig()
   p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   g = p.add_argument_group('data')
   g.add_argument('--data', default=None, help='text file or directory of text files '
@@ -55,18 +49,18 @@ def parse_args(argv=None):
   g.add_argument('--seq-len', type=int, default=d.seq_len, help='tokens per example')
   g.add_argument('--pack', action='store_true', help='pack examples into full rows (no padding)')
   g = p.add_argument_group('accumulation')
-  g.add_argument('--batch-size', type=int, default=d.batch_size,
+  g.add_argument('--batch-size', type=int, default=d.microbatch_size,
                  help='micro-batch size (sequences per micro-batch, per device)')
   g.add_argument('--grad-accum-steps', type=int, default=None,
                  help='K, micro-batches per optimizer update (default 4)')
   g.add_argument('--tokens-per-update', type=int, default=None,
                  help='sets K = N / (batch size x seq len x devices); must divide')
-  g.add_argument('--accum-mode', default=d.accum_mode, choices=['scan', 'multisteps', 'hybrid'],
+  g.add_argument('--accum-mode', default=d.accum_mode, choices=list(MODES),
                  help='scan: one call per update; multisteps: one call per micro-batch '
                       '(optax.MultiSteps); hybrid: c micro-batches per call')
   g.add_argument('--microbatches-per-call', type=int, default=None,
                  help='c for hybrid mode (default K/2 for even K, else 1)')
-  g.add_argument('--multisteps-impl', default=d.multisteps_impl, choices=['lazy', 'optax'],
+  g.add_argument('--multisteps-impl', default=d.multisteps_impl, choices=list(MULTISTEPS_IMPLS),
                  help='lazy: optimizer runs only on the last call of a cycle; optax: '
                       'optax.MultiSteps as shipped (same state and results)')
   g.add_argument('--memory-budget', default=None, metavar='SIZE',
@@ -80,7 +74,7 @@ def parse_args(argv=None):
   g.add_argument('--mesh', default=None, metavar='data=N',
                  help='data-parallel mesh; default: all devices of all processes. The batch '
                       'size is per device: effective batch = batch x K x N')
-  g.add_argument('--dp-reduction', default=d.dp_reduction, choices=['psum', 'ordered'],
+  g.add_argument('--dp-reduction', default=d.dp_reduction, choices=list(DP_REDUCTIONS),
                  help='how devices\' gradient sums meet, once per call: psum (one all-reduce) '
                       'or ordered (all-gather + sum in device order: bitwise the same on any '
                       'process layout, N x gradient memory)')
@@ -122,13 +116,13 @@ def parse_args(argv=None):
                  help='clip each micro-batch mean gradient instead (a different estimator)')
   g.add_argument('--steps', type=int, default=d.steps, help='optimizer updates')
   g = p.add_argument_group('model')
-  g.add_argument('--d-model', type=int, default=d.d_model)
-  g.add_argument('--layers', type=int, default=d.num_layers)
-  g.add_argument('--heads', type=int, default=d.num_heads)
-  g.add_argument('--mlp-ratio', type=int, default=d.mlp_ratio)
-  g.add_argument('--max-len', type=int, default=d.max_len, help='longest sequence allowed')
-  g.add_argument('--positions', default=d.positions, choices=['rope', 'learned'])
-  g.add_argument('--dropout', type=float, default=d.dropout)
+  g.add_argument('--d-model', type=int, default=dm.d_model)
+  g.add_argument('--layers', type=int, default=dm.num_layers)
+  g.add_argument('--heads', type=int, default=dm.num_heads)
+  g.add_argument('--mlp-ratio', type=int, default=dm.mlp_ratio)
+  g.add_argument('--max-len', type=int, default=dm.max_len, help='longest sequence allowed')
+  g.add_argument('--positions', default=dm.positions, choices=list(POSITIONS))
+  g.add_argument('--dropout', type=float, default=dm.dropout)
   g = p.add_argument_group('run')
   g.add_argument('--seed', type=int, default=d.seed)
   g.add_argument('--eval-every', type=int, default=d.eval_every, help='in optimizer updates')
@@ -148,15 +142,18 @@ def parse_args(argv=None):
                  help='continue the run in --out from its newest good checkpoint (or STEP, an '
                       'Orbax step = micro-batches done); final params are bit-identical to an '
                       'uninterrupted run')
-  g.add_argument('--on-config-change', default='refuse', choices=['refuse', 'flush'],
+  g.add_argument('--on-config-change', default='refuse', choices=list(ON_CONFIG_CHANGE),
                  help='when resuming mid-cycle with another batch size/K/mode: refuse '
                       '(default), or flush the partial cycle as its own update first')
   return p.parse_args(argv)
 
 
 def config_from_args(a) -> TrainConfig:
+  model = ModelConfig(d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
+                      mlp_ratio=a.mlp_ratio, max_len=a.max_len, positions=a.positions,
+                      dropout=a.dropout)
   return TrainConfig(
-      data=a.data, seq_len=a.seq_len, pack=a.pack, batch_size=a.batch_size,
+      data=a.data, seq_len=a.seq_len, pack=a.pack, microbatch_size=a.batch_size,
       grad_accum_steps=a.grad_accum_steps, tokens_per_update=a.tokens_per_update,
       accum_mode=a.accum_mode, microbatches_per_call=a.microbatches_per_call,
       multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget, mesh=a.mesh,
@@ -166,11 +163,10 @@ def config_from_args(a) -> TrainConfig:
       optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
       warmup_steps=a.warmup_steps, schedule=a.schedule,
       clip_norm=a.clip_norm if a.clip_norm else None,
-      clip_before_accumulation=a.clip_before_accumulation, steps=a.steps, d_model=a.d_model,
-      num_layers=a.layers, num_heads=a.heads, mlp_ratio=a.mlp_ratio, max_len=a.max_len,
-      positions=a.positions, dropout=a.dropout, seed=a.seed, eval_every=a.eval_every,
-      eval_batches=a.eval_batches, log_every=a.log_every, log_microbatches=a.log_microbatches,
-      save_every=a.save_every, save_every_micro=a.save_every_micro, keep=a.keep)
+      clip_before_accumulation=a.clip_before_accumulation, steps=a.steps, model=model,
+      seed=a.seed, eval_every=a.eval_every, eval_batches=a.eval_batches,
+      log_every=a.log_every, log_microbatches=a.log_microbatches, save_every=a.save_every,
+      save_every_micro=a.save_every_micro, keep=a.keep)
 
 
 class _Preemption:

@@ -15,6 +15,7 @@ import numpy as np
 
 import accumjax
 from accumjax import parallel
+from experiments.naive_dp import plain_jit_step
 from tests import reference
 from tests.helpers import calls_of, lm_loss
 from tests.test_equivalence import OPTIMIZERS, ROWS, STEPS
@@ -36,17 +37,18 @@ def build(mode, devices, opt_name, loss_fn=lm_loss, **kw):
   tx = accumjax.accumulating_optimizer(OPTIMIZERS[opt_name](), config)
   state = parallel.replicate(
       accumjax.init_train_state(reference.init_params(), tx, 0, config), mesh)
-  step = jax.jit(accumjax.make_train_step(loss_fn, tx, config, mesh=mesh),
-                 static_argnames='last_call')
+  step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config, mesh=mesh))
   return config, mesh, state, step
+
+
+def sharded_calls(batch, config, mesh):
+  return [parallel.shard_batch(call, mesh) for call in calls_of(batch, config)]
 
 
 def train(mode, devices, opt_name, **kw):
   config, mesh, state, step = build(mode, devices, opt_name, **kw)
   for batch in reference.make_batches(STEPS, ROWS):
-    calls = calls_of(batch, config)
-    for i, call in enumerate(calls):
-      state, _ = step(state, parallel.shard_batch(call, mesh), last_call=i + 1 == len(calls))
+    state = accumjax.run_update(step, state, sharded_calls(batch, config, mesh), config).state
   return jax.device_get(state.params)
 
 
@@ -91,9 +93,8 @@ def faults(mode, policy, value=float('nan'), compute_dtype='float32', j=1, devic
   params, metrics = [], []
   for u, batch in enumerate(reference.make_batches(2, ROWS)):
     batch = dict(batch, fault=fault if u == 0 else np.ones(ROWS, np.float32))
-    calls = calls_of(batch, config)
-    for i, call in enumerate(calls):
-      state, m = step(state, parallel.shard_batch(call, mesh), last_call=i + 1 == len(calls))
+    done = accumjax.run_update(step, state, sharded_calls(batch, config, mesh), config)
+    state, m = done.state, done.metrics
     params.append(jax.device_get(state.params))
     metrics.append({k: float(m[k]) for k in (
         'updated', 'skipped', 'nonfinite', 'first_nonfinite', 'skipped_updates',
@@ -133,7 +134,7 @@ def naive_collectives(devices):
   mesh = parallel.make_mesh(devices)
   tx = accumjax.accumulating_optimizer(OPTIMIZERS['adamw'](), config)
   state = parallel.replicate(accumjax.init_train_state(reference.init_params(), tx, 0), mesh)
-  step = parallel.plain_jit_step(lm_loss, tx, config, mesh)
+  step = plain_jit_step(lm_loss, tx, config, mesh)
   batches = reference.make_batches(STEPS, ROWS)
   counts = parallel.collective_counts(
       step.lower(state, parallel.shard_batch(batches[0], mesh)).compile().as_text())

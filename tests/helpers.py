@@ -4,6 +4,8 @@ import jax
 import numpy as np
 
 import accumjax
+from accumjax import loop
+from accumjax.lm import config as lm_config
 from tests import reference
 
 
@@ -12,28 +14,33 @@ def lm_loss(params, batch, rng):
   return accumjax.token_cross_entropy(logits, batch['targets'], batch['mask'])
 
 
+def train_config(**flat) -> lm_config.TrainConfig:
+  """An LM TrainConfig from flat settings (`batch_size=4, d_model=32, ...`)."""
+  return lm_config.from_flat(flat)
+
+
 def calls_of(batch, config):
   """Splits one update's (global) batch into the per-call batches of config.mode."""
-  rows = config.per_call * config.microbatch_size * config.num_devices
-  n = jax.tree.leaves(batch)[0].shape[0]
-  return [jax.tree.map(lambda x, s=s: x[s:s + rows], batch) for s in range(0, n, rows)]
+  return loop.split_calls(batch, config)
 
 
 def run_accumjax(params, batches, opt, config, loss_fn=lm_loss, seed=0, hint=True):
-  """Trains with accumjax; returns final state, per-update losses and per-call metrics.
+  """Trains with accumjax through the call driver; returns the final state, per-update losses
+  and (state, metrics) after every call.
 
-  `hint`: pass the static last_call hint as a training loop does (False: decide on device).
+  `hint`: pass the static last_call hint as the driver does (False: decide on device).
   """
   tx = accumjax.accumulating_optimizer(opt, config)
   state = accumjax.init_train_state(params, tx, jax.random.key(seed))
-  step = jax.jit(accumjax.make_train_step(loss_fn, tx, config), static_argnames='last_call')
+  # Not donated: the states after every call are kept for comparison.
+  step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config), donate=False)
+  if not hint:
+    hinted, step = step, lambda state, batch, last_call: hinted(state, batch)
   losses, calls = [], []
   for batch in batches:
-    batch_calls = calls_of(batch, config)
-    for i, call in enumerate(batch_calls):
-      last = (i + 1 == len(batch_calls)) if hint else None
-      state, metrics = step(state, call, last_call=last)
-      calls.append((state, metrics))
-      if bool(metrics['updated']):
-        losses.append(float(metrics['loss']))
+    done = loop.run_update(step, state, calls_of(batch, config), config,
+                           after_call=lambda s, m, _: calls.append((s, m)))
+    state = done.state
+    assert done.complete and bool(done.metrics['updated'])
+    losses.append(float(done.metrics['loss']))
   return state, np.array(losses), calls

@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import accumjax
-from accumjax import checkpoint, logs
+from accumjax import checkpoint
 from tests import reference
 from tests.helpers import calls_of, lm_loss
 from tests.test_equivalence import ROWS, adamw, config_for
@@ -28,18 +28,18 @@ def main(action, directory):
   fresh = jax.device_put(accumjax.init_train_state(reference.init_params(), tx, 0), replicated)
   ckpt = checkpoint.Checkpointer(directory)
   if action == 'save':  # 6 micro-batches: mid-cycle of the second update
-    step = jax.jit(accumjax.make_train_step(lm_loss, tx, config))
+    step = accumjax.jit_train_step(accumjax.make_train_step(lm_loss, tx, config))
     state = fresh
     for c in calls_of(reference.make_batches(2, ROWS)[0], config) + calls_of(
         reference.make_batches(2, ROWS)[1], config)[:2]:
       state = step(state, c)[0]
     saved = ckpt.save(state, {})
     ckpt.wait()
-    result = {'step': saved, 'fingerprint': logs.fingerprint(state)}
+    result = {'step': saved, 'fingerprint': checkpoint.fingerprint(state)}
   else:
     restored = ckpt.restore(lambda meta: fresh)
     leaf = restored.state.params['w1']
-    result = {'step': restored.step, 'fingerprint': logs.fingerprint(restored.state),
+    result = {'step': restored.step, 'fingerprint': checkpoint.fingerprint(restored.state),
               'leaf_devices': len(leaf.sharding.device_set)}
     # Re-save from this device count (one step later) for the next hop.
     ckpt.save(restored.state._replace(microbatch_step=restored.state.microbatch_step + 1), {})

@@ -5,7 +5,6 @@ import functools
 import itertools
 import json
 import pathlib
-import sysconfig
 
 import chex
 import jax
@@ -14,10 +13,12 @@ import pytest
 
 import accumjax
 from accumjax import checkpoint
-from accumjax.model import make_lm
-from accumjax.train import TrainConfig, build_optimizer, model_config, train_and_evaluate, validate
+from accumjax.lm.build import build_optimizer
+from accumjax.lm.config import validate
+from accumjax.lm.model import make_lm
+from accumjax.lm.train import train_and_evaluate
 from tests import reference
-from tests.helpers import calls_of, lm_loss
+from tests.helpers import calls_of, lm_loss, train_config
 from tests.test_equivalence import ROWS, adamw, config_for
 
 MODES = ['scan', 'multisteps', 'hybrid']
@@ -32,7 +33,7 @@ def _calls(config, updates=3):
 def test_resume_at_every_position_of_a_cycle_is_bit_identical(tmp_path, mode, precision):
   config = config_for(mode, 4, compute_dtype=precision)
   tx = accumjax.accumulating_optimizer(adamw(), config)
-  step = jax.jit(accumjax.make_train_step(lm_loss, tx, config))
+  step = accumjax.jit_train_step(accumjax.make_train_step(lm_loss, tx, config), donate=False)
   fresh = lambda: accumjax.init_train_state(reference.init_params(), tx, 0)
   calls = _calls(config)
   straight = [fresh()]
@@ -93,20 +94,10 @@ TINY = dict(seq_len=32, batch_size=4, d_model=32, num_layers=1, num_heads=2, max
             grad_accum_steps=4, save_every=1)
 
 
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  """A small real-text corpus (four stdlib files), so runs load in milliseconds."""
-  root = tmp_path_factory.mktemp('corpus')
-  lib = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  for name in ('textwrap.py', 'shlex.py', 'fnmatch.py', 'glob.py'):
-    (root / name).write_bytes((lib / name).read_bytes())
-  return str(root)
-
-
 def _run(out, corpus, stop_after=None, resume=None, log=None, **kw):
   """train_and_evaluate; `stop_after=n` raises the preemption flag at the n-th poll (call)."""
   counter = itertools.count(1)
-  cfg = TrainConfig(**{**TINY, 'data': corpus, **kw})
+  cfg = train_config(**{**TINY, 'data': corpus, **kw})
   should_stop = (lambda: next(counter) == stop_after) if stop_after else (lambda: False)
   return train_and_evaluate(cfg, out, log, resume=resume, should_stop=should_stop)
 
@@ -124,8 +115,8 @@ def straight(corpus, tmp_path_factory):
 
 
 def _restore(out, corpus, **cfg_kwargs):
-  cfg = TrainConfig(**{**TINY, 'data': corpus, **cfg_kwargs})
-  _, params = make_lm(model_config(cfg), seed=cfg.seed)
+  cfg = train_config(**{**TINY, 'data': corpus, **cfg_kwargs})
+  _, params = make_lm(cfg.model, seed=cfg.seed)
   tx = build_optimizer(cfg, validate(cfg))[0]
   return checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints').restore(
       lambda meta: accumjax.init_train_state(params, tx, cfg.seed))
@@ -171,7 +162,7 @@ def test_resume_refuses_accumulation_change_mid_cycle(tmp_path, corpus):
 
 def test_resume_flushes_partial_cycle_when_asked(tmp_path, corpus):
   out = _stop_mid_cycle(tmp_path, corpus)
-  cfg = TrainConfig(**{**TINY, 'data': corpus, 'accum_mode': 'scan', 'grad_accum_steps': 2})
+  cfg = train_config(**{**TINY, 'data': corpus, 'accum_mode': 'scan', 'grad_accum_steps': 2})
   summary = train_and_evaluate(cfg, out, resume='latest', on_config_change='flush')
   assert summary['updates'] == 4 and np.isfinite(summary['final_train_loss'])
   lines = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]

@@ -141,16 +141,23 @@ def test_partial_final_cycle_flushes_as_one_update(mode):
   ref, _ = reference.run_reference(params, [partial], sgd())
   tx = accumjax.accumulating_optimizer(sgd(), config)
   state = accumjax.init_train_state(params, tx, jax.random.key(0))
-  step = jax.jit(accumjax.make_train_step(lm_loss, tx, config))
-  for call in calls_of(partial, config):
-    state, metrics = step(state, call)
-    assert not bool(metrics['updated'])
-  chex.assert_trees_all_equal(state.params, params)
-  state = jax.jit(accumjax.make_flush(tx, config))(state)
+  step = accumjax.jit_train_step(accumjax.make_train_step(lm_loss, tx, config), donate=False)
+  flush = jax.jit(accumjax.make_flush(tx, config))
+  # Without a flush the driver stops where the data ended: nothing applied yet.
+  cut = accumjax.run_update(step, state, calls_of(partial, config), config)
+  assert cut.exhausted and not cut.complete and not bool(cut.metrics['updated'])
+  chex.assert_trees_all_equal(cut.state.params, params)
+  # With one, the partial cycle is its own update, exact for the micro-batches it had.
+  done = accumjax.run_update(step, state, calls_of(partial, config), config, flush=flush)
+  assert done.exhausted and done.complete and bool(done.metrics['updated'])
+  state = done.state
   chex.assert_trees_all_close(state.params, ref, rtol=TOL, atol=1e-6)
+  np.testing.assert_allclose(float(done.metrics['loss']), reference.full_batch_loss(
+      params, partial), rtol=TOL)
   assert int(state.update_step) == 1 and int(state.opt_state.mini_step) == 0
   # Flushing again changes nothing.
-  again = jax.jit(accumjax.make_flush(tx, config))(state)
+  again, metrics = flush(state)
+  assert not bool(metrics['updated'])
   chex.assert_trees_all_equal(again.params, state.params)
 
 

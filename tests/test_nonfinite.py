@@ -4,8 +4,6 @@ checkpoints after a skip, and float16 dynamic loss scaling."""
 
 import functools
 import json
-import pathlib
-import sysconfig
 
 import chex
 import jax
@@ -16,10 +14,10 @@ import pytest
 
 import accumjax
 from accumjax import checkpoint
-from accumjax.train import TrainConfig, train_and_evaluate
+from accumjax.lm.train import train_and_evaluate
 from experiments import train as train_cli
 from tests import reference
-from tests.helpers import calls_of, lm_loss
+from tests.helpers import calls_of, lm_loss, train_config
 from tests.test_equivalence import ROWS, TOL, adamw, config_for, sgd
 
 K = 4
@@ -60,14 +58,13 @@ def _reference_without(skipped):
 
 def _stepper(config, opt):
   tx = accumjax.accumulating_optimizer(opt, config)
-  step = jax.jit(accumjax.make_train_step(faulty_loss, tx, config), static_argnames='last_call')
+  step = accumjax.jit_train_step(accumjax.make_train_step(faulty_loss, tx, config),
+                                 donate=False)
 
   def run_update(state, batch):
-    calls = calls_of(batch, config)
-    for i, call in enumerate(calls):
-      state, metrics = step(state, call, last_call=i + 1 == len(calls))
-    assert bool(metrics['updated'])
-    return state, metrics
+    done = accumjax.run_update(step, state, calls_of(batch, config), config)
+    assert done.complete and bool(done.metrics['updated'])
+    return done.state, done.metrics
 
   return tx, run_update
 
@@ -120,7 +117,7 @@ def test_mid_cycle_checkpoint_keeps_the_fault(tmp_path, mode):
   # the update and still knows which micro-batch was bad.
   config = config_for(mode, K)
   tx = accumjax.accumulating_optimizer(sgd(), config)
-  step = jax.jit(accumjax.make_train_step(faulty_loss, tx, config))
+  step = accumjax.jit_train_step(accumjax.make_train_step(faulty_loss, tx, config))
   calls = calls_of(with_fault(reference.make_batches(1, ROWS)[0], 0, np.nan), config)
   state = step(accumjax.init_train_state(reference.init_params(), tx, 0), calls[0])[0]
   assert int(state.cycle_first_nonfinite) == 0 and int(state.nonfinite_microbatches) == 1
@@ -233,17 +230,8 @@ TINY = dict(seq_len=32, batch_size=4, d_model=32, num_layers=1, num_heads=2, max
 FP16_TOL = 1e-3  # measured 7.8e-5 over 10 updates (README, benchmarks/faults.md)
 
 
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  root = tmp_path_factory.mktemp('corpus')
-  lib = pathlib.Path(sysconfig.get_paths()['stdlib'])
-  for name in ('textwrap.py', 'shlex.py', 'fnmatch.py', 'glob.py'):
-    (root / name).write_bytes((lib / name).read_bytes())
-  return str(root)
-
-
 def _train(out, corpus, **kw):
-  summary = train_and_evaluate(TrainConfig(**{**TINY, 'data': corpus, **kw}), out)
+  summary = train_and_evaluate(train_config(**{**TINY, 'data': corpus, **kw}), out)
   lines = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
   return summary, [r for r in lines if r['kind'] == 'train']
 
@@ -299,7 +287,7 @@ def test_preempted_after_a_skip_resumes_bit_identically(tmp_path, corpus):
   kw = dict(steps=4, accum_mode='multisteps', inject_faults='2:1:nan', save_every=1)
   straight, records = _train(tmp_path / 'straight', corpus, **kw)
   assert [r['skipped'] for r in records] == [False, True, False, False]
-  cfg = TrainConfig(**{**TINY, 'data': corpus, **kw})
+  cfg = train_config(**{**TINY, 'data': corpus, **kw})
   polls = iter(range(1, 100))
   stopped = train_and_evaluate(cfg, tmp_path / 'cut', should_stop=lambda: next(polls) == 10)
   assert stopped['preempted'] and stopped['update'] == 2  # mid-cycle, after the skip

@@ -16,11 +16,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  return kill_resume.tiny_corpus(tmp_path_factory.mktemp('corpus'))
-
-
-@pytest.fixture(scope='module')
 def reference(corpus, tmp_path_factory):
   out = tmp_path_factory.mktemp('reference') / 'run'
   done = kill_resume.run(kill_resume.train_argv(out, corpus, 'multisteps', 'fp32'))
@@ -75,7 +70,7 @@ def test_failed_save_surfaces_and_is_never_restored(tmp_path, corpus, reference)
 CRASH_AFTER_ASYNC_SAVE = '''
 import os, sys, jax
 import accumjax
-from accumjax import checkpoint, logs
+from accumjax import checkpoint
 from tests import reference
 from tests.test_equivalence import adamw, config_for
 config = config_for('multisteps', 4)
@@ -84,10 +79,10 @@ state = accumjax.init_train_state(reference.init_params(), tx, 0)
 ckpt = checkpoint.Checkpointer(sys.argv[1])
 ckpt.save(state, {})
 ckpt.wait()
-print(logs.fingerprint(state), flush=True)
+print(checkpoint.fingerprint(state), flush=True)
 later = state._replace(microbatch_step=state.microbatch_step + 1,
                        params=jax.tree.map(lambda p: p + 1.0, state.params))
-print(logs.fingerprint(later), flush=True)
+print(checkpoint.fingerprint(later), flush=True)
 ckpt.save(later, {})
 os._exit(1)  # crash right after the async save started
 '''
@@ -95,7 +90,7 @@ os._exit(1)  # crash right after the async save started
 
 def test_crash_right_after_async_save_restores_only_whole_checkpoints(tmp_path):
   import accumjax
-  from accumjax import checkpoint, logs
+  from accumjax import checkpoint
   from tests import reference as ref
   from tests.test_equivalence import adamw, config_for
 
@@ -109,7 +104,7 @@ def test_crash_right_after_async_save_restores_only_whole_checkpoints(tmp_path):
       lambda meta: accumjax.init_train_state(ref.init_params(), tx, 0))
   # Either the crash beat the commit (step 0 comes back, the unfinished save is reported) or
   # the save had committed; never a mixture.
-  got = logs.fingerprint(restored.state)
+  got = checkpoint.fingerprint(restored.state)
   assert (restored.step, got) in ((0, first), (1, second))
   if restored.step == 0:
     assert any('unfinished' in why for _, why in restored.skipped) or \

@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from accumjax import data as data_lib
-from accumjax.train import TrainConfig, train_and_evaluate
+from accumjax.lm import data as data_lib
+from accumjax.lm.train import train_and_evaluate
 from experiments import train as train_cli
+from tests.helpers import train_config
 
 TINY = dict(seq_len=32, batch_size=4, d_model=32, num_layers=1, num_heads=2, max_len=64,
             eval_batches=2, log_every=2, warmup_steps=2)
@@ -20,7 +21,7 @@ def _records(out):
 
 
 def test_smoke_outputs_and_loss_falls(tmp_path):
-  cfg = TrainConfig(**TINY, grad_accum_steps=2, steps=12, eval_every=6, lr=1e-2)
+  cfg = train_config(**TINY, grad_accum_steps=2, steps=12, eval_every=6, lr=1e-2)
   summary = train_and_evaluate(cfg, tmp_path)
   train, evals, last = _records(tmp_path)
   assert [r['update'] for r in train] == list(range(1, 13))
@@ -36,7 +37,7 @@ def test_smoke_outputs_and_loss_falls(tmp_path):
 
 
 def _losses(tmp_path, name, **kw):
-  cfg = TrainConfig(**{**TINY, 'steps': 5, 'eval_every': 100, 'lr': 1e-2, **kw})
+  cfg = train_config(**{**TINY, 'steps': 5, 'eval_every': 100, 'lr': 1e-2, **kw})
   summary = train_and_evaluate(cfg, tmp_path / name)
   train, _, _ = _records(tmp_path / name)
   return np.array([r['loss'] for r in train]), summary

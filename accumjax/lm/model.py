@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+POSITIONS = ('rope', 'learned')
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -106,8 +108,8 @@ def make_lm(cfg: ModelConfig, seed: int = 0):
 
   The compute dtype follows the params' dtype (see accumjax.precision).
   """
-  if cfg.positions not in ('rope', 'learned'):
-    raise ValueError(f'positions={cfg.positions!r}; allowed: rope, learned.')
+  if cfg.positions not in POSITIONS:
+    raise ValueError(f'positions={cfg.positions!r}; allowed: {", ".join(POSITIONS)}.')
   if cfg.d_model % cfg.num_heads or (cfg.d_model // cfg.num_heads) % 2:
     raise ValueError(
         f'd_model={cfg.d_model} must split into num_heads={cfg.num_heads} heads of even size.')

@@ -1,26 +1,10 @@
-"""Logging helpers for runs: the banner, log lines, progress bar, metrics.jsonl, the loss plot,
-the summary table, and a fingerprint of the params for bitwise comparison of runs.
-
-The only place in the library that prints.
+"""Logging helpers for the LM trainer: the banner, log lines, progress bar, metrics.jsonl, the
+loss plot and the summary table. The only place in accumjax that prints.
 """
 
-import hashlib
 import json
 import pathlib
 import sys
-
-import jax
-import numpy as np
-
-
-def fingerprint(tree) -> str:
-  """sha256 (first 16 hex digits) of every leaf's path, dtype, shape and bytes, in tree order."""
-  h = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    a = np.asarray(leaf)
-    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|'.encode())
-    h.update(np.ascontiguousarray(a).tobytes())
-  return h.hexdigest()[:16]
 
 
 class MetricsWriter:

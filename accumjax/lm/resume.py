@@ -2,7 +2,8 @@
 
 What may change on resume (see README): harmless settings always; the accumulation setup at a
 cycle boundary, or mid-cycle only with the `flush` policy; anything that changes the math
-never.
+never. Checkpoints store the settings flat (`config.to_flat`), so the comparison is by flat
+name and every message names the flag.
 """
 
 import dataclasses
@@ -16,19 +17,21 @@ import optax
 from accumjax import parallel
 from accumjax.checkpoint import Checkpointer
 from accumjax.core import ConfigError
+from accumjax.lm import config as config_lib
+from accumjax.lm.build import build_optimizer
+from accumjax.lm.config import ACCUMULATION, HARMLESS, TrainConfig
 from accumjax.optim import as_opt_params
-from accumjax.runconfig import ACCUMULATION, HARMLESS, TrainConfig, build_optimizer, validate
 from accumjax.step import init_train_state, make_flush
 
 
 def compare_configs(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
-  """(changed accumulation fields, changed fields that change the math) between runs.
+  """(changed accumulation settings, changed settings that change the math), by flat name.
 
-  Harmless fields (logging, eval, saving, --steps) may always change. Everything else that is
-  not an accumulation field (model, data, seed, precision, optimizer, schedule...) changes what
-  the resumed run computes, so it is refused.
+  Harmless settings (logging, eval, saving, --steps) may always change. Everything else that
+  is not an accumulation setting (model, data, seed, precision, optimizer, schedule...) changes
+  what the resumed run computes, so it is refused.
   """
-  new = dataclasses.asdict(cfg)
+  new = config_lib.to_flat(cfg)
   unknown = sorted(set(saved) - set(new))
   if unknown:
     raise ConfigError(f'the checkpoint was written with unknown settings {unknown}.')
@@ -37,12 +40,26 @@ def compare_configs(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]
           [k for k in changed if k not in ACCUMULATION])
 
 
-def _describe_change(saved: dict, cfg: TrainConfig, fields) -> str:
-  new = dataclasses.asdict(cfg)
-  return ', '.join(f'--{k.replace("_", "-")} {saved[k]!r} -> {new[k]!r}' for k in fields)
+def _describe_change(saved: dict, cfg: TrainConfig, names) -> str:
+  new = config_lib.to_flat(cfg)
+  return ', '.join(f'{config_lib.flag(k)} {saved[k]!r} -> {new[k]!r}' for k in names)
 
 
-def _convert_opt_state(state, old_tx, tx, params):
+@dataclasses.dataclass
+class _Saved:
+  """The run a checkpoint was written by: its settings and accumulating optimizer."""
+  flat: dict
+  accum: object
+  tx: object
+
+  @classmethod
+  def of(cls, meta: dict) -> '_Saved':
+    cfg = config_lib.from_flat(meta['config'])
+    accum = config_lib.validate(cfg, meta.get('num_devices', 1))
+    return cls(meta['config'], accum, build_optimizer(cfg, accum)[0])
+
+
+def _convert_opt_state(state, tx, params):
   """Moves a cycle-boundary optimizer state between accumulation setups (scan <-> MultiSteps,
   other K): the inner optimizer state carries over, the (empty) accumulator is rebuilt."""
   old = state.opt_state
@@ -61,48 +78,45 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
 
   The state is restored replicated on `mesh` (any device count: the state is replicated and
   its accumulated sums are already global), or on the default device without one.
+  Returns (state, meta).
   """
+  saved_runs = {}
 
   def target(meta):
-    accum_fields, math_fields = compare_configs(meta['config'], cfg)
-    if math_fields:
+    _, math_names = compare_configs(meta['config'], cfg)
+    if math_names:
       raise ConfigError(
           f'cannot resume from step {meta["step"]} with a different '
-          f'{_describe_change(meta["config"], cfg, math_fields)}: it changes what the run '
+          f'{_describe_change(meta["config"], cfg, math_names)}: it changes what the run '
           'computes. Resume with the saved values, or start a new run in another --out.')
-    old_cfg = TrainConfig(**meta['config'])
-    old_accum = validate(old_cfg, meta.get('num_devices', 1))
-    fresh = init_train_state(params, build_optimizer(old_cfg, old_accum)[0], cfg.seed)
+    saved_runs[meta['step']] = saved = _Saved.of(meta)
+    fresh = init_train_state(params, saved.tx, cfg.seed)
     return fresh if mesh is None else parallel.abstract_replicated(fresh, mesh)
 
   restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step))
   for s, why in restored.skipped:
     log.info(f'resume: skipped checkpoint {s}: {why}')
-  state, meta = restored.state, restored.meta
-  saved = meta['config']
-  accum_fields, _ = compare_configs(saved, cfg)
-  old_cfg = TrainConfig(**saved)
-  old_accum = validate(old_cfg, meta.get('num_devices', 1))
-  old_tx = build_optimizer(old_cfg, old_accum)[0]
+  state, meta, saved = restored.state, restored.meta, saved_runs[restored.step]
   where = (f'update {int(state.update_step)}, {int(state.cycle_microbatch)}/'
-           f'{old_accum.num_microbatches} micro-batches into the next')
+           f'{saved.accum.num_microbatches} micro-batches into the next')
   log.info(f'resume: checkpoint {restored.step} ({where}) from {ckpt.path(restored.step)}')
   shape = lambda a: (a.num_microbatches, a.microbatch_size, a.mode, a.per_call, a.num_devices)
-  if shape(old_accum) != shape(accum):
+  if shape(saved.accum) != shape(accum):
+    accum_names, _ = compare_configs(saved.flat, cfg)
     change = ', '.join(
-        [_describe_change(saved, cfg, accum_fields)] * bool(accum_fields) +
-        [f'devices {old_accum.num_devices} -> {accum.num_devices}'] *
-        (old_accum.num_devices != accum.num_devices))
+        [_describe_change(saved.flat, cfg, accum_names)] * bool(accum_names) +
+        [f'devices {saved.accum.num_devices} -> {accum.num_devices}'] *
+        (saved.accum.num_devices != accum.num_devices))
     if int(state.cycle_microbatch) > 0:
       if on_config_change != 'flush':
         raise ConfigError(
             f'checkpoint {restored.step} is mid-cycle ({where}); changing {change} now would '
             'mix two accumulation setups in one update. Resume with the saved values, or pass '
             '--on-config-change flush to apply the partial cycle as its own update first.')
-      state = jax.jit(make_flush(old_tx, old_accum))(state)
+      state, _ = jax.jit(make_flush(saved.tx, saved.accum))(state)
       log.info(f'resume: flushed the partial cycle as update {int(state.update_step)} '
                f'(exact for the micro-batches it had) before changing {change}')
-    state = _convert_opt_state(state, old_tx, tx, params)
+    state = _convert_opt_state(state, tx, params)
     log.info(f'resume: accumulation changed at a cycle boundary: {change}')
   return state, meta
 

@@ -1,0 +1,91 @@
+"""What a run is built from its settings: the optimizer and its schedule, the loss, and the
+memory planner's resolution of `--memory-budget`. No training loop here (train.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from accumjax.config import AccumConfig
+from accumjax.core import ConfigError
+from accumjax.lm import config as config_lib
+from accumjax.lm.config import TrainConfig
+from accumjax.lm.model import make_lm
+from accumjax.losses import token_cross_entropy
+from accumjax.optim import accumulating_optimizer
+from accumjax.planner import Plan, compiled_memory, parse_bytes, plan_microbatch
+from accumjax.step import init_train_state, jit_train_step, make_train_step
+
+
+def lr_schedule(cfg: TrainConfig):
+  if cfg.schedule == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
+        [cfg.warmup_steps]) if cfg.warmup_steps else optax.constant_schedule(cfg.lr)
+  return optax.warmup_cosine_decay_schedule(
+      0.0, cfg.lr, cfg.warmup_steps, max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * 0.1)
+
+
+def inner_optimizer(cfg: TrainConfig, schedule):
+  if cfg.optimizer == 'adamw':
+    return optax.adamw(schedule, b2=0.95, weight_decay=cfg.weight_decay)
+  if cfg.optimizer == 'lion':
+    return optax.lion(schedule, weight_decay=cfg.weight_decay)
+  return optax.sgd(schedule, momentum=0.9)
+
+
+def build_optimizer(cfg: TrainConfig, accum: AccumConfig):
+  """(the accumulating optimizer, the learning-rate schedule) for a run."""
+  schedule = lr_schedule(cfg)
+  return accumulating_optimizer(inner_optimizer(cfg, schedule), accum), schedule
+
+
+def make_loss_fn(apply):
+  """The LM's loss in (sum, weight) form: token cross entropy over the unmasked targets."""
+
+  def loss_fn(params, batch, rng):
+    logits = apply(params, batch['inputs'], rng)
+    return token_cross_entropy(logits, batch['targets'], batch['mask'])
+
+  return loss_fn
+
+
+def _step_bytes(cfg: TrainConfig, loss_fn, params, b: int, k: int) -> int:
+  """XLA's compiled bytes of the train step(s) training would run with micro-batch b and K:
+  the largest of its programs (interim and last call, in multisteps/hybrid modes)."""
+  c = config_lib.replace(cfg, batch_size=b, grad_accum_steps=k, tokens_per_update=None)
+  accum = config_lib.validate(c)
+  tx = build_optimizer(c, accum)[0]
+  state = jax.eval_shape(lambda p: init_train_state(p, tx, 0), params)
+  rows = accum.per_call * b
+  batch = {'inputs': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
+           'targets': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
+           'mask': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.float32)}
+  step = jit_train_step(make_train_step(loss_fn, tx, accum))
+  hints = (True,) if accum.calls_per_update == 1 else (False, True)
+  return max(compiled_memory(step, state, batch, last_call=h)['total'] for h in hints)
+
+
+def plan_for_budget(cfg: TrainConfig, num_devices: int = 1) -> tuple[TrainConfig, Plan]:
+  """Resolves --memory-budget: the largest micro-batch whose compiled train step fits, and the
+  K that reaches --tokens-per-update. Returns the config with the micro-batch size and K set.
+
+  With `num_devices` data-parallel devices the budget is per device: each device runs the
+  one-device program on its share of the rows (plus one reduction per call).
+  """
+  if cfg.tokens_per_update is None or cfg.grad_accum_steps is not None:
+    raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps): '
+                      'it chooses the micro-batch size and K itself.')
+  if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % (cfg.seq_len * num_devices):
+    raise ConfigError(f'--tokens-per-update {cfg.tokens_per_update} must be a positive multiple '
+                      f'of --seq-len x devices = {cfg.seq_len} x {num_devices}.')
+  budget = parse_bytes(cfg.memory_budget)
+  config_lib.validate(config_lib.replace(cfg, batch_size=1))
+  apply, params = make_lm(cfg.model, seed=cfg.seed)
+  loss_fn = make_loss_fn(apply)
+  rows_per_device = cfg.tokens_per_update // (cfg.seq_len * num_devices)
+  plan = plan_microbatch(lambda b, k: _step_bytes(cfg, loss_fn, params, b, k), budget,
+                         rows_per_device)
+  return config_lib.replace(cfg, batch_size=plan.microbatch_size,
+                            grad_accum_steps=plan.num_microbatches,
+                            tokens_per_update=None), plan

@@ -1,0 +1,214 @@
+"""The settings of one LM training run: one nested `TrainConfig`, validated with clear errors.
+
+The model's settings live inside it (`cfg.model`, an `lm.model.ModelConfig`), not mirrored.
+The CLI (`experiments/train.py`) takes its choices from the constants here. Checkpoints and
+config.json store the settings *flat* under their historical names (`batch_size`, `d_model`,
+`num_layers`, ...: `to_flat` / `from_flat`), so runs saved before this layout still resume, and
+every refusal on resume names the command-line flag (`flag`).
+
+Not here: what is built from the settings (build.py), the training loop (train.py).
+"""
+
+import dataclasses
+import math
+
+import jax
+
+from accumjax.config import (
+  DP_REDUCTIONS,
+  MODES,
+  MULTISTEPS_IMPLS,
+  NONFINITE_POLICIES,
+  AccumConfig,
+)
+from accumjax.core import ConfigError
+from accumjax.lm import faults
+from accumjax.lm.data import VOCAB_SIZE
+from accumjax.lm.model import POSITIONS, ModelConfig
+
+PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+OPTIMIZERS = ('adamw', 'sgd', 'lion')
+SCHEDULES = ('cosine', 'constant')
+ON_CONFIG_CHANGE = ('refuse', 'flush')
+DEFAULT_NUM_MICROBATCHES = 4
+# What may change when a run is resumed (flat names). Settings that only change what is
+# logged or saved, and the fault policy (it changes nothing while values are finite; a run
+# stopped by 'raise' is meant to be resumed with 'skip_update'):
+HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
+            'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget',
+            'nonfinite_policy', 'max_consecutive_skips')
+# The shape of an update: safe to change between cycles, never inside one without a policy.
+# (`mesh` and `dp_reduction` too: the device count is compared as resolved, see resume.py.)
+ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
+                'microbatches_per_call', 'mesh', 'dp_reduction')
+# Flat names that differ from the field names, and flags that differ from --flat-name.
+_FLAT_NAMES = {'microbatch_size': 'batch_size'}
+_FLAGS = {'num_layers': '--layers', 'num_heads': '--heads'}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Every setting of a run; `python -m experiments.train --help` documents each flag.
+
+  `microbatch_size` is per device (`--batch-size`): effective batch = microbatch_size x K x
+  devices. K comes from `grad_accum_steps`, or from `tokens_per_update`, or is 4.
+  """
+  # data
+  data: str | None = None
+  seq_len: int = 128
+  pack: bool = False
+  # accumulation
+  microbatch_size: int = 8
+  grad_accum_steps: int | None = None
+  tokens_per_update: int | None = None
+  accum_mode: str = 'scan'
+  microbatches_per_call: int | None = None
+  multisteps_impl: str = 'lazy'
+  memory_budget: str | None = None
+  precision: str = 'fp32'
+  # non-finite values
+  nonfinite_policy: str = 'skip_update'
+  max_consecutive_skips: int = 10
+  inject_faults: str | None = None
+  # data parallelism: 'data=N' or None (all devices); how the devices' sums meet
+  mesh: str | None = None
+  dp_reduction: str = 'psum'
+  # optimization
+  optimizer: str = 'adamw'
+  lr: float = 3e-3
+  weight_decay: float = 0.1
+  warmup_steps: int = 20
+  schedule: str = 'cosine'
+  clip_norm: float | None = 1.0
+  clip_before_accumulation: bool = False
+  steps: int = 300
+  # model
+  model: ModelConfig = ModelConfig()
+  # run
+  seed: int = 0
+  eval_every: int = 50
+  eval_batches: int = 8
+  log_every: int = 10
+  log_microbatches: bool = False
+  # checkpoints (0 disables)
+  save_every: int = 100
+  save_every_micro: int = 0
+  keep: int = 3
+
+  def num_microbatches(self, num_devices: int = 1) -> int:
+    """K, from --grad-accum-steps or --tokens-per-update (default 4)."""
+    if self.tokens_per_update is None:
+      return DEFAULT_NUM_MICROBATCHES if self.grad_accum_steps is None else \
+          self.grad_accum_steps
+    per_mb = self.microbatch_size * self.seq_len * num_devices
+    if self.tokens_per_update <= 0 or self.tokens_per_update % per_mb:
+      raise ConfigError(
+          f'--tokens-per-update {self.tokens_per_update} is not a positive multiple of '
+          f'batch size x seq len x devices = {self.microbatch_size} x {self.seq_len} x '
+          f'{num_devices} = {per_mb}; allowed: {per_mb}, {2 * per_mb}, {4 * per_mb}, ...')
+    return self.tokens_per_update // per_mb
+
+
+def replace(cfg: TrainConfig, **flat) -> TrainConfig:
+  """`cfg` with settings changed by their flat names (`d_model=64`, `batch_size=4`, ...)."""
+  return from_flat({**to_flat(cfg), **flat})
+
+
+def to_flat(cfg: TrainConfig) -> dict:
+  """The settings as one flat dict under their historical names (checkpoints, config.json)."""
+  out = {}
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if field.name == 'model':
+      out.update({k: v for k, v in dataclasses.asdict(value).items() if k != 'vocab_size'})
+    else:
+      out[_FLAT_NAMES.get(field.name, field.name)] = value
+  return out
+
+
+def from_flat(flat: dict) -> TrainConfig:
+  """The inverse of `to_flat`; unknown names are a ConfigError naming them."""
+  model_names = {f.name for f in dataclasses.fields(ModelConfig)} - {'vocab_size'}
+  top = {_FLAT_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(TrainConfig)
+         if f.name != 'model'}
+  unknown = sorted(set(flat) - model_names - set(top))
+  if unknown:
+    raise ConfigError(f'unknown settings {unknown}; known: {sorted(model_names | set(top))}.')
+  model = ModelConfig(**{k: v for k, v in flat.items() if k in model_names})
+  return TrainConfig(model=model, **{top[k]: v for k, v in flat.items() if k in top})
+
+
+def flag(name: str) -> str:
+  """The command-line flag of a flat setting name."""
+  return _FLAGS.get(name, '--' + name.replace('_', '-'))
+
+
+def parse_mesh(spec: str | None) -> int | None:
+  """--mesh: 'data=N' -> N; None or 'auto' -> None (all devices)."""
+  if spec is None or spec == 'auto':
+    return None
+  name, _, size = spec.partition('=')
+  if name != 'data' or not size.isdigit() or int(size) < 1:
+    raise ConfigError(f'--mesh {spec!r}; allowed: auto, or data=N with N >= 1 '
+                      f'(the data-parallel size; this run has {jax.device_count()} devices).')
+  return int(size)
+
+
+def _int_at_least(name, value, minimum=1):
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f'{flag(name)} {value!r} must be an integer >= {minimum}.')
+
+
+def _check_model(cfg: TrainConfig):
+  m = cfg.model
+  for name in ('d_model', 'num_layers', 'num_heads', 'mlp_ratio', 'max_len'):
+    _int_at_least(name, getattr(m, name))
+  if m.vocab_size != VOCAB_SIZE:
+    raise ConfigError(f'model vocab_size {m.vocab_size}; the byte-level data has {VOCAB_SIZE}.')
+  if cfg.seq_len > m.max_len:
+    raise ConfigError(
+        f'--seq-len {cfg.seq_len} is longer than the model allows (--max-len {m.max_len}).')
+  if m.d_model % m.num_heads or (m.d_model // m.num_heads) % 2:
+    raise ConfigError(f'--d-model {m.d_model} must split into --heads {m.num_heads} '
+                      'heads of even size.')
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f'--dropout {m.dropout} must be in [0, 1).')
+
+
+def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
+  """Checks every setting; returns the AccumConfig. Raises ConfigError before any work."""
+  if cfg.grad_accum_steps is not None and cfg.tokens_per_update is not None:
+    raise ConfigError('give --grad-accum-steps or --tokens-per-update, not both.')
+  for name in ('seq_len', 'steps', 'eval_every', 'eval_batches', 'log_every', 'keep'):
+    _int_at_least(name, getattr(cfg, name))
+  _int_at_least('batch_size', cfg.microbatch_size)
+  for name in ('warmup_steps', 'save_every', 'save_every_micro', 'max_consecutive_skips'):
+    _int_at_least(name, getattr(cfg, name), minimum=0)
+  if cfg.grad_accum_steps is not None:
+    _int_at_least('grad_accum_steps', cfg.grad_accum_steps)
+  _check_model(cfg)
+  if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+    raise ConfigError(f'--lr {cfg.lr} must be a positive finite number.')
+  if not cfg.weight_decay >= 0:
+    raise ConfigError(f'--weight-decay {cfg.weight_decay} must be >= 0.')
+  choices = {'precision': tuple(PRECISIONS), 'optimizer': OPTIMIZERS, 'schedule': SCHEDULES,
+             'nonfinite_policy': NONFINITE_POLICIES, 'accum_mode': MODES,
+             'multisteps_impl': MULTISTEPS_IMPLS, 'dp_reduction': DP_REDUCTIONS}
+  for name, allowed in choices.items():
+    if getattr(cfg, name) not in allowed:
+      raise ConfigError(f'{flag(name)} {getattr(cfg, name)!r}; allowed: {", ".join(allowed)}.')
+  if cfg.model.positions not in POSITIONS:
+    raise ConfigError(f'--positions {cfg.model.positions!r}; allowed: {", ".join(POSITIONS)}.')
+  if cfg.clip_norm is not None and not cfg.clip_norm > 0:
+    raise ConfigError(f'--clip-norm {cfg.clip_norm} must be > 0 (0 or omitted: see --help).')
+  k = cfg.num_microbatches(num_devices)
+  faults.parse(cfg.inject_faults, k)
+  per_call = cfg.microbatches_per_call
+  if cfg.accum_mode == 'hybrid' and per_call is None:
+    per_call = k // 2 if k % 2 == 0 else 1
+  return AccumConfig(
+      num_microbatches=k, microbatch_size=cfg.microbatch_size, mode=cfg.accum_mode,
+      microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
+      clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
+      seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
+      nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction)

@@ -1,0 +1,151 @@
+"""The call driver: one optimizer update from a stream of calls, counted once, here.
+
+A jitted train step (`step.make_train_step` + `step.jit_train_step`) takes one *call*: K
+micro-batches in scan mode, one in multisteps mode, c in hybrid mode. `run_update` makes the
+calls of one update: it knows from the state where the cycle stands (a run resumed mid-cycle
+continues it), passes the static `last_call` hint on each call, lets the caller act after every
+call (log, save mid-cycle, stop for a preemption), and flushes a cycle that the data cut short.
+The trainer, the experiments, the notebooks and the tests all train through it.
+
+The number of micro-batches may differ from one update to the next (`num_microbatches`), as
+long as the optimizer's cycle agrees (in scan mode the call's batch decides it).
+
+Not here: where calls come from (any iterator of batches), logging, checkpoints.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+
+from accumjax.config import AccumConfig
+from accumjax.core import ConfigError
+
+
+@dataclasses.dataclass
+class Update:
+  """What `run_update` did.
+
+  Attributes:
+    state: the train state after the last call (or the flush).
+    metrics: the metrics of the last call (device arrays; after a complete update they are
+      the update's: loss, weight, grad_norm, skipped, ...), of the flush if the data ended
+      mid-cycle, or None if no call was made.
+    calls: calls made by this invocation.
+    complete: the update was completed (its last call made, or a partial cycle flushed).
+    stopped: `after_call` asked to stop in the middle of the cycle (the state is mid-cycle).
+    exhausted: the calls ran out before the update was complete.
+  """
+  state: Any
+  metrics: dict | None
+  calls: int
+  complete: bool
+  stopped: bool = False
+  exhausted: bool = False
+
+
+def calls_per_update(config: AccumConfig, num_microbatches: int | None = None) -> int:
+  """Calls in an update of `num_microbatches` (default: the config's K).
+
+  In scan mode an update is one call of up to K micro-batches (the call's batch says how
+  many); otherwise K must be a multiple of the micro-batches of one call.
+  """
+  k = config.num_microbatches if num_microbatches is None else num_microbatches
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f'num_microbatches={k!r} must be an int >= 1.')
+  if config.mode == 'scan':
+    if k > config.num_microbatches:
+      raise ConfigError(f'num_microbatches={k}: a scan call holds at most the '
+                        f'{config.num_microbatches} micro-batches the step was built for.')
+    return 1
+  if k % config.per_call:
+    raise ConfigError(f'num_microbatches={k} must be a multiple of the {config.per_call} '
+                      f'micro-batch(es) of one {config.mode} call.')
+  return k // config.per_call
+
+
+def calls_done(state, config: AccumConfig) -> int:
+  """Calls already made in the state's current cycle (0 at a cycle boundary)."""
+  done, rest = divmod(int(state.cycle_microbatch), config.per_call)
+  if rest:
+    raise ConfigError(
+        f'the state is {int(state.cycle_microbatch)} micro-batches into its cycle, not a whole '
+        f'number of {config.mode} calls of {config.per_call}; finish the cycle with the setup '
+        'that started it, or flush it.')
+  return done
+
+
+def run_update(
+    step: Callable,
+    state,
+    calls: Iterable,
+    config: AccumConfig,
+    *,
+    num_microbatches: int | None = None,
+    after_call: Callable[[Any, dict, int], bool | None] | None = None,
+    flush: Callable | None = None,
+) -> Update:
+  """Runs one optimizer update: the calls that complete the state's current cycle.
+
+  Args:
+    step: the jitted train step, `step(state, batch, last_call=bool) -> (state, metrics)`.
+    state: the train state; its `cycle_microbatch` says how much of the cycle is done.
+    calls: an iterator of call batches (each `config.per_call` micro-batches, global rows);
+      exactly the calls this update still needs are taken from it.
+    config: the accumulation setup.
+    num_microbatches: K of this update (default `config.num_microbatches`).
+    after_call: `after_call(state, metrics, position)`, called after every call with the
+      number of the cycle's calls done so far (1-based). A true return in the middle of the
+      cycle stops there (`Update.stopped`); after the cycle's last call it is ignored (the
+      update is complete; the caller decides what comes next).
+    flush: the jitted `step.make_flush(...)`; if given and the calls run out mid-cycle, the
+      partial cycle is applied as its own update (exact for the micro-batches it had).
+
+  Returns:
+    An `Update`.
+  """
+  calls = iter(calls)
+  total = calls_per_update(config, num_microbatches)
+  position = calls_done(state, config)
+  if position >= total:
+    raise ConfigError(f'the state is {position} calls into a cycle of {total}.')
+  metrics, made = None, 0
+  while position < total:
+    batch = next(calls, None)
+    if batch is None:
+      if flush is not None and position > 0:
+        state, metrics = flush(state)
+        return Update(state, metrics, made, complete=True, exhausted=True)
+      return Update(state, metrics, made, complete=False, exhausted=True)
+    position += 1
+    state, metrics = step(state, batch, last_call=position == total)
+    made += 1
+    stop = after_call(state, metrics, position) if after_call is not None else False
+    if stop and position < total:
+      return Update(state, metrics, made, complete=False, stopped=True)
+  return Update(state, metrics, made, complete=True)
+
+
+def split_calls(batch, config: AccumConfig) -> list:
+  """A global batch cut into calls of `config.per_call` micro-batches, rows in order (one
+  update's batch gives its calls; a shorter batch, the end of the data, gives fewer calls, the
+  last one holding fewer whole micro-batches)."""
+  rows_per_microbatch = config.microbatch_size * config.num_devices
+  rows = config.per_call * rows_per_microbatch
+  n = jax.tree.leaves(batch)[0].shape[0]
+  if n % rows_per_microbatch:
+    raise ConfigError(f'{n} rows are not whole micro-batches of {config.microbatch_size} rows '
+                      f'x {config.num_devices} device(s).')
+  return [jax.tree.map(lambda x, s=s: x[s:s + rows], batch) for s in range(0, n, rows)]
+
+
+def train(step, state, batches: Iterable, config: AccumConfig, *, flush=None):
+  """Runs one update per batch of `batches` (each one update's global batch); returns the
+  final state and the list of each update's metrics (device arrays)."""
+  history = []
+  for batch in batches:
+    done = run_update(step, state, split_calls(batch, config), config, flush=flush)
+    state = done.state
+    history.append(done.metrics)
+  return state, history
