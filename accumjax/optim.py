@@ -24,6 +24,7 @@ input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`:
   of its accumulator (`(1 - emit) * acc`, where 0 * NaN would stay NaN) always clears it.
 """
 
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from accumjax.config import AccumConfig
-from accumjax.core import GradSums, normalize
+from accumjax.core import ConfigError, GradSums, normalize
 
 
 def as_opt_params(params) -> GradSums:
@@ -113,69 +114,135 @@ def accumulating_optimizer(inner: optax.GradientTransformation, config: AccumCon
 
 
 class LazyMultiSteps(optax.MultiSteps):
-  """optax.MultiSteps with its state and results, minus its per-call optimizer cost.
+  """`optax.MultiSteps` with its state, results and interface, minus its per-call optimizer cost.
 
   optax.MultiSteps runs the wrapped optimizer on every call and keeps the result only on the
-  last call of a cycle (`jnp.where` over the whole optimizer state, then a masked update that
-  still rewrites every parameter). Here `apply` adds the call's sums into the accumulator and
-  runs the wrapped optimizer, and the parameter update, inside a `lax.cond` that only the
-  cycle's last call takes: an interim call costs one add. The state is an
-  `optax.MultiStepsState` holding the same values as optax's (checkpoints are interchangeable);
-  with the `last_call` hint of a training loop that counts its calls there is no branch at all.
-  results agree to float32 rounding (tests/test_perf_paths.py; the two XLA programs fuse
-  differently, so the last bit can differ). Constant K, sums only.
+  last call of a cycle (`jnp.where` over the whole optimizer state, then a masked update). Here
+  each call adds into the accumulator, and the wrapped optimizer runs inside a `lax.cond` that
+  only the cycle's last call takes: an interim call costs the add. Everything optax.MultiSteps
+  takes is taken with the same meaning (plain pytrees, `params=None`, `use_grad_mean` True or
+  False, an int or a callable `every_k_schedule`, `should_skip_update_fn`, `accumulator_dtype`,
+  extra args), the state is an `optax.MultiStepsState` with the same values and dtypes (so
+  checkpoints are interchangeable), and `has_updated`, `gradient_transformation()`,
+  `inner_opt` work as in optax; optax's own MultiSteps tests pass against it
+  (tests/test_optax_multisteps.py).
+
+  Differences, by design: results agree with optax's to float32 rounding, not bitwise (other
+  XLA programs); the emitting call resets the accumulator to exact zeros where optax computes
+  `0 * acc` (so a NaN accumulator is cleared instead of kept); bad settings (K < 1, a float K)
+  raise `ConfigError` where optax silently never updates or fails deep inside.
+
+  accumjax's train step uses it through `apply` (sums of `GradSums`, a static `last_call`
+  hint, the params updated inside the branch).
   """
 
-  def __init__(self, opt, every_k_schedule: int, use_grad_mean=False, accumulator_dtype=None):
-    if not isinstance(every_k_schedule, int) or use_grad_mean:
-      raise ValueError('LazyMultiSteps takes a constant int K and sums (use_grad_mean=False).')
-    super().__init__(opt, every_k_schedule, use_grad_mean=False,
-                     accumulator_dtype=accumulator_dtype or jnp.float32)
-    self.k = every_k_schedule
+  def __init__(self, opt, every_k_schedule, use_grad_mean: bool = True,
+               should_skip_update_fn=None, accumulator_dtype=jnp.float32):
+    if not callable(every_k_schedule):
+      try:
+        k = operator.index(every_k_schedule)  # int and numpy integers, not floats or bools
+      except TypeError:
+        k = None
+      if k is None or isinstance(every_k_schedule, bool) or k < 1:
+        raise ConfigError(f'every_k_schedule={every_k_schedule!r}; allowed: an int >= 1, or a '
+                          'callable gradient_step -> K.')
+      every_k_schedule = int(k)
+    if not isinstance(use_grad_mean, bool):
+      raise ConfigError(f'use_grad_mean={use_grad_mean!r}; allowed: True, False.')
+    if should_skip_update_fn is not None and not callable(should_skip_update_fn):
+      raise ConfigError(f'should_skip_update_fn={should_skip_update_fn!r} is not callable.')
+    if accumulator_dtype is not None and not jnp.issubdtype(jnp.dtype(accumulator_dtype),
+                                                            jnp.floating):
+      raise ConfigError(f'accumulator_dtype={accumulator_dtype!r}; allowed: a float dtype.')
+    super().__init__(opt, every_k_schedule, use_grad_mean, should_skip_update_fn,
+                     accumulator_dtype)
+    self._has_skip_fn = should_skip_update_fn is not None
+    self.k = every_k_schedule if isinstance(every_k_schedule, int) else None
+
+  def _cycle(self, updates, state, params, extra_args, last_call, finish, hold):
+    """The lazy core: adds `updates` into the accumulator; on the cycle's last call runs the
+    inner optimizer on the accumulated gradients and returns `finish(inner updates)`, on
+    other calls `hold()`. Returns (result, new state without skip_state, emit)."""
+    k_steps = self._every_k_schedule(state.gradient_step)
+    acc = jax.tree.map(lambda g, a: self._acc_update(g, a, n_acc=state.mini_step),
+                       updates, state.acc_grads)
+    acc_dtype = self._accumulator_dtype
+    emit = state.mini_step == k_steps - 1
+    if last_call is not None:
+      emit = jnp.asarray(last_call)
+
+    def fire(acc, inner_state):
+      inner_updates, new_inner = self._opt.update(
+          optax.tree.cast_like(acc, updates), inner_state, params=params, **extra_args)
+      new_inner = jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), new_inner,
+                               inner_state)
+      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, acc_dtype or a.dtype), acc)
+      return finish(inner_updates), new_inner, zeros
+
+    def keep(acc, inner_state):
+      return hold(), inner_state, jax.tree.map(lambda a: a.astype(acc_dtype or a.dtype), acc)
+
+    if last_call is None:
+      result, inner_state, new_acc = jax.lax.cond(emit, fire, keep, acc, state.inner_opt_state)
+    else:
+      result, inner_state, new_acc = (fire if last_call else keep)(acc, state.inner_opt_state)
+    new_state = optax.MultiStepsState(
+        mini_step=optax.safe_increment(state.mini_step) % k_steps,
+        gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step),
+                                state.gradient_step),
+        inner_opt_state=inner_state, acc_grads=new_acc, skip_state=state.skip_state)
+    return result, new_state, emit, acc
+
+  def update(self, updates, state, params=None, **extra_args):
+    """optax's interface: (updates, new state); updates are zeros except on the last call."""
+
+    def zero_updates():
+      shapes = jax.eval_shape(
+          lambda acc, inner: self._opt.update(acc, inner, params=params, **extra_args)[0],
+          optax.tree.cast_like(state.acc_grads, updates), state.inner_opt_state)
+      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def do_update(updates, state, params, skip_state):
+      result, new_state, _, _ = self._cycle(updates, state, params, extra_args, None,
+                                            lambda u: u, zero_updates)
+      return result, new_state._replace(skip_state=skip_state)
+
+    if not self._has_skip_fn:
+      return do_update(updates, state, params, state.skip_state)
+    should_skip, skip_state = self._should_skip_update_fn(updates, state.gradient_step, params)
+    if (should_skip.dtype, should_skip.shape) != (jnp.bool_, ()):
+      raise ValueError(
+          'The `should_skip_update_fn` function should return a boolean scalar array, but it '
+          f'returned an array of dtype {should_skip.dtype} and shape {should_skip.shape}')
+
+    def skip(updates, state, params, skip_state):
+      return zero_updates(), state._replace(skip_state=skip_state)
+
+    return jax.lax.cond(should_skip, skip, do_update, updates, state, params, skip_state)
 
   def apply(self, sums: GradSums, state: optax.MultiStepsState, params,
             last_call: bool | None = None) -> Applied:
-    """One call's sums into the optimizer: the new params and state, and what happened.
+    """accumjax's path: one call's `GradSums` into the cycle; the new params and state and
+    what happened (`Applied`), the params updated inside the branch.
 
     `last_call` (static) says whether this call completes the cycle, when the caller knows
     (a training loop counts its calls): then there is no branch at all, and an interim call's
     program only adds into the accumulator (params and optimizer state pass through, aliased
     when donated). None decides on device with `lax.cond`, which is correct without the hint
-    but makes XLA copy the operands (slower than optax.MultiSteps on CPU; see RESULTS.md).
-    A wrong hint would break the cycle: only pass what you counted.
+    but makes XLA copy the operands. A wrong hint would break the cycle: only pass what you
+    counted.
     """
-    acc = jax.tree.map(lambda g, a: (g + a).astype(a.dtype), sums, state.acc_grads)
-    emit = state.mini_step == self.k - 1
-    if last_call is not None:
-      emit = jnp.asarray(last_call)
+    if self._use_grad_mean or self._has_skip_fn:
+      raise ConfigError('apply() sums GradSums: build LazyMultiSteps with use_grad_mean=False '
+                        'and no should_skip_update_fn (accumjax decides skips itself).')
 
-    def fire(operand):
-      acc, inner_state, params = operand
-      updates, inner_state = self.inner_opt.update(acc, inner_state, as_opt_params(params))
-      return (optax.apply_updates(params, updates.grads), inner_state,
-              jax.tree.map(jnp.zeros_like, acc), updates.weight > 0)
+    def finish(updates):
+      return optax.apply_updates(params, updates.grads), updates.weight > 0
 
-    def hold(operand):
-      acc, inner_state, params = operand
-      return params, inner_state, acc, jnp.zeros((), bool)
-
-    operand = (acc, state.inner_opt_state, params)
-    if last_call is None:
-      params, inner_state, new_acc, applied = jax.lax.cond(emit, fire, hold, operand)
-    else:
-      params, inner_state, new_acc, applied = (fire if last_call else hold)(operand)
-    new_state = optax.MultiStepsState(
-        mini_step=(state.mini_step + 1) % self.k,
-        gradient_step=state.gradient_step + emit.astype(state.gradient_step.dtype),
-        inner_opt_state=inner_state, acc_grads=new_acc, skip_state=state.skip_state)
-    return Applied(params, new_state, emit, applied, acc)
-
-  def update(self, updates, state, params=None, **extra_args):
-    """The optax interface, for callers that apply updates themselves."""
-    del extra_args
-    out = self.apply(updates, state, params.grads)
-    deltas = jax.tree.map(jnp.subtract, out.params, params.grads)
-    return _updates(deltas, updates, out.applied), out.opt_state
+    (new_params, applied), new_state, emit, acc = self._cycle(
+        sums, state, as_opt_params(params), {}, last_call, finish,
+        lambda: (params, jnp.zeros((), bool)))
+    return Applied(new_params, new_state, emit, applied, acc)
 
 
 def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None) -> Applied:

@@ -2,6 +2,7 @@
 
     python -m experiments.bench            # ~15 minutes on 2 CPU cores (3.3M-param LM, fp32)
     python -m experiments.bench --quick    # ~2 minutes, a tiny model (CI smoke)
+    python -m experiments.bench --lazy     # ~2 minutes: LazyMultiSteps vs optax.MultiSteps
 
 Each (variant, K) cell runs in its own subprocess (so peak process memory is its own), on the
 same packed real-text batch: full batch (K=1), scan, multisteps with optax.MultiSteps as
@@ -166,6 +167,103 @@ def run_cell(variant: str, k: int, size: str) -> dict:
   return out
 
 
+LAZY_SIZES = {
+    'default': [('0.9M', dict(d_model=128, num_layers=4, num_heads=4)),
+                ('3.3M', dict(d_model=256, num_layers=4, num_heads=4)),
+                ('16M', dict(d_model=512, num_layers=5, num_heads=8))],
+    'quick': [('0.1M', dict(d_model=64, num_layers=2, num_heads=2))],
+}
+
+
+def multisteps_costs(size: str, rounds: int = 7, reps: int = 20) -> list[dict]:
+  """Optimizer-side cost of one call, LazyMultiSteps vs optax.MultiSteps, per model size.
+
+  Interim: a call that completes no update (K = 10**6 keeps every call interim), chained with
+  donation as in training, against a bare float32 add of a gradient-sized tree into a donated
+  accumulator. Emitting: K = 1 (every call completes its update) against the plain optax
+  AdamW step on the mean gradient (update + apply, donated); accumjax's normalized wrapper
+  (divide once, skip decision) alone is a row too. Timed in interleaved rounds; medians.
+  """
+  return [_lazy_costs(label, dims, rounds, reps) for label, dims in LAZY_SIZES[size]]
+
+
+def _lazy_costs(label, dims, rounds, reps) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import accumjax
+  from accumjax import optim
+  from accumjax.lm import model
+  _, params = model.make_lm(model.ModelConfig(max_len=64, **dims))
+  rng = jax.random.key(0)
+  sums = accumjax.GradSums(
+      jax.tree.map(lambda p: jax.random.normal(rng, p.shape, jnp.float32) * 1e-3, params),
+      jnp.float32(100.0), jnp.float32(50.0), jnp.float32(0.0))
+  inner = optax.adamw(1e-3)
+
+  def tx_for(impl, k):
+    config = accumjax.AccumConfig(num_microbatches=k, microbatch_size=1,
+                                  mode='multisteps' if k > 1 else 'scan',
+                                  multisteps_impl=impl)
+    if k == 1:  # a MultiSteps that emits on every call
+      wrapper = optim.LazyMultiSteps if impl == 'lazy' else optax.MultiSteps
+      return wrapper(accumjax.normalized(inner), 1, use_grad_mean=False)
+    return accumjax.accumulating_optimizer(inner, config)
+
+  def chained(tx, hint):
+    fn = jax.jit(lambda sm, st, p: optim.apply_sums(tx, sm, st, p, hint)[1::-1],
+                 donate_argnums=(1, 2))
+    holder = [tx.init(optim.as_opt_params(params)), jax.tree.map(jnp.copy, params)]
+
+    def call():
+      holder[0], holder[1] = fn(sums, holder[0], holder[1])
+      return holder[0]
+    return call
+
+  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+  acc = [jax.tree.map(jnp.zeros_like, sums.grads)]
+
+  def bare_add():
+    acc[0] = add(acc[0], sums.grads)
+    return acc[0]
+
+  plain = jax.jit(lambda g, st, p: (lambda u, s: (s, optax.apply_updates(p, u)))(
+      *inner.update(g, st, p)), donate_argnums=(1, 2))
+  plain_state = [inner.init(params), jax.tree.map(jnp.copy, params)]
+  mean_grads = jax.tree.map(lambda g: g / sums.weight, sums.grads)
+
+  def plain_step():
+    plain_state[0], plain_state[1] = plain(mean_grads, *plain_state)
+    return plain_state[0]
+
+  variants = {
+      'bare float32 add': bare_add,
+      'plain optax step': plain_step,
+      'accumjax normalized step': chained(accumjax.normalized(inner), None),
+      'lazy interim, last_call hint': chained(tx_for('lazy', 10**6), False),
+      'lazy interim, lax.cond': chained(tx_for('lazy', 10**6), None),
+      'optax.MultiSteps interim': chained(tx_for('optax', 10**6), None),
+      'lazy emitting, last_call hint': chained(tx_for('lazy', 1), True),
+      'lazy emitting, lax.cond': chained(tx_for('lazy', 1), None),
+      'optax.MultiSteps emitting': chained(tx_for('optax', 1), None),
+  }
+  times = {v: [] for v in variants}
+  for fn in variants.values():
+    for _ in range(3):
+      jax.block_until_ready(fn())
+  for _ in range(rounds):
+    for v, fn in variants.items():
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        out = fn()
+      jax.block_until_ready(out)
+      times[v].append((time.perf_counter() - t0) / reps)
+  med = {v: statistics.median(t) for v, t in times.items()}
+  return {'size': label, 'num_params': model.num_params(params),
+          'leaves': len(jax.tree.leaves(params)), 'ms': {v: t * 1e3 for v, t in med.items()}}
+
+
 def _fmt_mib(n):
   return f'{n / 2**20:.1f}'
 
@@ -174,10 +272,21 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--quick', action='store_true', help='tiny model, K in {1, 4}')
+  p.add_argument('--lazy', action='store_true',
+                 help='only the LazyMultiSteps vs optax.MultiSteps call costs at 0.9M, 3.3M and '
+                      '16M params (benchmarks/lazy_multisteps.md; with --quick a tiny model)')
   p.add_argument('--cell', nargs=2, metavar=('VARIANT', 'K'), help=argparse.SUPPRESS)
   p.add_argument('--out', default=None, help='results markdown (default benchmarks/RESULTS.md)')
   a = p.parse_args(argv)
   size = 'quick' if a.quick else 'default'
+  if a.lazy:
+    start = time.time()
+    text = lazy_report(multisteps_costs(size), time.time() - start, a.quick)
+    print(text)
+    out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
+        'lazy_multisteps-quick.md' if a.quick else 'lazy_multisteps.md')
+    out.write_text(text)
+    return 0
   if a.cell:
     print(json.dumps(run_cell(a.cell[0], int(a.cell[1]), size)))
     return 0
@@ -207,6 +316,41 @@ def main(argv=None):
   out.write_text(text)
   plot(results, out.with_suffix('.png'))
   return 0
+
+
+def lazy_report(results, seconds, quick) -> str:
+  lines = [
+      '# LazyMultiSteps vs optax.MultiSteps: the optimizer side of one call', '',
+      f'Command: `python -m experiments.bench --lazy{" --quick" if quick else ""}` '
+      f'({seconds / 60:.1f} min, {os.cpu_count()} CPU cores, JAX on CPU, fp32). The main job\'s '
+      'transformer at three sizes; the sums of one call are given (no gradient computed), '
+      'AdamW inside accumjax\'s normalized wrapper (plain optax step: AdamW update + apply '
+      'on the mean gradient, donated), every call chained with the optimizer '
+      'state and params donated as in training. Interim = a call that completes no update '
+      '(K = 10**6); emitting = K = 1. Medians of interleaved rounds; ratios are within one '
+      'size, measured side by side.', '',
+      '| params | leaves | bare add ms | lazy interim, hint / add (target <= 1.2) | lazy '
+      'interim, lax.cond / add | optax.MultiSteps interim / add | plain optax step ms | '
+      'accumjax normalized step / plain step | lazy emitting, hint / plain step | '
+      'lazy emitting, lax.cond / plain step | '
+      'optax.MultiSteps emitting / plain step |', '|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in results:
+    ms = r['ms']
+    add, plain = ms['bare float32 add'], ms['plain optax step']
+    lines.append(
+        f'| {r["size"]} ({r["num_params"]:,}) | {r["leaves"]} | {add:.2f} | '
+        f'{ms["lazy interim, last_call hint"] / add:.2f} | {ms["lazy interim, lax.cond"] / add:.2f}'
+        f' | {ms["optax.MultiSteps interim"] / add:.2f} | {plain:.2f} | '
+        f'{ms["accumjax normalized step"] / plain:.2f} | '
+        f'{ms["lazy emitting, last_call hint"] / plain:.2f} | '
+        f'{ms["lazy emitting, lax.cond"] / plain:.2f} | '
+        f'{ms["optax.MultiSteps emitting"] / plain:.2f} |')
+  lines += ['', 'Milliseconds per call:', '',
+            '| params | ' + ' | '.join(results[0]['ms']) + ' |',
+            '|---|' + '---|' * len(results[0]['ms'])]
+  for r in results:
+    lines.append(f'| {r["size"]} | ' + ' | '.join(f'{v:.2f}' for v in r['ms'].values()) + ' |')
+  return '\n'.join(lines) + '\n'
 
 
 def report(results, size, seconds, quick):

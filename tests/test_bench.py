@@ -20,3 +20,12 @@ def test_bench_quick_runs_and_reports(tmp_path):
   compilations = {r[1].strip(): int(r[8]) for r in rows if len(r) == 10 and r[8].strip().isdigit()}
   assert compilations['full'] == compilations['scan'] == 1
   assert compilations['multisteps_lazy'] == compilations['hybrid'] == 2
+
+
+@pytest.mark.slow
+def test_bench_lazy_quick_writes_its_table(tmp_path):
+  out = tmp_path / 'lazy.md'
+  assert bench.main(['--lazy', '--quick', '--out', str(out)]) == 0
+  rows = [line.split('|') for line in out.read_text().splitlines() if line.startswith('| 0.1M (')]
+  assert len(rows) == 1 and len(rows[0]) == 13  # 11 columns, every ratio a number
+  assert all(float(x) > 0 for x in rows[0][3:-1])
