@@ -1,6 +1,7 @@
 """The accumulation setup as one small validated dataclass, and `describe` for logging."""
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -13,6 +14,27 @@ NONFINITE_POLICIES = ('skip_update', 'skip_microbatch', 'raise')
 DP_REDUCTIONS = ('psum', 'ordered')
 MULTISTEPS_IMPLS = ('lazy', 'optax')
 ACCUM_DTYPES = ('float32', 'float64')
+
+
+def _int(name, value, minimum=1, optional=False):
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f'{name}={value!r} must be an int >= {minimum}'
+                      + (' (or None).' if optional else '.'))
+
+
+def _bool(name, value):
+  if not isinstance(value, bool):
+    raise ConfigError(f'{name}={value!r} must be True or False.')
+
+
+def _number(name, value, allowed: str, ok, optional=False):
+  if optional and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+      value) or not ok(value):
+    raise ConfigError(f'{name}={value!r} must be a finite number {allowed}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +90,24 @@ class AccumConfig:
   dp_reduction: str = 'psum'
 
   def __post_init__(self):
+    # Every field is type- and range-checked: a truthy string for a bool, a float for an int
+    # or a string for a number would otherwise pass silently or fail deep inside JAX.
     check_num_microbatches(self.num_microbatches)
     k = self.num_microbatches
-    for name in ('microbatch_size', 'num_devices'):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f'{name}={v!r} must be an int >= 1.')
-    if self.mode not in MODES:
-      raise ConfigError(f'mode={self.mode!r}; allowed: {", ".join(MODES)}.')
+    _int('microbatch_size', self.microbatch_size)
+    _int('num_devices', self.num_devices)
+    _int('seq_len', self.seq_len, optional=True)
+    _int('loss_scale_growth_interval', self.loss_scale_growth_interval)
+    for name, allowed in (('mode', MODES), ('compute_dtype', COMPUTE_DTYPES),
+                          ('accum_dtype', ACCUM_DTYPES), ('multisteps_impl', MULTISTEPS_IMPLS),
+                          ('nonfinite', NONFINITE_POLICIES), ('dp_reduction', DP_REDUCTIONS)):
+      if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
+        raise ConfigError(f'{name}={getattr(self, name)!r}; allowed: {", ".join(allowed)}.')
+    _bool('clip_before_accumulation', self.clip_before_accumulation)
+    _number('clip_norm', self.clip_norm, '> 0 (or None for no clipping)', lambda v: v > 0,
+            optional=True)
+    _number('initial_loss_scale', self.initial_loss_scale, 'in [1, 2**24]',
+            lambda v: 1.0 <= v <= 2.0 ** 24)
     c = self.microbatches_per_call
     if self.mode == 'hybrid':
       if c is None or isinstance(c, bool) or not isinstance(c, int) or c < 1 or k % c:
@@ -85,36 +117,10 @@ class AccumConfig:
             f'got c={c!r}, allowed: {divisors}.')
     elif c is not None and c != self.implied_per_call():
       raise ConfigError(
-          f'microbatches_per_call={c} conflicts with mode={self.mode!r} '
+          f'microbatches_per_call={c!r} conflicts with mode={self.mode!r} '
           f'(which uses {self.implied_per_call()}); use mode="hybrid" to choose c.')
-    if self.compute_dtype not in COMPUTE_DTYPES:
-      raise ConfigError(
-          f'compute_dtype={self.compute_dtype!r}; allowed: {", ".join(COMPUTE_DTYPES)}.')
-    if self.accum_dtype not in ACCUM_DTYPES:
-      raise ConfigError(
-          f'accum_dtype={self.accum_dtype!r}; allowed: {", ".join(ACCUM_DTYPES)}.')
-    if self.clip_norm is not None and not self.clip_norm > 0:
-      raise ConfigError(f'clip_norm={self.clip_norm!r} must be > 0 (or None for no clipping).')
     if self.clip_before_accumulation and self.clip_norm is None:
       raise ConfigError('clip_before_accumulation=True needs a clip_norm.')
-    if self.multisteps_impl not in MULTISTEPS_IMPLS:
-      raise ConfigError(f'multisteps_impl={self.multisteps_impl!r}; '
-                        f'allowed: {", ".join(MULTISTEPS_IMPLS)}.')
-    if self.nonfinite not in NONFINITE_POLICIES:
-      raise ConfigError(
-          f'nonfinite={self.nonfinite!r}; allowed: {", ".join(NONFINITE_POLICIES)}.')
-    if not (isinstance(self.initial_loss_scale, (int, float)) and
-            1.0 <= self.initial_loss_scale <= 2.0 ** 24):
-      raise ConfigError(
-          f'initial_loss_scale={self.initial_loss_scale!r} must be a number in [1, 2**24].')
-    v = self.loss_scale_growth_interval
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ConfigError(f'loss_scale_growth_interval={v!r} must be an int >= 1.')
-    if self.dp_reduction not in DP_REDUCTIONS:
-      raise ConfigError(
-          f'dp_reduction={self.dp_reduction!r}; allowed: {", ".join(DP_REDUCTIONS)}.')
-    if self.seq_len is not None and self.seq_len < 1:
-      raise ConfigError(f'seq_len={self.seq_len!r} must be >= 1.')
 
   def implied_per_call(self) -> int:
     return {'scan': self.num_microbatches, 'multisteps': 1}.get(

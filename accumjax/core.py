@@ -7,8 +7,10 @@ division by the total weight happens once, in `accumulate_gradients` or in the o
 wrapper of `accumjax.optim`, after all sums are in.
 
 Non-finite values are caught here, once per micro-batch: a micro-batch whose loss or gradient
-holds a NaN or an Inf adds nothing (its gradient, loss sum and weight are replaced by zeros
-with `jnp.where`, so no accumulator ever holds a NaN) and is counted in `GradSums.nonfinite`.
+holds a NaN or an Inf, or whose weight is negative (a weight is a count of tokens or examples;
+a negative one would silently subtract a gradient), adds nothing (its gradient, loss sum and
+weight are replaced by zeros with `jnp.where`, so no accumulator ever holds a NaN) and is
+counted in `GradSums.nonfinite`.
 What to do about it (skip the update, or keep the rest) is decided once per update, in
 `optim.normalized`. Under float16 compute the micro-batch's mean loss is multiplied by a loss
 scale before differentiation and its gradient unscaled in float32 before it is checked and
@@ -37,9 +39,9 @@ class GradSums(NamedTuple):
     grads: sum over micro-batches of d(loss_sum)/d(params), in the accumulation dtype.
     loss_sum: float32 scalar, the sum of loss_sums.
     weight: float32 scalar, the sum of weights (e.g. real tokens).
-    nonfinite: float32 scalar, how many micro-batches had a non-finite loss or gradient (they
-      contribute zero to the three sums above). A float, so optax.MultiSteps sums it like the
-      others.
+    nonfinite: float32 scalar, how many micro-batches had a non-finite loss or gradient or a
+      negative weight (they contribute zero to the three sums above). A float, so
+      optax.MultiSteps sums it like the others.
   """
   grads: PyTree
   loss_sum: jax.Array
@@ -194,7 +196,8 @@ def scan_microbatches(
     if loss_scale is not None:
       unscale = (_loss_scale_unit(weight) / loss_scale).astype(accum_dtype)
       grads = jax.tree.map(lambda g: g * unscale, grads)
-    finite = _all_finite(grads) & jnp.isfinite(loss_sum) & jnp.isfinite(weight)
+    finite = (_all_finite(grads) & jnp.isfinite(loss_sum) & jnp.isfinite(weight)
+              & (weight >= 0))
     if clip_microbatch_norm is not None:
       grads = _clip_weighted(grads, weight, clip_microbatch_norm)
     # jnp.where, not a multiplication by 0: 0 * NaN is NaN.

@@ -42,7 +42,9 @@ def train_argv(out, corpus, mode, precision, steps=8, save_every_micro=1):
           '--layers', '1', '--heads', '2', '--max-len', '64', '--steps', str(steps),
           '--eval-every', '100', '--eval-batches', '1', '--log-every', '1', '--warmup-steps',
           '2', '--lr', '1e-2', '--accum-mode', mode, '--precision', precision,
-          '--save-every', '1', '--save-every-micro', str(save_every_micro), '--keep', '3',
+          '--save-every', '1',
+          # scan mode has no point between the calls of an update to save at
+          '--save-every-micro', str(save_every_micro if mode != 'scan' else 0), '--keep', '3',
           '--no-progress']
 
 

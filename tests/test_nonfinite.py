@@ -326,3 +326,23 @@ def test_faults_experiment_quick_table(tmp_path):
   assert all('| (0, 1) |' in r for r in rows if 'skip_microbatch' in r)
   assert '| MultiSteps(adamw), no skip fn | nan | NaN | **no** |' in text
   assert 'micro-batch 1 (counting from 0, of 4) of update 2' in text
+
+
+@pytest.mark.parametrize('mode', ['scan', 'multisteps'])
+def test_a_negative_weight_is_a_bad_microbatch_not_a_silent_subtraction(mode):
+  # A weight counts tokens or examples: a negative one would flip that micro-batch's gradient
+  # and shrink the divisor without any error. It is masked and counted like a NaN.
+  def signed_loss(params, batch, rng):
+    loss_sum, weight = lm_loss(params, batch, rng)
+    return loss_sum, weight * jnp.mean(batch['fault'])
+
+  config = config_for(mode, K, nonfinite='skip_microbatch')
+  params = reference.init_params()
+  batch = with_fault(reference.make_batches(3, ROWS)[0], 2, -1.0)
+  tx = accumjax.accumulating_optimizer(sgd(), config)
+  step = accumjax.jit_train_step(accumjax.make_train_step(signed_loss, tx, config))
+  done = accumjax.run_update(step, accumjax.init_train_state(params, tx, 0),
+                             calls_of(batch, config), config)
+  assert int(done.metrics['nonfinite']) == 1 and int(done.metrics['first_nonfinite']) == 2
+  ref, _ = _reference_without(2)
+  chex.assert_trees_all_close(done.state.params, ref, rtol=TOL, atol=1e-6)

@@ -93,6 +93,15 @@ def test_cli_runs_and_tokens_per_update_sets_k(tmp_path, capsys):
     (['--num-processes', '2'], 'multi-process needs --coordinator-address, --num-processes and '
                                '--process-id together'),
     (['--dp-reduction', 'ring'], "invalid choice: 'ring'"),
+    # Every float flag finite and in range; seeds that numpy takes; options that would be ignored.
+    (['--weight-decay', 'inf'], '--weight-decay inf must be a finite number >= 0'),
+    (['--clip-norm', 'nan'], '--clip-norm nan must be a positive finite number'),
+    (['--dropout', 'nan'], '--dropout nan must be in [0, 1)'),
+    (['--seed', '-1'], '--seed -1 must be an integer in [0, 2**32)'),
+    (['--seed', str(2**32)], f'--seed {2**32} must be an integer in [0, 2**32)'),
+    (['--save-every-micro', '1'], '--save-every-micro 1 saves between the calls of an update, '
+                                  'but scan mode with K=4 makes one call per update'),
+    (['--layers', '0'], '--layers 0 must be an integer >= 1'),
 ])
 def test_bad_flags_fail_with_one_line_before_writing(tmp_path, capsys, argv, message):
   out = tmp_path / 'never'

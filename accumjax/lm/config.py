@@ -189,8 +189,10 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
   _check_model(cfg)
   if not (math.isfinite(cfg.lr) and cfg.lr > 0):
     raise ConfigError(f'--lr {cfg.lr} must be a positive finite number.')
-  if not cfg.weight_decay >= 0:
-    raise ConfigError(f'--weight-decay {cfg.weight_decay} must be >= 0.')
+  if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+    raise ConfigError(f'--weight-decay {cfg.weight_decay} must be a finite number >= 0.')
+  if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+    raise ConfigError(f'--seed {cfg.seed!r} must be an integer in [0, 2**32).')
   choices = {'precision': tuple(PRECISIONS), 'optimizer': OPTIMIZERS, 'schedule': SCHEDULES,
              'nonfinite_policy': NONFINITE_POLICIES, 'accum_mode': MODES,
              'multisteps_impl': MULTISTEPS_IMPLS, 'dp_reduction': DP_REDUCTIONS}
@@ -199,13 +201,20 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
       raise ConfigError(f'{flag(name)} {getattr(cfg, name)!r}; allowed: {", ".join(allowed)}.')
   if cfg.model.positions not in POSITIONS:
     raise ConfigError(f'--positions {cfg.model.positions!r}; allowed: {", ".join(POSITIONS)}.')
-  if cfg.clip_norm is not None and not cfg.clip_norm > 0:
-    raise ConfigError(f'--clip-norm {cfg.clip_norm} must be > 0 (0 or omitted: see --help).')
+  if cfg.clip_norm is not None and not (math.isfinite(cfg.clip_norm) and cfg.clip_norm > 0):
+    raise ConfigError(f'--clip-norm {cfg.clip_norm} must be a positive finite number '
+                      '(0 disables clipping).')
   k = cfg.num_microbatches(num_devices)
   faults.parse(cfg.inject_faults, k)
   per_call = cfg.microbatches_per_call
   if cfg.accum_mode == 'hybrid' and per_call is None:
     per_call = k // 2 if k % 2 == 0 else 1
+  calls = 1 if cfg.accum_mode == 'scan' else k // (per_call or 1)
+  if cfg.save_every_micro and calls == 1:
+    raise ConfigError(
+        f'--save-every-micro {cfg.save_every_micro} saves between the calls of an update, but '
+        f'{cfg.accum_mode} mode with K={k} makes one call per update, so there is nothing '
+        'between them; use --accum-mode multisteps or hybrid, or --save-every.')
   return AccumConfig(
       num_microbatches=k, microbatch_size=cfg.microbatch_size, mode=cfg.accum_mode,
       microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
