@@ -20,7 +20,10 @@ fingerprint and refuses a checkpoint whose bytes changed.
 
 import dataclasses
 import hashlib
+import json
 import pathlib
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,30 @@ class Restored:
   meta: dict
   step: int
   skipped: list[tuple[int, str]]  # (step, why) for newer checkpoints that were not usable
+  moved: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (step, moved to)
+
+
+_META_KEYS = ('step', 'fingerprint', 'dtypes')
+
+
+def meta_fingerprint(meta: dict) -> str:
+  """sha256 (16 hex digits) of the metadata's canonical JSON, without this field itself."""
+  body = {k: v for k, v in meta.items() if k != 'meta_fingerprint'}
+  return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _meta_problem(meta) -> str | None:
+  """Why a checkpoint's metadata cannot be trusted, or None."""
+  if not isinstance(meta, dict):
+    return f'metadata is a {type(meta).__name__}, not an object'
+  missing = [k for k in _META_KEYS if k not in meta]
+  if missing:
+    return f'incomplete metadata (missing {", ".join(missing)})'
+  # Checkpoints written before the metadata fingerprint existed have none; all others must match.
+  if 'meta_fingerprint' in meta and meta['meta_fingerprint'] != meta_fingerprint(meta):
+    return (f'metadata fingerprint mismatch: saved {meta["meta_fingerprint"]}, computed '
+            f'{meta_fingerprint(meta)} (the metadata was changed)')
+  return None
 
 
 def _first_line(e: Exception) -> str:
@@ -70,10 +97,10 @@ class Checkpointer:
 
   def __init__(self, directory, *, keep: int | None = 3, async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
-    self._manager = ocp.CheckpointManager(
-        self.directory, item_names=('state', 'meta'),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+    self._options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'),
+                                          options=self._options)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -90,6 +117,7 @@ class Checkpointer:
     snapshot = jax.tree.map(jnp.copy, state)  # the train step may donate `state` next
     meta = dict(meta, step=step, fingerprint=fingerprint(snapshot),
                 dtypes=[str(x.dtype) for x in jax.tree.leaves(snapshot)])
+    meta['meta_fingerprint'] = meta_fingerprint(meta)
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(snapshot), meta=ocp.args.JsonSave(meta)))
@@ -119,7 +147,8 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
-  def restore(self, target_for_meta, step: int | None = None) -> Restored:
+  def restore(self, target_for_meta, step: int | None = None, *,
+              move_aside: bool = False) -> Restored:
     """Restores the newest good checkpoint (or exactly `step`).
 
     Args:
@@ -127,6 +156,11 @@ class Checkpointer:
         wanted now); called with each candidate's meta, so the target can follow the saved
         config (e.g. its optimizer structure).
       step: a specific step; by default the newest good one.
+      move_aside: after a successful restore, move every newer step (broken ones skipped on the
+        way, or good ones when `step` rolls back) out of the directory into
+        `<directory>.moved-aside/<time>/`, kept for inspection and never deleted, so that the
+        run can save again from here (Orbax refuses a step that is not newer than the newest
+        one present). `Restored.moved` lists them.
     """
     candidates = sorted(self.steps(), reverse=True) if step is None else [step]
     if step is not None and step not in self.steps():
@@ -139,6 +173,10 @@ class Checkpointer:
         meta = self.read_meta(s)
       except Exception as e:  # noqa: BLE001 (any Orbax/tensorstore failure means: unusable)
         skipped.append((s, f'unreadable meta ({_first_line(e)})'))
+        continue
+      problem = _meta_problem(meta)
+      if problem:
+        skipped.append((s, problem))
         continue
       target = abstract_like(target_for_meta(meta))  # its errors (config refusals) propagate
       leaves, treedef = jax.tree.flatten(target)
@@ -161,9 +199,28 @@ class Checkpointer:
         skipped.append((s, f'fingerprint mismatch: saved {meta.get("fingerprint")}, '
                            f'restored {actual} (corrupted data)'))
         continue
-      return Restored(state, meta, s, skipped)
+      restored = Restored(state, meta, s, skipped)
+      if move_aside:
+        restored.moved = self._move_aside([n for n in self.steps() if n > s])
+      return restored
     reasons = '; '.join(f'{s}: {why}' for s, why in skipped) or 'none found'
     raise CheckpointError(f'no usable checkpoint in {self.directory} ({reasons}).')
+
+  def _move_aside(self, steps: list[int]) -> list[tuple[int, str]]:
+    if not steps:
+      return []
+    self.wait()
+    dest = self.directory.with_name(self.directory.name + '.moved-aside') / time.strftime(
+        '%Y%m%d-%H%M%S')
+    dest.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for s in steps:
+      shutil.move(str(self.path(s)), str(dest / str(s)))
+      moved.append((s, str(dest / str(s))))
+    self._manager.close()  # it caches the steps it has seen; start afresh without them
+    self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'),
+                                          options=self._options)
+    return moved
 
   def close(self):
     try:

@@ -252,3 +252,66 @@ def test_no_good_checkpoint_is_a_clear_error(tmp_path, corpus):
     _run(out, corpus, resume='latest', accum_mode='multisteps')
   with pytest.raises(accumjax.ConfigError, match='no checkpoints/ in'):
     _run(tmp_path / 'empty', corpus, resume='latest')
+
+
+# --- abuse of a finished run's checkpoints: nothing lost, nothing silent ---------------------
+
+def _finished(tmp_path, corpus):
+  """A finished multisteps run (checkpoints at micro-batches 8, 12, 16: the newest three)."""
+  out = tmp_path / 'run'
+  _run(out, corpus, accum_mode='multisteps')
+  assert checkpoint.Checkpointer(out / 'checkpoints').steps() == [8, 12, 16]
+  return out
+
+
+def _meta_path(out, step):
+  return out / 'checkpoints' / str(step) / 'meta' / 'metadata'
+
+
+@pytest.mark.parametrize('damage', ['deleted array file', 'tampered metadata', 'empty metadata'])
+def test_a_broken_newest_checkpoint_is_moved_aside_and_the_run_saves_again(
+    tmp_path, corpus, straight, damage):
+  # Resuming from 12 retrains update 4 and must save step 16 again: with the broken 16 still
+  # there Orbax refuses (not newer than the latest), and the work is lost on every retry.
+  out = _finished(tmp_path, corpus)
+  if damage == 'deleted array file':
+    _latest_state_files(out)[1][-1].unlink()
+  elif damage == 'tampered metadata':
+    meta = json.loads(_meta_path(out, 16).read_text())
+    meta['data']['position'] += 1  # a resume would read other rows: must not pass
+    _meta_path(out, 16).write_text(json.dumps(meta))
+  else:
+    _meta_path(out, 16).write_text('{}')
+  messages = []
+  log = type('Log', (), {'info': lambda self, m='': messages.append(m),
+                         '__getattr__': lambda self, name: lambda *a, **k: None})()
+  resumed = _run(out, corpus, resume='latest', log=log, accum_mode='multisteps')
+  assert resumed['params_fingerprint'] == straight('multisteps')
+  skipped = [m for m in messages if m.startswith('resume: skipped checkpoint 16')]
+  reason = {'deleted array file': 'unreadable state', 'tampered metadata':
+            'metadata fingerprint mismatch', 'empty metadata': 'incomplete metadata'}[damage]
+  assert skipped and reason in skipped[0], messages
+  aside = list((tmp_path / 'run' / 'checkpoints.moved-aside').glob('*/16'))
+  assert len(aside) == 1  # kept for inspection, never deleted
+  assert checkpoint.Checkpointer(out / 'checkpoints').steps()[-1] == 16  # saved again
+
+
+def test_resume_from_an_older_step_rolls_back_and_keeps_the_newer_ones(
+    tmp_path, corpus, straight):
+  out = _finished(tmp_path, corpus)
+  resumed = _run(out, corpus, resume=8, accum_mode='multisteps')
+  assert resumed['params_fingerprint'] == straight('multisteps')
+  assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints.moved-aside').glob('*/*')) == \
+      ['12', '16']
+  lines = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['update'] for r in lines if r['kind'] == 'train'] == [1, 2, 3, 4]
+
+
+def test_a_half_written_metrics_line_does_not_stop_a_resume(tmp_path, corpus, straight):
+  out = _stop_mid_cycle(tmp_path, corpus)
+  with open(out / 'metrics.jsonl', 'a') as f:
+    f.write('{"kind": "train", "upd')  # killed mid-write
+  resumed = _run(out, corpus, resume='latest', accum_mode='multisteps')
+  assert resumed['params_fingerprint'] == straight('multisteps')
+  lines = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['update'] for r in lines if r['kind'] == 'train'] == [1, 2, 3, 4]

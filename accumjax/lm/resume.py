@@ -93,9 +93,13 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
     fresh = init_train_state(params, saved.tx, cfg.seed)
     return fresh if mesh is None else parallel.abstract_replicated(fresh, mesh)
 
-  restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step))
+  restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step),
+                          move_aside=True)
   for s, why in restored.skipped:
     log.info(f'resume: skipped checkpoint {s}: {why}')
+  for s, where in restored.moved:
+    log.info(f'resume: moved checkpoint {s} aside to {where} (newer than the one resumed; '
+             'kept for inspection)')
   state, meta, saved = restored.state, restored.meta, saved_runs[restored.step]
   where = (f'update {int(state.update_step)}, {int(state.cycle_microbatch)}/'
            f'{saved.accum.num_microbatches} micro-batches into the next')
@@ -121,11 +125,20 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
   return state, meta
 
 
+def _parse(line: str):
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return None  # e.g. a last line half-written when the run was killed
+  return record if isinstance(record, dict) and 'kind' in record else None
+
+
 def trim_metrics(path: pathlib.Path, update: int) -> list[dict]:
-  """Keeps the records up to `update` (a crash may have logged updates after the checkpoint)."""
+  """Keeps the records up to `update` (a crash may have logged updates after the checkpoint,
+  or left a half-written line: unreadable lines are dropped)."""
   if not path.exists():
     return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  records = [r for r in records if r['kind'] != 'summary' and r['update'] <= update]
+  records = [r for r in map(_parse, path.read_text().splitlines()) if r is not None]
+  records = [r for r in records if r['kind'] != 'summary' and r.get('update', 0) <= update]
   path.write_text(''.join(json.dumps(r) + '\n' for r in records))
   return records
