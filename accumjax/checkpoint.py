@@ -212,11 +212,14 @@ class Checkpointer:
     self.wait()
     dest = self.directory.with_name(self.directory.name + '.moved-aside') / time.strftime(
         '%Y%m%d-%H%M%S')
-    dest.mkdir(parents=True, exist_ok=True)
-    moved = []
-    for s in steps:
-      shutil.move(str(self.path(s)), str(dest / str(s)))
-      moved.append((s, str(dest / str(s))))
+    moved = [(s, str(dest / str(s))) for s in steps]
+    if jax.process_index() == 0:  # the directory is shared by all processes: one moves
+      dest.mkdir(parents=True, exist_ok=True)
+      for s, where in moved:
+        shutil.move(str(self.path(s)), where)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('accumjax checkpoints moved aside')
     self._manager.close()  # it caches the steps it has seen; start afresh without them
     self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'),
                                           options=self._options)

@@ -154,3 +154,60 @@ def test_default_corpus_is_real_and_variable_length():
   counts = mask.reshape(4, 8, -1).sum(axis=(1, 2))
   assert counts.max() > counts.min()  # micro-batches carry different token counts
   assert (train.lengths < 129).mean() > 0.2
+
+
+TINY_ARGV = ['--seq-len', '32', '--batch-size', '4', '--grad-accum-steps', '2', '--d-model', '32',
+             '--layers', '1', '--heads', '2', '--max-len', '64', '--steps', '2',
+             '--eval-batches', '1', '--save-every', '1']
+
+
+def _cli(capsys, *argv):
+  try:
+    rc = train_cli.main(list(argv))
+  except SystemExit as e:
+    rc = e.code
+  return rc, capsys.readouterr().err
+
+
+def test_out_dirs_that_cannot_hold_the_run_are_refused_before_writing(tmp_path, corpus, capsys):
+  afile = tmp_path / 'afile'
+  afile.write_text('keep me')
+  rc, err = _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(afile))
+  assert rc == 2 and 'is an existing file, not a directory' in err and len(err.splitlines()) == 1
+  assert afile.read_text() == 'keep me'
+  # A directory holding another run's checkpoints: refused without --resume, nothing touched.
+  out = tmp_path / 'run'
+  assert _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(out))[0] == 0
+  before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+  rc, err = _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(out), '--lr', '0.1')
+  assert rc == 2 and 'already holds a run with checkpoints; pass --resume' in err, err
+  assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
+
+
+def test_one_run_per_out_dir_and_a_stale_lock_is_taken_over(tmp_path, corpus, capsys):
+  import os
+  import subprocess
+  out = tmp_path / 'run'
+  out.mkdir()
+  (out / '.lock').write_text(str(os.getpid()))  # a live run holds it
+  rc, err = _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(out))
+  assert rc == 2 and 'is in use by another run' in err, err
+  assert not (out / 'metrics.jsonl').exists()
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  (out / '.lock').write_text(str(dead.pid))  # a SIGKILLed run left it
+  rc, err = _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(out))
+  assert rc == 0, err
+  assert not (out / '.lock').exists()  # released at the end
+
+
+def test_data_errors_say_what_is_wrong_and_what_is_needed(tmp_path, capsys):
+  loop_link = tmp_path / 'loop'
+  loop_link.symlink_to(loop_link)
+  rc, err = _cli(capsys, '--data', str(loop_link), '--out', str(tmp_path / 'a'))
+  assert rc == 2 and 'is a symbolic link that cannot be followed' in err, err
+  tiny = tmp_path / 'tiny.txt'
+  tiny.write_text('x')
+  rc, err = _cli(capsys, '--data', str(tiny), '--out', str(tmp_path / 'b'))
+  assert rc == 2 and 'split of' in err and 'needs at least one paragraph' in err, err
+  assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()

@@ -45,6 +45,12 @@ def corpus_files(path: str | None) -> list[pathlib.Path]:
   if path is None:
     return default_corpus_files()
   p = pathlib.Path(path)
+  if p.is_symlink():
+    try:
+      p.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # a loop, or a link to nothing
+      raise DataError(f'--data {path!r} is a symbolic link that cannot be followed ({e}); '
+                      'give a text file or a directory.') from None
   if not p.exists():
     raise DataError(f'--data {path!r} does not exist; give a text file or a directory.')
   if p.is_file():
@@ -89,7 +95,12 @@ def load_splits(path: str | None, seq_len: int, pack: bool = False, eval_every: 
   """(train, eval) Splits; every `eval_every`-th file goes to eval (with fewer files, the last
   one; with a single file, its last 5%)."""
   files = corpus_files(path)
-  texts = [f.read_bytes() for f in files]
+  texts = []
+  for f in files:
+    try:
+      texts.append(f.read_bytes())
+    except OSError as e:
+      raise DataError(f'--data: cannot read {str(f)!r}: {e.strerror or e}.') from None
   if len(files) == 1:  # a single file: hold out its last 5%
     cut = int(len(texts[0]) * 0.95)
     parts = {'train': [texts[0][:cut]], 'eval': [texts[0][cut:]]}
@@ -105,7 +116,10 @@ def load_splits(path: str | None, seq_len: int, pack: bool = False, eval_every: 
     splits[name] = Split(tokens, lengths, len(part), sum(map(len, part)))
   for name, split in splits.items():
     if len(split.lengths) == 0:
-      raise DataError(f'the {name} split of {path or "the default corpus"} is empty.')
+      raise DataError(
+          f'the {name} split of {path or "the default corpus"} is empty: it needs at least one '
+          'paragraph of 2 or more bytes; a single file gives its last 5% to eval, several files '
+          f'their last one (a directory of {eval_every} or more, every {eval_every}th).')
   return splits['train'], splits['eval']
 
 

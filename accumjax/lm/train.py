@@ -19,6 +19,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -84,6 +85,7 @@ class Run:
   last_saved: int | None = None
   start: float = 0.0
   window: list = dataclasses.field(default_factory=lambda: [0.0, time.perf_counter()])
+  lock: object = None
 
   @property
   def main_process(self) -> bool:
@@ -112,6 +114,66 @@ def _initial_state(cfg, accum, tx, params, out, log, mesh, resume, on_config_cha
   return state, ckpt, meta
 
 
+def check_out_dir(out: pathlib.Path, resume) -> None:
+  """Refuses an --out that cannot hold this run, before anything is written."""
+  if out.exists() and not out.is_dir():
+    raise ConfigError(f'--out {str(out)!r} is an existing file, not a directory.')
+  ckpt_dir = out / 'checkpoints'
+  if resume is None and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+    raise ConfigError(
+        f'--out {str(out)!r} already holds a run with checkpoints; pass --resume to continue '
+        'it, or give another --out (or delete that directory to start over).')
+  existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f'--out {str(out)!r}: {str(existing)!r} is not writable.')
+
+
+class RunLock:
+  """OUT/.lock: one run per output directory. A lock whose process is gone (a SIGKILLed run)
+  is stale and taken over; a live one makes the second run refuse."""
+
+  def __init__(self, out: pathlib.Path):
+    self.path = out / '.lock'
+
+  def acquire(self):
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+      except FileExistsError:
+        owner = self._owner()
+        if owner is not None and _alive(owner):
+          raise ConfigError(f'--out {str(self.path.parent)!r} is in use by another run '
+                            f'(process {owner}, {self.path}); wait for it or use another '
+                            '--out.') from None
+        self.path.unlink(missing_ok=True)  # stale: its process is gone
+        continue
+      with os.fdopen(fd, 'w') as f:
+        f.write(str(os.getpid()))
+      return self
+    raise ConfigError(f'could not take the lock {self.path}.')
+
+  def _owner(self) -> int | None:
+    try:
+      return int(self.path.read_text().strip())
+    except (OSError, ValueError):
+      return None
+
+  def release(self):
+    if self._owner() == os.getpid():
+      self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse') -> Run:
   """Everything a run needs, from its settings (and its checkpoint, when resuming)."""
   mesh = parallel.make_mesh(config_lib.parse_mesh(cfg.mesh))
@@ -131,8 +193,16 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
   if faults:
     loss_fn = faults_lib.with_faults(loss_fn)
   tx, schedule = build_optimizer(cfg, accum)
-  state, ckpt, meta = _initial_state(cfg, accum, tx, params, out, log, mesh, resume,
-                                     on_config_change)
+  # Everything is checked: from here on the run writes (a checkpoint restore may move broken
+  # checkpoints aside), so it takes the directory's lock first.
+  lock = RunLock(out).acquire() if jax.process_index() == 0 else None
+  try:
+    state, ckpt, meta = _initial_state(cfg, accum, tx, params, out, log, mesh, resume,
+                                       on_config_change)
+  except BaseException:
+    if lock is not None:
+      lock.release()
+    raise
   rows = data_lib.RowIterator(train_split, cfg.seed)
   stats = RunStats()
   if meta is not None:
@@ -159,7 +229,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
              rows=rows, faults=faults, schedule=schedule, eval_set=eval_set,
              eval_sums=_eval_fn(apply, accum.compute_jnp_dtype), info=info, plan=plan,
              ckpt=ckpt, stats=stats, update=int(state.update_step),
-             microbatches=int(state.microbatch_step))
+             microbatches=int(state.microbatch_step), lock=lock)
 
 
 def banner(run: Run) -> list[tuple[str, object]]:
@@ -458,8 +528,17 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   if jax.process_count() > 1:  # a preemption must stop every process at the same call
     local_stop = should_stop
     should_stop = lambda: bool(multihost_utils.process_allgather(np.array(local_stop())).any())
+  check_out_dir(pathlib.Path(out_dir), resume)
   run = build_run(cfg, out_dir, log, resume, on_config_change)
-  open_outputs(run, resumed=resume is not None)
+  try:
+    return _train_and_finish(run, should_stop, resumed=resume is not None)
+  finally:
+    if run.lock is not None:
+      run.lock.release()
+
+
+def _train_and_finish(run: Run, should_stop, resumed: bool) -> dict:
+  open_outputs(run, resumed=resumed)
   run.start = time.perf_counter()
   try:
     stopped = _train_loop(run, should_stop)
@@ -472,4 +551,4 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
   finally:
     if run.ckpt:
       run.ckpt.close()
-  return stopped if stopped is not None else finish(run, resumed=resume is not None)
+  return stopped if stopped is not None else finish(run, resumed=resumed)
