@@ -235,6 +235,10 @@ def main(argv=None):
   except (CheckpointError, NonFiniteError) as e:
     sys.stderr.write(f'error: {e}\n')
     return 1
+  except OSError as e:  # writing metrics, config.json or the plot failed (disk full, ...)
+    sys.stderr.write(f'error: could not write the run\'s outputs: {e}. The newest committed '
+                     'checkpoint is intact; --resume continues from it.\n')
+    return 1
   return 0
 
 

@@ -315,3 +315,23 @@ def test_a_half_written_metrics_line_does_not_stop_a_resume(tmp_path, corpus, st
   assert resumed['params_fingerprint'] == straight('multisteps')
   lines = [json.loads(x) for x in (out / 'metrics.jsonl').read_text().splitlines()]
   assert [r['update'] for r in lines if r['kind'] == 'train'] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_other_data_content_and_a_schedule_that_would_jump(tmp_path, corpus):
+  out = _stop_mid_cycle(tmp_path, corpus)  # after update 1 of 4 (warmup 2, cosine)
+  # --steps may grow while every update done had the same learning rate under both...
+  grown = _run(out, corpus, resume='latest', accum_mode='multisteps', steps=6)
+  assert grown['updates'] == 6
+  # ...but not once updates past the warm-up were made with the other schedule.
+  with pytest.raises(accumjax.ConfigError, match=r'--steps 6 -> 8 on resume would change the '
+                                                 r'learning rate of updates already done'):
+    _run(out, corpus, resume='latest', accum_mode='multisteps', steps=8)
+  # The same --data path with other bytes: the saved position would point at other rows.
+  victim = sorted(pathlib.Path(corpus).iterdir())[0]
+  original = victim.read_bytes()
+  try:
+    victim.write_bytes(original + b'\n\nextra paragraph\n')
+    with pytest.raises(accumjax.ConfigError, match='the training data changed since checkpoint'):
+      _run(out, corpus, resume='latest', accum_mode='multisteps', steps=6)
+  finally:
+    victim.write_bytes(original)

@@ -16,6 +16,7 @@ Not here: device placement or sharding (see parallel.py).
 """
 
 import dataclasses
+import hashlib
 import pathlib
 import re
 import sysconfig
@@ -69,6 +70,7 @@ class Split:
   lengths: np.ndarray  # [N] int32
   num_files: int
   num_bytes: int
+  fingerprint: str = ''  # sha256 (16 hex digits) of the split's files' bytes, in order
 
   @property
   def num_tokens(self) -> int:
@@ -113,7 +115,11 @@ def load_splits(path: str | None, seq_len: int, pack: bool = False, eval_every: 
   for name, part in parts.items():
     blocks = [b for t in part for b in _BLOCK_SPLIT.split(t) if b.strip()]
     tokens, lengths = _windows(blocks, seq_len, pack)
-    splits[name] = Split(tokens, lengths, len(part), sum(map(len, part)))
+    digest = hashlib.sha256()
+    for t in part:
+      digest.update(len(t).to_bytes(8, 'little') + t)
+    splits[name] = Split(tokens, lengths, len(part), sum(map(len, part)),
+                         digest.hexdigest()[:16])
   for name, split in splits.items():
     if len(split.lengths) == 0:
       raise DataError(

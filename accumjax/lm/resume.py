@@ -18,7 +18,7 @@ from accumjax import parallel
 from accumjax.checkpoint import Checkpointer
 from accumjax.core import ConfigError
 from accumjax.lm import config as config_lib
-from accumjax.lm.build import build_optimizer
+from accumjax.lm.build import build_optimizer, lr_schedule
 from accumjax.lm.config import ACCUMULATION, HARMLESS, TrainConfig
 from accumjax.optim import as_opt_params
 from accumjax.step import init_train_state, make_flush
@@ -72,17 +72,45 @@ def _convert_opt_state(state, tx, params):
   return state._replace(opt_state=new)
 
 
+def _check_unchanged(meta: dict, cfg: TrainConfig, data_fingerprint: str | None):
+  """Refuses a resume whose data content or schedule length differs from the checkpoint's."""
+  saved = meta.get('data_fingerprint')  # absent in checkpoints written before it was recorded
+  if data_fingerprint and saved and saved != data_fingerprint:
+    raise ConfigError(
+        f'the training data changed since checkpoint {meta["step"]} was written (content '
+        f'fingerprint {saved} -> {data_fingerprint}, --data {cfg.data!r}): the saved data '
+        'position would point at other rows. Resume with the same data, or start a new run in '
+        'another --out.')
+  old_steps = meta['config'].get('steps', cfg.steps)
+  if old_steps != cfg.steps:
+    # The schedule may depend on --steps (cosine decays over them). Allowed only if every
+    # update already done had the same learning rate under both, so the resumed run is the
+    # run one would have made with the new --steps from the start.
+    done = int(meta.get('update', 0))
+    old = lr_schedule(config_lib.replace(cfg, steps=old_steps))
+    new = lr_schedule(cfg)
+    differ = [u for u in range(done) if float(old(u)) != float(new(u))]
+    if differ:
+      raise ConfigError(
+          f'--steps {old_steps} -> {cfg.steps} on resume would change the learning rate of '
+          f'updates already done (from update {differ[0] + 1} on: {float(old(differ[0])):.3g} '
+          f'vs {float(new(differ[0])):.3g}; the {cfg.schedule} schedule spans --steps), so the '
+          f'rate would jump mid-run. Resume with --steps {old_steps}, or start a new run.')
+
+
 def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_change, log,
-                 mesh=None):
+                 mesh=None, data_fingerprint: str | None = None):
   """Restores the newest good checkpoint and reconciles its config with `cfg`.
 
   The state is restored replicated on `mesh` (any device count: the state is replicated and
-  its accumulated sums are already global), or on the default device without one.
-  Returns (state, meta).
+  its accumulated sums are already global), or on the default device without one. A
+  checkpoint of other training data (by content) or, under a cosine schedule, another
+  --steps is refused. Returns (state, meta).
   """
   saved_runs = {}
 
   def target(meta):
+    _check_unchanged(meta, cfg, data_fingerprint)
     _, math_names = compare_configs(meta['config'], cfg)
     if math_names:
       raise ConfigError(

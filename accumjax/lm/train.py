@@ -104,13 +104,15 @@ def _eval_fn(apply, compute_dtype):
   return eval_sums
 
 
-def _initial_state(cfg, accum, tx, params, out, log, mesh, resume, on_config_change):
+def _initial_state(cfg, accum, tx, params, out, log, mesh, resume, on_config_change,
+                   data_fingerprint):
   """(state, checkpointer or None, meta or None): fresh, or restored from out/checkpoints."""
   ckpt = Checkpointer(out / 'checkpoints', keep=cfg.keep) \
       if cfg.save_every or cfg.save_every_micro or resume is not None else None
   if resume is None:
     return init_train_state(params, tx, cfg.seed, accum), ckpt, None
-  state, meta = resume_state(ckpt, resume, cfg, accum, tx, params, on_config_change, log, mesh)
+  state, meta = resume_state(ckpt, resume, cfg, accum, tx, params, on_config_change, log, mesh,
+                             data_fingerprint=data_fingerprint)
   return state, ckpt, meta
 
 
@@ -198,7 +200,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
   lock = RunLock(out).acquire() if jax.process_index() == 0 else None
   try:
     state, ckpt, meta = _initial_state(cfg, accum, tx, params, out, log, mesh, resume,
-                                       on_config_change)
+                                       on_config_change, train_split.fingerprint)
   except BaseException:
     if lock is not None:
       lock.release()
@@ -222,6 +224,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
       'data': cfg.data or f'python stdlib sources ({data_lib.default_corpus_files()[0].parent})',
       'train_files': train_split.num_files, 'train_bytes': train_split.num_bytes,
       'train_rows': int(len(train_split.lengths)), 'eval_files': eval_split.num_files,
+      'train_fingerprint': train_split.fingerprint,
       'eval_rows_used': len(eval_set) * cfg.microbatch_size,
       'resumed_at_update': int(state.update_step),
   }
@@ -312,7 +315,7 @@ def save(run: Run) -> pathlib.Path:
   if run.last_saved != run.microbatches:  # e.g. a preemption right after a periodic save
     meta = {'config': config_lib.to_flat(run.cfg), 'data': run.rows.state(),
             'run': dataclasses.asdict(run.stats), 'update': run.update,
-            'num_devices': run.mesh.size}
+            'num_devices': run.mesh.size, 'data_fingerprint': run.info['train_fingerprint']}
     run.last_saved = run.ckpt.save(run.state, meta)
   return run.ckpt.path(run.last_saved)
 
