@@ -270,7 +270,10 @@ def _meta_path(out, step):
   return out / 'checkpoints' / str(step) / 'meta' / 'metadata'
 
 
-@pytest.mark.parametrize('damage', ['deleted array file', 'tampered metadata', 'empty metadata'])
+@pytest.mark.parametrize('damage', [
+    'deleted array file',
+    pytest.param('tampered metadata', marks=pytest.mark.slow),  # ~25 s each
+    pytest.param('empty metadata', marks=pytest.mark.slow)])
 def test_a_broken_newest_checkpoint_is_moved_aside_and_the_run_saves_again(
     tmp_path, corpus, straight, damage):
   # Resuming from 12 retrains update 4 and must save step 16 again: with the broken 16 still
@@ -319,6 +322,7 @@ def test_a_half_written_metrics_line_does_not_stop_a_resume(tmp_path, corpus, st
   assert [r['update'] for r in lines if r['kind'] == 'train'] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # ~30 s
 def test_resume_refuses_other_data_content_and_a_schedule_that_would_jump(tmp_path, corpus):
   out = _stop_mid_cycle(tmp_path, corpus)  # after update 1 of 4 (warmup 2, cosine)
   # --steps may grow while every update done had the same learning rate under both...
