@@ -85,6 +85,7 @@ def run_update(
     num_microbatches: int | None = None,
     after_call: Callable[[Any, dict, int], bool | None] | None = None,
     flush: Callable | None = None,
+    position: int | None = None,
 ) -> Update:
   """Runs one optimizer update: the calls that complete the state's current cycle.
 
@@ -101,13 +102,16 @@ def run_update(
       update is complete; the caller decides what comes next).
     flush: the jitted `step.make_flush(...)`; if given and the calls run out mid-cycle, the
       partial cycle is applied as its own update (exact for the micro-batches it had).
+    position: calls already made in the state's cycle, when the caller has read it
+      (`calls_done(state, config)`, one device read); by default read here.
 
   Returns:
     An `Update`.
   """
   calls = iter(calls)
   total = calls_per_update(config, num_microbatches)
-  position = calls_done(state, config)
+  if position is None:
+    position = calls_done(state, config)
   if position >= total:
     raise ConfigError(f'the state is {position} calls into a cycle of {total}.')
   metrics, made = None, 0
@@ -138,14 +142,3 @@ def split_calls(batch, config: AccumConfig) -> list:
     raise ConfigError(f'{n} rows are not whole micro-batches of {config.microbatch_size} rows '
                       f'x {config.num_devices} device(s).')
   return [jax.tree.map(lambda x, s=s: x[s:s + rows], batch) for s in range(0, n, rows)]
-
-
-def train(step, state, batches: Iterable, config: AccumConfig, *, flush=None):
-  """Runs one update per batch of `batches` (each one update's global batch); returns the
-  final state and the list of each update's metrics (device arrays)."""
-  history = []
-  for batch in batches:
-    done = run_update(step, state, split_calls(batch, config), config, flush=flush)
-    state = done.state
-    history.append(done.metrics)
-  return state, history

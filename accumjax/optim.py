@@ -157,12 +157,12 @@ class LazyMultiSteps(optax.MultiSteps):
     super().__init__(opt, every_k_schedule, use_grad_mean, should_skip_update_fn,
                      accumulator_dtype)
     self._has_skip_fn = should_skip_update_fn is not None
-    self.k = every_k_schedule if isinstance(every_k_schedule, int) else None
 
   def _cycle(self, updates, state, params, extra_args, last_call, finish, hold):
     """The lazy core: adds `updates` into the accumulator; on the cycle's last call runs the
     inner optimizer on the accumulated gradients and returns `finish(inner updates)`, on
-    other calls `hold()`. Returns (result, new state without skip_state, emit)."""
+    other calls `hold()`. Returns (result, new state with the old skip_state, emit, the
+    cycle's accumulated sums including this call)."""
     k_steps = self._every_k_schedule(state.gradient_step)
     acc = jax.tree.map(lambda g, a: self._acc_update(g, a, n_acc=state.mini_step),
                        updates, state.acc_grads)

@@ -19,9 +19,7 @@ def train_config(**flat) -> lm_config.TrainConfig:
   return lm_config.from_flat(flat)
 
 
-def calls_of(batch, config):
-  """Splits one update's (global) batch into the per-call batches of config.mode."""
-  return loop.split_calls(batch, config)
+calls_of = loop.split_calls  # one update's (global) batch -> the calls of config.mode
 
 
 def run_accumjax(params, batches, opt, config, loss_fn=lm_loss, seed=0, hint=True):

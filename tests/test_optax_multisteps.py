@@ -7,15 +7,11 @@ _accumulation_test.py`); it is imported from there, not copied. Each test runs w
 of them did not (a test that silently used optax's class would prove nothing).
 """
 
-import pytest
+# Plain imports, not importorskip: a missing absl or flax must fail the suite, not skip it.
+from optax.transforms import _accumulation
+from optax.transforms import _accumulation_test as optax_tests
 
-absltest = pytest.importorskip('absl.testing.absltest')
-pytest.importorskip('flax.linen')
-
-from optax.transforms import _accumulation  # noqa: E402
-from optax.transforms import _accumulation_test as optax_tests  # noqa: E402
-
-import accumjax  # noqa: E402
+import accumjax
 
 _ORIGINAL = _accumulation.MultiSteps
 BUILT = []

@@ -345,7 +345,7 @@ def train_update(run: Run, should_stop) -> dict | None:
   t0 = time.perf_counter()
   first_call = loop.calls_done(run.state, run.accum)
   done = loop.run_update(run.step, run.state, call_batches(run, first_call), run.accum,
-                         after_call=_after_call(run, should_stop))
+                         after_call=_after_call(run, should_stop), position=first_call)
   run.state = done.state
   if done.stopped:
     return None
