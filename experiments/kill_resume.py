@@ -1,13 +1,20 @@
 """Reliability: SIGKILL the real `experiments.train` at random moments, resume until it
 finishes, and check the final params are bit-identical to an uninterrupted run.
 
-    python -m experiments.kill_resume --trials 50     # ~15 minutes on 2 CPU cores
+    python -m experiments.kill_resume --trials 100    # ~70 minutes on 2 CPU cores
 
-Each trial picks a mode (multisteps / hybrid / scan) and precision (fp32 / bf16), runs a tiny
-model on a few stdlib files with a checkpoint after every call (so kills often land while an
-async save is being written, and mid-cycle), kills each attempt after a random delay, and
-resumes with --resume until a run exits 0. Expected result: `trials N, identical N, failed 0`.
-Writes the table to benchmarks/kill_resume.md.
+Each trial picks a mode (multisteps / hybrid / scan) and precision (fp32 / bf16) and a kill
+kind, runs a tiny model on a few stdlib files with a checkpoint after every call, kills each of
+its first attempts, and resumes with --resume until a run exits 0. The kill kinds:
+
+  random      after a delay uniform over an uninterrupted run's duration (start-up included)
+  save        while a checkpoint is being written: the moment the n-th save's
+              `N.orbax-checkpoint-tmp` directory appears (n random), before it is committed
+  first-save  while the very first checkpoint of the run is being written (no good one yet)
+
+A kill counts as "in a save" only if the tmp directory was still there when the process was
+dead (checked after the kill). Expected result: `trials N, identical N, failed 0`. Writes the
+table to benchmarks/kill_resume.md.
 """
 
 import argparse
@@ -26,6 +33,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODES = [('multisteps', 'fp32'), ('hybrid', 'bf16'), ('scan', 'fp32'), ('multisteps', 'bf16'),
          ('hybrid', 'fp32')]
+KILLS = ('random', 'save', 'first-save')
+TMP = 'orbax-checkpoint-tmp'
 
 
 def tiny_corpus(directory: pathlib.Path) -> str:
@@ -63,41 +72,80 @@ def run(argv, timeout=300):
   return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def trial(rng: random.Random, workdir: pathlib.Path, corpus: str, mode: str, precision: str,
-          reference: str, run_seconds: float, max_attempts=12):
-  """Kills attempts at random times until one finishes; returns (identical, kills, attempts).
+def _saves_in_progress(out: pathlib.Path):
+  ckpt = out / 'checkpoints'
+  try:
+    return {p.name for p in ckpt.iterdir() if TMP in p.name}
+  except OSError:
+    return set()
 
-  The first three attempts always get a kill timer, uniform over an uninterrupted run's
-  duration (start-up included); later ones half the time, so every trial ends.
+
+def _has_checkpoint(out: pathlib.Path):
+  ckpt = out / 'checkpoints'
+  return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
+
+def _wait_or_kill(proc, out, deadline, nth_save=None, lag=0.0, poll=0.002):
+  """Waits for `proc`; SIGKILLs it at `deadline` (seconds), or `lag` seconds after the
+  `nth_save`-th distinct save directory appears. Returns None if it exited by itself, else
+  whether the kill landed in a save (a tmp directory was there after the process died)."""
+  start, seen = time.perf_counter(), set()
+  while proc.poll() is None:
+    if nth_save is not None:
+      seen |= _saves_in_progress(out)
+      if len(seen) >= nth_save:
+        time.sleep(lag)
+        break
+    if time.perf_counter() - start > deadline:
+      break
+    time.sleep(poll)
+  else:
+    return None
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  return bool(_saves_in_progress(out))
+
+
+def trial(rng: random.Random, workdir: pathlib.Path, corpus: str, mode: str, precision: str,
+          reference: str, run_seconds: float, kind='random', max_attempts=12):
+  """Kills attempts until one finishes; returns (identical, kills, in_save, attempts, fp).
+
+  The first three attempts are always killed (`kind` says when: see the module docstring; a
+  'first-save' trial kills its first attempt in the first save, later ones in a random save);
+  later attempts half the time at a random moment, so every trial ends.
   """
   out = workdir / 'run'
   shutil.rmtree(out, ignore_errors=True)
-  kills = 0
+  kills = in_save = 0
   for attempt in range(1, max_attempts + 1):
-    has_ckpt = (out / 'checkpoints').is_dir() and any(
-        p.name.isdigit() for p in (out / 'checkpoints').iterdir())
-    argv = train_argv(out, corpus, mode, precision) + (['--resume'] if has_ckpt else [])
+    argv = train_argv(out, corpus, mode, precision) + (['--resume'] if _has_checkpoint(out)
+                                                       else [])
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    if attempt <= 3 or (attempt < max_attempts and rng.random() < 0.5):
-      try:
-        proc.wait(timeout=rng.uniform(0.5, run_seconds))
-      except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        continue
+    if attempt <= 3 and kind != 'random':
+      first = kind == 'first-save' and not _has_checkpoint(out)
+      # in one of the attempt's first saves (an attempt that ends before it is not killed),
+      # up to 30 ms after its tmp directory appears, so kills spread over the write
+      killed = _wait_or_kill(proc, out, 300, nth_save=1 if first else rng.randint(1, 6),
+                             lag=rng.uniform(0, 0.03))
+    elif attempt <= 3 or (attempt < max_attempts and rng.random() < 0.5):
+      killed = _wait_or_kill(proc, out, rng.uniform(0.5, run_seconds))
     else:
       proc.wait(timeout=300)
+      killed = None
+    if killed is not None:
+      kills += 1
+      in_save += killed
+      continue
     if proc.returncode == 0:
       fp = final_fingerprint(out)
-      return fp == reference, kills, attempt, fp
+      return fp == reference, kills, in_save, attempt, fp
     err = proc.stderr.read()
     if 'no usable checkpoint' in err or 'no checkpoints/' in err:
       shutil.rmtree(out, ignore_errors=True)  # killed before its first commit: start over
       continue
     raise RuntimeError(f'attempt {attempt} failed (rc {proc.returncode}): {err[-2000:]}')
-  return False, kills, max_attempts, None
+  return False, kills, in_save, max_attempts, None
 
 
 def run_trials(trials: int, seed: int = 0, workdir=None, log=print):
@@ -108,6 +156,7 @@ def run_trials(trials: int, seed: int = 0, workdir=None, log=print):
   rows = []
   for i in range(trials):
     mode, precision = MODES[i % len(MODES)]
+    kind = KILLS[i % len(KILLS)]
     if (mode, precision) not in references:
       ref_out = workdir / f'reference-{mode}-{precision}'
       t0 = time.perf_counter()
@@ -116,24 +165,30 @@ def run_trials(trials: int, seed: int = 0, workdir=None, log=print):
       if done.returncode:
         raise RuntimeError(done.stderr[-2000:])
       references[mode, precision] = final_fingerprint(ref_out)
-    identical, kills, attempts, fp = trial(rng, workdir / f'trial{i}', corpus, mode, precision,
-                                           references[mode, precision],
-                                           durations[mode, precision])
-    rows.append((i, mode, precision, kills, attempts, fp, references[mode, precision],
-                 identical))
-    log(f'trial {i}: {mode} {precision}: {kills} kill(s), {attempts} run(s), '
-        f'final {fp} vs {references[mode, precision]}: '
+    identical, kills, in_save, attempts, fp = trial(
+        rng, workdir / f'trial{i}', corpus, mode, precision, references[mode, precision],
+        durations[mode, precision], kind=kind)
+    rows.append((i, mode, precision, kind, kills, in_save, attempts, fp,
+                 references[mode, precision], identical))
+    log(f'trial {i}: {mode} {precision} {kind}: {kills} kill(s), {in_save} in a save, '
+        f'{attempts} run(s), final {fp} vs {references[mode, precision]}: '
         f'{"identical" if identical else "DIFFERENT"}')
   identical = sum(r[-1] for r in rows)
-  summary = f'trials {trials}, identical {identical}, failed {trials - identical}'
+  summary = (f'trials {trials}, identical {identical}, failed {trials - identical}')
   log(summary)
   return summary, rows
+
+
+def _commit():
+  done = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                        text=True)
+  return done.stdout.strip() or 'unknown'
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--trials', type=int, default=50)
+  p.add_argument('--trials', type=int, default=100)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--write', default=str(ROOT / 'benchmarks' / 'kill_resume.md'),
                  help='where to write the table ("" to skip)')
@@ -147,13 +202,21 @@ def main(argv=None):
     lines = [
         '# Kill and resume: SIGKILL at random moments, bit-identical final params', '',
         f'Command: `python -m experiments.kill_resume --trials {a.trials} --seed {a.seed}` '
-        f'({time.time() - start:.0f} s on {os.cpu_count()} CPU cores). Each trial: tiny model, '
-        'K=4, a checkpoint after every call, random SIGKILLs, `--resume` until done.', '',
-        f'**{summary}**', '',
-        '| trial | mode | precision | kills | runs | final fingerprint | uninterrupted | same |',
-        '|---|---|---|---|---|---|---|---|',
-        *[f'| {i} | {m} | {p} | {k} | {n} | {fp} | {ref} | {"yes" if ok else "NO"} |'
-          for i, m, p, k, n, fp, ref, ok in rows], '']
+        f'({time.time() - start:.0f} s on {os.cpu_count()} CPU cores, commit {_commit()}). '
+        'Each trial: tiny model, K=4, a checkpoint after every call, SIGKILLs of the kind '
+        'named (see the module docstring), `--resume` until done.', '',
+        f'**{summary}**; {sum(r[4] for r in rows)} kills, of which '
+        f'{sum(r[5] for r in rows)} landed while a checkpoint was being written '
+        f'({sum(r[5] for r in rows if r[3] == "first-save")} in first-save trials).', '',
+        *[f'- kind `{k}`: {sum(r[3] == k for r in rows)} trials, '
+          f'{sum(r[9] for r in rows if r[3] == k)} identical, '
+          f'{sum(r[4] for r in rows if r[3] == k)} kills, '
+          f'{sum(r[5] for r in rows if r[3] == k)} in a save' for k in KILLS], '',
+        '| trial | mode | precision | kill kind | kills | in a save | runs | final fingerprint '
+        '| uninterrupted | same |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+        *[f'| {i} | {m} | {p} | {kind} | {k} | {s} | {n} | {fp} | {ref} | '
+          f'{"yes" if ok else "NO"} |' for i, m, p, kind, k, s, n, fp, ref, ok in rows], '']
     pathlib.Path(a.write).write_text('\n'.join(lines))
   return 0 if summary.endswith('failed 0') else 1
 

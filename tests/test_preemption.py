@@ -130,6 +130,9 @@ def test_save_on_4_devices_restore_on_2_then_1(tmp_path):
 
 @pytest.mark.slow
 def test_random_sigkills_resume_bit_identically(tmp_path):
+  # one trial of each kill kind: at a random moment, in a save, in the very first save
   summary, rows = kill_resume.run_trials(3, seed=1, workdir=tmp_path)
   assert summary == 'trials 3, identical 3, failed 0'
-  assert sum(r[3] for r in rows) >= 2  # the runs really were killed (timing decides how often)
+  assert [r[3] for r in rows] == list(kill_resume.KILLS)
+  assert sum(r[4] for r in rows) >= 2  # the runs really were killed (timing decides how often)
+  assert sum(r[5] for r in rows) >= 1  # and at least one kill landed while a save was written
