@@ -235,6 +235,12 @@ def main(argv=None):
   except (CheckpointError, NonFiniteError) as e:
     sys.stderr.write(f'error: {e}\n')
     return 1
+  except MemoryError as e:  # what the up-front check could not foresee
+    sys.stderr.write(f'error: out of host memory ({type(e).__name__}: {e}). Lower '
+                     '--grad-accum-steps or --batch-size, or feed fewer micro-batches per call '
+                     '(--accum-mode multisteps or hybrid); the newest committed checkpoint is '
+                     'intact.\n')
+    return 1
   except OSError as e:  # writing metrics, config.json or the plot failed (disk full, ...)
     sys.stderr.write(f'error: could not write the run\'s outputs: {e}. The newest committed '
                      'checkpoint is intact; --resume continues from it.\n')

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from accumjax.core import ConfigError
+from accumjax.lm import config as lm_config
 from accumjax.lm import data as data_lib
 from accumjax.lm.train import train_and_evaluate
 from experiments import train as train_cli
@@ -211,3 +213,32 @@ def test_data_errors_say_what_is_wrong_and_what_is_needed(tmp_path, capsys):
   rc, err = _cli(capsys, '--data', str(tiny), '--out', str(tmp_path / 'b'))
   assert rc == 2 and 'split of' in err and 'needs at least one paragraph' in err, err
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
+
+
+def test_a_call_too_big_for_host_memory_is_refused_with_what_fits(tmp_path, corpus, capsys):
+  from accumjax.lm import train as train_lib
+  out = tmp_path / 'run'
+  rc, err = _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(out),
+                 '--grad-accum-steps', '100000000')  # scan: 10^8 micro-batches in one call
+  assert rc == 2 and len(err.splitlines()) == 1, err
+  assert '--grad-accum-steps 100000000 in scan mode' in err and 'is available' in err, err
+  assert 'At most' in err and not out.exists()
+  # the same limit, with the available memory given: what fits is said exactly
+  cfg = train_config(**TINY, grad_accum_steps=64)
+  accum = lm_config.validate(cfg, 1)
+  per_mb = 4 * data_lib.host_bytes_per_row(32)
+  train_lib.check_host_memory(cfg, accum, 1, available=64 * per_mb)  # fits exactly
+  with pytest.raises(ConfigError, match='At most 63 micro-batches fit in one call'):
+    train_lib.check_host_memory(cfg, accum, 1, available=64 * per_mb - 1)
+  hybrid = lm_config.validate(train_config(**TINY, grad_accum_steps=64, accum_mode='hybrid',
+                                           microbatches_per_call=8), 1)
+  train_lib.check_host_memory(cfg, hybrid, 1, available=8 * per_mb)  # only a call's share
+
+
+def test_running_out_of_host_memory_midway_is_one_line(tmp_path, corpus, capsys, monkeypatch):
+  def no_memory(self, n, part=None):
+    raise MemoryError(f'Unable to allocate {n * 33 * 4} bytes for an array')  # numpy's words
+
+  monkeypatch.setattr(data_lib.RowIterator, 'next_rows', no_memory)
+  rc, err = _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(tmp_path / 'run'))
+  assert rc == 1 and len(err.splitlines()) == 1 and 'error: out of host memory' in err, err

@@ -176,6 +176,38 @@ def _alive(pid: int) -> bool:
   return True
 
 
+def available_host_bytes() -> int | None:
+  """MemAvailable from /proc/meminfo (None where there is none)."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def check_host_memory(cfg: TrainConfig, accum: AccumConfig, devices: int,
+                      available: int | None = None):
+  """Refuses a call whose batch alone cannot fit in the host memory available now (a huge
+  --grad-accum-steps in scan mode feeds every micro-batch of an update in one call), saying
+  what was asked and what fits, before anything is written."""
+  available = available_host_bytes() if available is None else available
+  per_microbatch = accum.microbatch_size * devices * data_lib.host_bytes_per_row(cfg.seq_len)
+  need = accum.per_call * per_microbatch
+  if available is None or need <= available:
+    return
+  fits = available // per_microbatch
+  raise ConfigError(
+      f'--grad-accum-steps {accum.num_microbatches} in {accum.mode} mode feeds '
+      f'{accum.per_call:,} micro-batches of {accum.microbatch_size} x {devices} device(s) rows '
+      f'x {cfg.seq_len} tokens in one call, which needs at least {format_bytes(need)} of host '
+      f'memory for the batch alone; {format_bytes(available)} is available. At most '
+      f'{fits:,} micro-batches fit in one call: lower --grad-accum-steps, or use --accum-mode '
+      'multisteps (one micro-batch per call) or hybrid with a smaller --microbatches-per-call.')
+
+
 def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse') -> Run:
   """Everything a run needs, from its settings (and its checkpoint, when resuming)."""
   mesh = parallel.make_mesh(config_lib.parse_mesh(cfg.mesh))
@@ -183,6 +215,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
   if cfg.memory_budget is not None:
     cfg, plan = plan_for_budget(cfg, mesh.size)
   accum = config_lib.validate(cfg, mesh.size)
+  check_host_memory(cfg, accum, mesh.size)
   if on_config_change not in ON_CONFIG_CHANGE:
     raise ConfigError(f'on_config_change={on_config_change!r}; allowed: refuse, flush.')
   out = pathlib.Path(out)
