@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from accumjax import optim, parallel
+from accumjax import donation, optim, parallel
 from accumjax.config import AccumConfig
 from accumjax.core import ConfigError, normalize, scan_microbatches
 from accumjax.precision import with_compute_dtype
@@ -254,9 +254,18 @@ def make_flush(tx, config: AccumConfig):
 
 
 def jit_train_step(train_step, *, donate: bool = True, **jit_kwargs):
-  """`jax.jit` with the options every train step needs, in one place: `last_call` is static
-  (one program per value; see make_train_step) and the state (argument 0) is donated, so it is
-  updated in place (`donate=False` keeps the input state alive, e.g. to compare states).
-  `jit_kwargs` go to `jax.jit` (e.g. shardings)."""
+  """Jits a train step with the options every train step needs, in one place: `last_call` is
+  static (one program per value; see make_train_step) and the state (argument 0) is donated, so
+  it is updated in place.
+
+  With donation (and no `jit_kwargs`), `donation.jit_donating` compiles each call's program to
+  take only the state leaves that the call changes (donated) or reads; leaves an interim call
+  leaves untouched (params, inner optimizer state) are neither donated nor returned, because
+  XLA charges a fixed cost per donated buffer on every call. The new state holds the caller's
+  very arrays for those. `donate=False` keeps the input state alive, e.g. to compare states;
+  `jit_kwargs` go to `jax.jit` (e.g. shardings), which then donates the whole state.
+  """
+  if donate and not jit_kwargs:
+    return donation.jit_donating(train_step, static_argnames=('last_call',))
   return jax.jit(train_step, donate_argnums=0 if donate else (), static_argnames='last_call',
                  **jit_kwargs)

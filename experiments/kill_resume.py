@@ -148,7 +148,7 @@ def trial(rng: random.Random, workdir: pathlib.Path, corpus: str, mode: str, pre
   return False, kills, in_save, max_attempts, None
 
 
-def run_trials(trials: int, seed: int = 0, workdir=None, log=print):
+def run_trials(trials: int, seed: int = 0, workdir=None, log=print, on_row=None):
   rng = random.Random(seed)
   workdir = pathlib.Path(workdir or tempfile.mkdtemp(prefix='kill_resume_'))
   corpus = tiny_corpus(workdir / 'corpus')
@@ -170,6 +170,8 @@ def run_trials(trials: int, seed: int = 0, workdir=None, log=print):
         durations[mode, precision], kind=kind)
     rows.append((i, mode, precision, kind, kills, in_save, attempts, fp,
                  references[mode, precision], identical))
+    if on_row:
+      on_row(rows)
     log(f'trial {i}: {mode} {precision} {kind}: {kills} kill(s), {in_save} in a save, '
         f'{attempts} run(s), final {fp} vs {references[mode, precision]}: '
         f'{"identical" if identical else "DIFFERENT"}')
@@ -177,6 +179,28 @@ def run_trials(trials: int, seed: int = 0, workdir=None, log=print):
   summary = (f'trials {trials}, identical {identical}, failed {trials - identical}')
   log(summary)
   return summary, rows
+
+
+def table(rows, summary, a, seconds) -> str:
+  lines = [
+      '# Kill and resume: SIGKILL at random moments, bit-identical final params', '',
+      f'Command: `python -m experiments.kill_resume --trials {a.trials} --seed {a.seed}` '
+      f'({seconds:.0f} s on {os.cpu_count()} CPU cores, commit {_commit()}). '
+      'Each trial: tiny model, K=4, a checkpoint after every call, SIGKILLs of the kind '
+      'named (see the module docstring), `--resume` until done.', '',
+      f'**{summary}**; {sum(r[4] for r in rows)} kills, of which '
+      f'{sum(r[5] for r in rows)} landed while a checkpoint was being written '
+      f'({sum(r[5] for r in rows if r[3] == "first-save")} in first-save trials).', '',
+      *[f'- kind `{k}`: {sum(r[3] == k for r in rows)} trials, '
+        f'{sum(r[9] for r in rows if r[3] == k)} identical, '
+        f'{sum(r[4] for r in rows if r[3] == k)} kills, '
+        f'{sum(r[5] for r in rows if r[3] == k)} in a save' for k in KILLS], '',
+      '| trial | mode | precision | kill kind | kills | in a save | runs | final fingerprint '
+      '| uninterrupted | same |',
+      '|---|---|---|---|---|---|---|---|---|---|',
+      *[f'| {i} | {m} | {p} | {kind} | {k} | {s} | {n} | {fp} | {ref} | '
+        f'{"yes" if ok else "NO"} |' for i, m, p, kind, k, s, n, fp, ref, ok in rows], '']
+  return '\n'.join(lines)
 
 
 def _commit():
@@ -197,27 +221,18 @@ def main(argv=None):
     sys.stderr.write(f'error: --trials {a.trials} must be >= 1\n')
     return 2
   start = time.time()
-  summary, rows = run_trials(a.trials, a.seed)
-  if a.write:
-    lines = [
-        '# Kill and resume: SIGKILL at random moments, bit-identical final params', '',
-        f'Command: `python -m experiments.kill_resume --trials {a.trials} --seed {a.seed}` '
-        f'({time.time() - start:.0f} s on {os.cpu_count()} CPU cores, commit {_commit()}). '
-        'Each trial: tiny model, K=4, a checkpoint after every call, SIGKILLs of the kind '
-        'named (see the module docstring), `--resume` until done.', '',
-        f'**{summary}**; {sum(r[4] for r in rows)} kills, of which '
-        f'{sum(r[5] for r in rows)} landed while a checkpoint was being written '
-        f'({sum(r[5] for r in rows if r[3] == "first-save")} in first-save trials).', '',
-        *[f'- kind `{k}`: {sum(r[3] == k for r in rows)} trials, '
-          f'{sum(r[9] for r in rows if r[3] == k)} identical, '
-          f'{sum(r[4] for r in rows if r[3] == k)} kills, '
-          f'{sum(r[5] for r in rows if r[3] == k)} in a save' for k in KILLS], '',
-        '| trial | mode | precision | kill kind | kills | in a save | runs | final fingerprint '
-        '| uninterrupted | same |',
-        '|---|---|---|---|---|---|---|---|---|---|',
-        *[f'| {i} | {m} | {p} | {kind} | {k} | {s} | {n} | {fp} | {ref} | '
-          f'{"yes" if ok else "NO"} |' for i, m, p, kind, k, s, n, fp, ref, ok in rows], '']
-    pathlib.Path(a.write).write_text('\n'.join(lines))
+
+  def write(rows, done=False):
+    if not a.write:
+      return
+    identical = sum(r[-1] for r in rows)
+    summary = f'trials {len(rows)}, identical {identical}, failed {len(rows) - identical}'
+    if not done:
+      summary += f' (in progress: {len(rows)} of {a.trials} trials so far)'
+    pathlib.Path(a.write).write_text(table(rows, summary, a, time.time() - start))
+
+  summary, rows = run_trials(a.trials, a.seed, on_row=write)
+  write(rows, done=True)
   return 0 if summary.endswith('failed 0') else 1
 
 

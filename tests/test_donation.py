@@ -1,0 +1,110 @@
+"""jit_donating: the state leaves a call changes are donated and returned; the ones it only
+reads are passed in; the ones it neither reads nor changes are not passed at all. Results are
+those of a plain jit, whatever the function does with its state."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import accumjax
+from accumjax import donation
+
+
+def _state():
+  return {'params': {'w': jnp.arange(6.0).reshape(2, 3), 'b': jnp.ones(3)},
+          'acc': {'w': jnp.zeros((2, 3)), 'b': jnp.zeros(3)},
+          'moments': jnp.full((4,), 2.0, jnp.float32), 'step': jnp.zeros((), jnp.int32)}
+
+
+def interim(state, g, *, last_call=None):
+  """Adds g into acc, reads params for a metric, leaves moments untouched; on the last call
+  resets acc with zeros_like (reads acc's shape only) and moves the moments."""
+  acc = jax.tree.map(jnp.add, state['acc'], g)
+  metric = jnp.sum(state['params']['w'])
+  new = dict(state, acc=acc, step=state['step'] + 1)
+  if last_call:
+    new['moments'] = state['moments'] * 0.5 + jnp.sum(acc['w'])
+    new['acc'] = jax.tree.map(jnp.zeros_like, acc)
+  return new, metric
+
+
+def test_plan_sorts_leaves_and_results_match_a_plain_jit():
+  g = {'w': jnp.ones((2, 3)), 'b': jnp.full((3,), 2.0)}
+  jd = donation.jit_donating(interim, static_argnames=('last_call',))
+  plain = jax.jit(interim, static_argnames=('last_call',))
+  names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(_state())[0]]
+  plan = jd.plan(_state(), g, last_call=False)
+  assert {names[i] for i in plan.changed} == {"['acc']['b']", "['acc']['w']", "['step']"}
+  assert {names[i] for i in plan.read} == {"['params']['w']"}
+  assert {names[i] for i in plan.unread} == {"['moments']", "['params']['b']"}
+  plan = jd.plan(_state(), g, last_call=True)
+  assert "['moments']" in {names[i] for i in plan.changed}
+
+  state, ref = _state(), _state()
+  for last in (False, False, True, False, True):
+    moments, params_b = state['moments'], state['params']['b']
+    state, metric = jd(state, g, last_call=last)
+    ref, ref_metric = plain(ref, g, last_call=last)
+    chex.assert_trees_all_equal(state, ref)
+    chex.assert_trees_all_equal(metric, ref_metric)
+    if not last:  # untouched leaves are the caller's very arrays, not copies
+      assert state['moments'] is moments and state['params']['b'] is params_b
+  assert jd._cache_size() == 2  # one program per value of last_call
+
+
+def test_changed_leaves_are_donated_and_the_rest_stay_alive():
+  g = {'w': jnp.ones((2, 3)), 'b': jnp.ones(3)}
+  jd = donation.jit_donating(interim, static_argnames=('last_call',))
+  state = _state()
+  acc_w, params_w, moments = state['acc']['w'], state['params']['w'], state['moments']
+  jd(state, g, last_call=False)
+  assert acc_w.is_deleted()  # updated in place
+  assert not params_w.is_deleted() and not moments.is_deleted()
+
+
+def test_a_dtype_change_is_followed():
+  def widen(state, x):
+    return {'a': (state['a'] + x).astype(jnp.float32), 'b': state['b']}, None
+
+  jd = donation.jit_donating(widen)
+  state = {'a': jnp.ones(3, jnp.bfloat16), 'b': jnp.ones(2)}
+  state, _ = jd(state, jnp.ones(3, jnp.bfloat16))
+  assert state['a'].dtype == jnp.float32
+  state, _ = jd(state, jnp.ones(3, jnp.bfloat16))  # a new signature: a new plan, no error
+  np.testing.assert_array_equal(state['a'], np.full(3, 3.0))
+  assert jd._cache_size() == 2
+
+
+def test_the_train_step_interim_program_takes_no_optimizer_state():
+  """The point of it all: an interim LazyMultiSteps call neither takes nor returns the inner
+  optimizer state, and reads the params (the forward pass) without donating them."""
+  import optax
+
+  from tests.helpers import lm_loss
+  from tests.reference import init_params, make_batches
+  params = init_params()
+  batch = make_batches(1, 2)[0]
+  config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=2,
+                                mode='multisteps')
+  tx = accumjax.accumulating_optimizer(optax.adamw(1e-2), config)
+  step = accumjax.jit_train_step(accumjax.make_train_step(lm_loss, tx, config))
+  state = accumjax.init_train_state(params, tx, 0)
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  names = [jax.tree_util.keystr(p) for p, _ in leaves]
+  plan = step.plan(state, batch, last_call=False)
+  changed, read, unread = ({names[i] for i in part} for part in (plan.changed, plan.read,
+                                                                  plan.unread))
+  assert any('.mu' in n for n in unread) and any('.nu' in n for n in unread), unread
+  assert not any('inner_opt_state' in n for n in changed)
+  # read, not donated: the params (the forward pass), the rng, the loss scale, and Adam's
+  # count (the schedule_count metric), nothing else
+  assert {n for n in read if not n.startswith('.params')} == {
+      '.opt_state.inner_opt_state[0].count', '.rng', '.loss_scale'}, read
+  assert not any(n.startswith('.params') for n in changed)
+  assert any('acc_grads' in n for n in changed)
+  # and the emitting program changes the params and the moments
+  plan = step.plan(state, batch, last_call=True)
+  changed = {names[i] for i in plan.changed}
+  assert any(n.startswith('.params') for n in changed)
+  assert any('inner_opt_state' in n for n in changed)
