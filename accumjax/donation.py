@@ -1,10 +1,10 @@
 """Jit a `(state, *args) -> (new_state, aux)` function so that a call costs only what it changes.
 
 A donated state that a program returns untouched still costs a fixed amount per buffer on every
-call (XLA's CPU runtime aliases, checks and returns each one): measured on a 156-leaf model, a
-bare add of a gradient tree took 0.27 ms alone and 0.48-0.54 ms with 156 more buffers donated
-and passed through (benchmarks/lazy_multisteps.md). An interim accumulation call returns the
-params and the whole inner optimizer state untouched, so that overhead is most of its cost.
+call (XLA's CPU runtime aliases, checks and returns each one): in a side probe on the 0.9M
+model, a bare add of a gradient tree took 0.27 ms alone and 0.48-0.54 ms with 156 more buffers
+donated and passed through. An interim accumulation call returns the params and the inner
+optimizer state untouched, so that overhead was most of its cost.
 
 `jit_donating(fn)` traces `fn` once per call signature (`jax.make_jaxpr`) and sorts the state's
 leaves by what the program does with them:
@@ -12,8 +12,8 @@ leaves by what the program does with them:
 - changed (an output that is not the very input): donated, returned, updated in place;
 - only read (e.g. the params of an interim call: the forward pass reads them): passed in,
   neither donated nor returned;
-- neither read nor changed (e.g. the inner optimizer state of an interim call): not passed at
-  all; the new state holds the caller's very array.
+- neither read nor changed (e.g. Adam's moments in an interim call): not passed at all; the
+  new state holds the caller's very array.
 
 The plan is checked again inside every trace of the split program (one per signature jit sees),
 so it can never drop an output that the function computes: a leaf is treated as untouched only
@@ -48,16 +48,24 @@ class Plan(NamedTuple):
   keeps_avals: bool = True  # every changed leaf comes out with the shape and dtype it went in
 
 
+def _trace(fn, state, args, kwargs):
+  """`fn(state, *args, **kwargs)` as a closed jaxpr, and the structure of what it returns."""
+  return jax.make_jaxpr(lambda s, a: fn(s, *a, **kwargs), return_shape=True)(state, args)
+
+
 def make_plan(fn, state, args, kwargs) -> Plan:
   """Traces `fn(state, *args, **kwargs)` (abstractly) and sorts the state's leaves."""
+  return _classify(*_trace(fn, state, args, kwargs), state)
+
+
+def _classify(closed, out_shape, state) -> Plan:
   leaves, treedef = jax.tree.flatten(state)
-  closed = jax.make_jaxpr(lambda s, a: fn(s, *a, **kwargs))(state, args)
+  if jax.tree.structure(out_shape[0]) != treedef:
+    raise ValueError(f'jit_donating: the function returns a new state of another structure '
+                     f'({jax.tree.structure(out_shape[0])}) than it was given ({treedef}).')
   jaxpr = closed.jaxpr
   invars = jaxpr.invars[:len(leaves)]
   out_leaves = jaxpr.outvars[:len(leaves)]  # new_state's leaves come first in (new_state, aux)
-  out_tree = jax.tree.structure(jax.eval_shape(lambda s, a: fn(s, *a, **kwargs)[0], state, args))
-  if out_tree != treedef:
-    return Plan(treedef, tuple(range(len(leaves))), (), (), (), False)
   used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars if isinstance(v, jax_core.Var)}
   used |= {id(v) for v in jaxpr.outvars[len(leaves):] if isinstance(v, jax_core.Var)}
   used |= {id(out) for var, out in zip(invars, out_leaves, strict=True) if out is not var}
@@ -81,12 +89,12 @@ def _same_type(a, b) -> bool:
 
 class jit_donating:  # noqa: N801 (used like jax.jit)
   """`jax.jit(fn, donate_argnums=0)` that donates and returns only the state leaves a call
-  changes (see the module docstring). `static_argnames` are passed to `fn` by keyword and are
-  part of the signature. Also has `lower(...)` (of the program a call would run) and
-  `_cache_size()` (programs compiled), like a jitted function."""
+  changes (see the module docstring). Also has `plan(...)`, `lower(...)` (of the program a
+  call would run) and `_cache_size()` (programs compiled), like a jitted function. Keyword
+  arguments are static (e.g. `last_call`): each value gets its own program."""
 
-  def __init__(self, fn, static_argnames=()):
-    self._fn, self._static = fn, tuple(static_argnames)
+  def __init__(self, fn):
+    self._fn = fn
     self._plans: dict = {}  # call signature -> (plan, its jitted program)
     self._sigs: dict = {}  # (treedef, avals) of a state -> its number
     self._last = None  # (the state leaves the last call returned, their treedef, signature)
@@ -102,10 +110,13 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
     for i, x in zip(plan.unread, unread, strict=True):
       leaves[i] = x
     state = jax.tree.unflatten(plan.treedef, leaves)
-    # The plan again, for the exact avals of this trace: it must be what it was.
-    if make_plan(self._fn, state, args, kwargs) != plan:
+    # One trace serves twice: the plan again, for the exact avals of this trace (it must be
+    # what it was), and the program itself (the jaxpr evaluated here).
+    closed, out_shape = _trace(self._fn, state, args, kwargs)
+    if _classify(closed, out_shape, state) != plan:
       raise AssertionError(f'jit_donating: the state plan changed between traces ({plan})')
-    new_state, aux = self._fn(state, *args, **kwargs)
+    outs = jax_core.jaxpr_as_fun(closed)(*jax.tree.leaves((state, args)))
+    new_state, aux = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
     new_leaves = jax.tree.leaves(new_state)
     return [new_leaves[i] for i in plan.changed], aux
 

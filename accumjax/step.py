@@ -266,6 +266,6 @@ def jit_train_step(train_step, *, donate: bool = True, **jit_kwargs):
   `jit_kwargs` go to `jax.jit` (e.g. shardings), which then donates the whole state.
   """
   if donate and not jit_kwargs:
-    return donation.jit_donating(train_step, static_argnames=('last_call',))
+    return donation.jit_donating(train_step)
   return jax.jit(train_step, donate_argnums=0 if donate else (), static_argnames='last_call',
                  **jit_kwargs)

@@ -12,9 +12,10 @@ its first attempts, and resumes with --resume until a run exits 0. The kill kind
               `N.orbax-checkpoint-tmp` directory appears (n random), before it is committed
   first-save  while the very first checkpoint of the run is being written (no good one yet)
 
-A kill counts as "in a save" only if the tmp directory was still there when the process was
-dead (checked after the kill). Expected result: `trials N, identical N, failed 0`. Writes the
-table to benchmarks/kill_resume.md.
+A kill counts as "in a save" only if a tmp directory of that attempt (not one an earlier killed
+attempt left behind) was still there when the process was dead (checked after the kill).
+Expected result: `trials N, identical N, failed 0`. Writes the table to
+benchmarks/kill_resume.md.
 """
 
 import argparse
@@ -73,10 +74,13 @@ def run(argv, timeout=300):
 
 
 def _saves_in_progress(out: pathlib.Path):
+  """The save directories being written now, as (name, mtime) pairs: a tmp directory that an
+  earlier killed attempt left behind stays there, so only pairs not seen at an attempt's start
+  belong to it."""
   ckpt = out / 'checkpoints'
   try:
-    return {p.name for p in ckpt.iterdir() if TMP in p.name}
-  except OSError:
+    return {(p.name, p.stat().st_mtime_ns) for p in ckpt.iterdir() if TMP in p.name}
+  except OSError:  # the directory or an entry vanished (a commit renames it)
     return set()
 
 
@@ -87,12 +91,12 @@ def _has_checkpoint(out: pathlib.Path):
 
 def _wait_or_kill(proc, out, deadline, nth_save=None, lag=0.0, poll=0.002):
   """Waits for `proc`; SIGKILLs it at `deadline` (seconds), or `lag` seconds after the
-  `nth_save`-th distinct save directory appears. Returns None if it exited by itself, else
-  whether the kill landed in a save (a tmp directory was there after the process died)."""
-  start, seen = time.perf_counter(), set()
+  `nth_save`-th save directory of its own appears. Returns None if it exited by itself, else
+  whether the kill landed in a save (a save directory of its own was there after it died)."""
+  start, before, seen = time.perf_counter(), _saves_in_progress(out), set()
   while proc.poll() is None:
     if nth_save is not None:
-      seen |= _saves_in_progress(out)
+      seen |= _saves_in_progress(out) - before
       if len(seen) >= nth_save:
         time.sleep(lag)
         break
@@ -103,7 +107,7 @@ def _wait_or_kill(proc, out, deadline, nth_save=None, lag=0.0, poll=0.002):
     return None
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  return bool(_saves_in_progress(out))
+  return bool(_saves_in_progress(out) - before)
 
 
 def trial(rng: random.Random, workdir: pathlib.Path, corpus: str, mode: str, precision: str,

@@ -31,7 +31,7 @@ def interim(state, g, *, last_call=None):
 
 def test_plan_sorts_leaves_and_results_match_a_plain_jit():
   g = {'w': jnp.ones((2, 3)), 'b': jnp.full((3,), 2.0)}
-  jd = donation.jit_donating(interim, static_argnames=('last_call',))
+  jd = donation.jit_donating(interim)
   plain = jax.jit(interim, static_argnames=('last_call',))
   names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(_state())[0]]
   plan = jd.plan(_state(), g, last_call=False)
@@ -55,7 +55,7 @@ def test_plan_sorts_leaves_and_results_match_a_plain_jit():
 
 def test_changed_leaves_are_donated_and_the_rest_stay_alive():
   g = {'w': jnp.ones((2, 3)), 'b': jnp.ones(3)}
-  jd = donation.jit_donating(interim, static_argnames=('last_call',))
+  jd = donation.jit_donating(interim)
   state = _state()
   acc_w, params_w, moments = state['acc']['w'], state['params']['w'], state['moments']
   jd(state, g, last_call=False)
