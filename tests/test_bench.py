@@ -27,5 +27,5 @@ def test_bench_lazy_quick_writes_its_table(tmp_path):
   out = tmp_path / 'lazy.md'
   assert bench.main(['--lazy', '--quick', '--out', str(out)]) == 0
   rows = [line.split('|') for line in out.read_text().splitlines() if line.startswith('| 0.1M (')]
-  assert len(rows) == 1 and len(rows[0]) == 15  # 13 columns, every ratio a number
+  assert len(rows) == 1 and len(rows[0]) == 16  # 14 columns, every ratio a number
   assert all(float(x) > 0 for x in rows[0][3:-1])

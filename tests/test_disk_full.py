@@ -28,7 +28,8 @@ ARGV = ['--seq-len', '32', '--batch-size', '4', '--grad-accum-steps', '2', '--d-
 
 @pytest.fixture
 def disk(tmp_path):
-  """(directory, fill): a small filesystem and a function that leaves it no free byte."""
+  """(directory, fill, mounted): a small filesystem, a function that leaves it no free byte,
+  and whether it is a real tmpfs (else `fill` raises ENOSPC itself)."""
   where = tmp_path / 'disk'
   where.mkdir()
   mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(where)],
