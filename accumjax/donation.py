@@ -87,17 +87,53 @@ def _same_type(a, b) -> bool:
       b, 'weak_type', None)
 
 
+class _PlanChanged(Exception):  # noqa: N818 (control flow: a retrace found another plan)
+  pass
+
+
+def _taker(idx):
+  """A C-speed `lambda seq: tuple(seq[i] for i in idx)`."""
+  if not idx:
+    return lambda seq: ()
+  if len(idx) == 1:
+    i = idx[0]
+    return lambda seq: (seq[i],)
+  return operator.itemgetter(*idx)
+
+
+class _Entry(NamedTuple):
+  plan: Plan
+  program: object  # the jitted split program
+  take_changed: object  # leaves -> the changed ones
+  take_read: object  # leaves -> the read ones
+  merge: object  # (*leaves, *new changed leaves) -> the new state's leaves
+
+
+def _entry(plan: Plan, program) -> _Entry:
+  n = len(plan.changed) + len(plan.read) + len(plan.unread)
+  pos = {i: n + j for j, i in enumerate(plan.changed)}
+  return _Entry(plan, program, _taker(plan.changed), _taker(plan.read),
+                _taker(tuple(pos.get(i, i) for i in range(n))))
+
+
 class jit_donating:  # noqa: N801 (used like jax.jit)
   """`jax.jit(fn, donate_argnums=0)` that donates and returns only the state leaves a call
   changes (see the module docstring). Also has `plan(...)`, `lower(...)` (of the program a
   call would run) and `_cache_size()` (programs compiled), like a jitted function. Keyword
-  arguments are static (e.g. `last_call`): each value gets its own program."""
+  arguments are static (e.g. `last_call`): each value gets its own program.
+
+  Per-call Python is kept to a flatten, a few C-speed gathers and an unflatten (an interim
+  call of a small model costs about as much as this bookkeeping): the state's signature is
+  looked up only when the state is not made of the very arrays the last call returned, and the
+  other arguments' structure, shapes and dtypes are left to jit's own cache unless a retrace
+  for new ones finds that the plan depends on them (then every call keys on them too)."""
 
   def __init__(self, fn):
     self._fn = fn
-    self._plans: dict = {}  # call signature -> (plan, its jitted program)
+    self._plans: dict = {}  # call signature -> _Entry
     self._sigs: dict = {}  # (treedef, avals) of a state -> its number
     self._last = None  # (the state leaves the last call returned, their treedef, signature)
+    self._key_on_arg_avals = False  # set once a plan turned out to depend on them
 
   def _program(self, changed, read, args, *, plan: Plan, kwargs):
     kwargs = dict(kwargs)
@@ -114,38 +150,38 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
     # what it was), and the program itself (the jaxpr evaluated here).
     closed, out_shape = _trace(self._fn, state, args, kwargs)
     if _classify(closed, out_shape, state) != plan:
-      raise AssertionError(f'jit_donating: the state plan changed between traces ({plan})')
+      if self._key_on_arg_avals:  # the plan was made for exactly these avals
+        raise AssertionError(f'jit_donating: the state plan changed between traces ({plan})')
+      raise _PlanChanged  # new argument shapes change the plan: key on them from now on
     outs = jax_core.jaxpr_as_fun(closed)(*jax.tree.leaves((state, args)))
     new_state, aux = jax.tree.unflatten(jax.tree.structure(out_shape), outs)
     new_leaves = jax.tree.leaves(new_state)
     return [new_leaves[i] for i in plan.changed], aux
 
-  def _split_args(self, state, args, kwargs):
+  def _lookup(self, state, args, kwargs):
     leaves, treedef = jax.tree.flatten(state)
-    arg_leaves, arg_tree = jax.tree.flatten(args)
-    kw = tuple(sorted(kwargs.items())) if kwargs else ()
     # The state's avals are part of the signature, but hashing and comparing ~200 of them costs
     # ~40 us a call, the whole budget of a small interim call. A state made of exactly the
     # arrays the last call returned (a loop feeding each call's state to the next) has the
     # signature recorded then.
     last = self._last
-    if last is not None and last[1] == treedef and all(
-        a is b for a, b in zip(leaves, last[0], strict=True)):
+    if last is not None and last[1] == treedef and all(map(operator.is_, leaves, last[0])):
       sig = last[2]
     else:
       sig = self._signature(treedef, tuple(map(_AVAL, leaves)))
-    key = (sig, arg_tree, tuple(map(_AVAL, arg_leaves)), kw)
-    found = self._plans.get(key)
-    if found is None:
+    key = (sig, tuple(sorted(kwargs.items())) if kwargs else ())
+    if self._key_on_arg_avals:
+      arg_leaves, arg_tree = jax.tree.flatten(args)
+      key += (arg_tree, tuple(map(_AVAL, arg_leaves)))
+    entry = self._plans.get(key)
+    if entry is None:
       plan = make_plan(self._fn, state, args, kwargs)
       # One jitted program per plan, the plan bound in (a static argument would be hashed on
       # every call).
-      program = jax.jit(functools.partial(self._program, plan=plan, kwargs=kw),
+      program = jax.jit(functools.partial(self._program, plan=plan, kwargs=key[1]),
                         donate_argnums=0)
-      found = self._plans[key] = (plan, program)
-    plan, program = found
-    return plan, program, leaves, sig, ([leaves[i] for i in plan.changed],
-                                        [leaves[i] for i in plan.read], args)
+      entry = self._plans[key] = _entry(plan, program)
+    return entry, leaves, sig
 
   def _signature(self, treedef, avals) -> int:
     """A small int per distinct (treedef, avals) of the state."""
@@ -153,22 +189,32 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
 
   def plan(self, state, *args, **kwargs) -> Plan:
     """How a call with these arguments passes the state (for inspection and tests)."""
-    return self._split_args(state, args, kwargs)[0]
+    return self._lookup(state, args, kwargs)[0].plan
 
   def __call__(self, state, *args, **kwargs):
-    plan, program, leaves, sig, split = self._split_args(state, args, kwargs)
-    changed, aux = program(*split)
-    for i, x in zip(plan.changed, changed, strict=True):
-      leaves[i] = x
+    entry, leaves, sig = self._lookup(state, args, kwargs)
+    try:
+      changed, aux = entry.program(entry.take_changed(leaves), entry.take_read(leaves), args)
+    except _PlanChanged:
+      self._key_on_arg_avals = True
+      self._plans.clear()
+      return self(state, *args, **kwargs)
+    plan = entry.plan
+    new_leaves = entry.merge((*leaves, *changed))
     if not plan.keeps_avals:  # the call changed a dtype or shape (the next call recompiles)
-      sig = self._signature(plan.treedef, tuple(map(_AVAL, leaves)))
-    self._last = (leaves, plan.treedef, sig)
-    return jax.tree.unflatten(plan.treedef, leaves), aux
+      sig = self._signature(plan.treedef, tuple(map(_AVAL, new_leaves)))
+    self._last = (new_leaves, plan.treedef, sig)
+    return jax.tree.unflatten(plan.treedef, new_leaves), aux
+
+  def split(self, state, *args, **kwargs):
+    """(the jitted program a call would run, its arguments): for lowering and benchmarks."""
+    entry, leaves, _ = self._lookup(state, args, kwargs)
+    return entry.program, (entry.take_changed(leaves), entry.take_read(leaves), args)
 
   def lower(self, state, *args, **kwargs):
-    _, program, _, _, split = self._split_args(state, args, kwargs)
+    program, split = self.split(state, *args, **kwargs)
     return program.lower(*split)
 
   def _cache_size(self) -> int:
     """Programs compiled (one per call signature seen)."""
-    return sum(program._cache_size() for _, program in self._plans.values())
+    return sum(entry.program._cache_size() for entry in self._plans.values())

@@ -228,7 +228,7 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
     fn = donation.jit_donating(
         lambda st, sm: (optim.apply_sums(tx, sm, st[0], st[1], False)[1::-1], None))
     state = (tx.init(optim.as_opt_params(params)), jax.tree.map(jnp.copy, params))
-    _, program, _, _, (changed, read, args) = fn._split_args(state, (sums,), {})
+    program, (changed, read, args) = fn.split(state, sums)
     holder = [[jnp.copy(x) for x in changed]]
 
     def call():

@@ -108,3 +108,30 @@ def test_the_train_step_interim_program_takes_no_optimizer_state():
   changed = {names[i] for i in plan.changed}
   assert any(n.startswith('.params') for n in changed)
   assert any('inner_opt_state' in n for n in changed)
+
+
+def test_a_plan_that_depends_on_the_other_arguments_is_followed():
+  """jit_donating leaves the other arguments' shapes and structure to jit's cache; a function
+  whose plan depends on them (here: it reads `b` only for a 2-D `x`, and changes `b` for a
+  tuple) must still match a plain jit and pass the untouched leaves through."""
+  def f(state, x):
+    if isinstance(x, tuple):
+      return {'a': state['a'] + x[0], 'b': state['b'] * 2.0}, None
+    if x.ndim == 2:
+      return {'a': state['a'] + x.sum(0) + state['b'].sum(), 'b': state['b']}, None
+    return {'a': state['a'] + x, 'b': state['b']}, None
+
+  jd = donation.jit_donating(f)
+  plain = jax.jit(f)
+  state, ref = {'a': jnp.ones(3), 'b': jnp.ones(2)}, {'a': jnp.ones(3), 'b': jnp.ones(2)}
+  assert jd.plan(state, jnp.ones(3)).unread == (1,)
+  for x in (jnp.ones(3), jnp.ones((2, 3)), jnp.ones(3), (jnp.ones(3),), jnp.ones((4, 3))):
+    b = state['b']
+    state, _ = jd(state, x)
+    ref, _ = plain(ref, x)
+    chex.assert_trees_all_equal(state, ref)
+    if not isinstance(x, tuple):
+      assert state['b'] is b  # never donated nor copied when the call does not change it
+  assert jd._key_on_arg_avals  # the 2-D call's retrace found another plan, and said so
+  assert jd.plan(state, jnp.ones((2, 3))).read == (1,)
+  assert jd.plan(state, (jnp.ones(3),)).changed == (0, 1)
