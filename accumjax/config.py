@@ -72,6 +72,9 @@ class AccumConfig:
     initial_loss_scale: float16 only: the dynamic loss scale to start from.
     loss_scale_growth_interval: float16 only: the scale doubles after this many applied
       updates in a row without overflow; an overflow halves it (once per update).
+    noise_stats: the train step also estimates the gradient noise scale of every update from
+      its micro-batches (metrics `g_sq`, `trace_sigma`, `b_simple`; see core.noise_scale).
+      Needs at least 2 micro-batches per update (over all devices).
   """
   num_microbatches: int
   microbatch_size: int
@@ -88,6 +91,7 @@ class AccumConfig:
   initial_loss_scale: float = 2.0 ** 15
   loss_scale_growth_interval: int = 200
   dp_reduction: str = 'psum'
+  noise_stats: bool = False
 
   def __post_init__(self):
     # Every field is type- and range-checked: a truthy string for a bool, a float for an int
@@ -104,6 +108,12 @@ class AccumConfig:
       if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r}; allowed: {", ".join(allowed)}.')
     _bool('clip_before_accumulation', self.clip_before_accumulation)
+    _bool('noise_stats', self.noise_stats)
+    if self.noise_stats and k * self.num_devices < 2:
+      raise ConfigError(
+          f'noise_stats=True needs >= 2 micro-batches per update; got num_microbatches={k} on '
+          f'{self.num_devices} device(s): one micro-batch is no small-batch sample to compare '
+          'the big batch with.')
     _number('clip_norm', self.clip_norm, '> 0 (or None for no clipping)', lambda v: v > 0,
             optional=True)
     _number('initial_loss_scale', self.initial_loss_scale, 'in [1, 2**24]',
@@ -183,4 +193,5 @@ def describe(config: AccumConfig) -> dict:
                        if config.loss_scaling else 'none'),
       'dp_reduction': config.dp_reduction if config.num_devices > 1 else None,
       'reductions_per_update': config.calls_per_update if config.num_devices > 1 else 0,
+      'noise_stats': config.noise_stats,
   }

@@ -32,6 +32,18 @@ class ConfigError(ValueError):
   """A bad accumulation setting or input, detected before any computation."""
 
 
+class NoiseSums(NamedTuple):
+  """What the gradient noise scale needs beyond `GradSums` (see `noise_scale`), summed like it.
+
+  Attributes:
+    sq_over_weight: sum over micro-batches j of |S_j|^2 / w_j (S_j: j's gradient sum, w_j > 0
+      its weight).
+    samples: how many micro-batches that sum holds (those with w_j > 0, finite).
+  """
+  sq_over_weight: jax.Array
+  samples: jax.Array
+
+
 class GradSums(NamedTuple):
   """Undivided sums over micro-batches (and calls, and devices).
 
@@ -42,19 +54,81 @@ class GradSums(NamedTuple):
     nonfinite: float32 scalar, how many micro-batches had a non-finite loss or gradient or a
       negative weight (they contribute zero to the three sums above). A float, so
       optax.MultiSteps sums it like the others.
+    noise: `NoiseSums` when noise statistics were asked for, else None (no leaves).
   """
   grads: PyTree
   loss_sum: jax.Array
   weight: jax.Array
   nonfinite: jax.Array
+  noise: NoiseSums | None = None
 
 
-def zero_sums(params, accum_dtype=jnp.float32) -> GradSums:
+def zero_noise() -> NoiseSums:
+  return NoiseSums(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+
+
+def zero_sums(params, accum_dtype=jnp.float32, noise_stats: bool = False) -> GradSums:
   return GradSums(
       grads=jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype), params),
       loss_sum=jnp.zeros((), jnp.float32),
       weight=jnp.zeros((), jnp.float32),
-      nonfinite=jnp.zeros((), jnp.float32))
+      nonfinite=jnp.zeros((), jnp.float32),
+      noise=zero_noise() if noise_stats else None)
+
+
+def _sq_norm(tree) -> jax.Array:
+  """|tree|^2 in float32."""
+  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def noise_scale(sums: GradSums, grad_sq_norm: jax.Array | None = None) -> dict:
+  """Unbiased |G|^2 and tr(Sigma), and B_simple = tr(Sigma) / |G|^2, from one update's sums.
+
+  The model (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training", app. A):
+  the loss is a sum over units i (tokens, examples) whose gradients g_i are independent draws
+  with mean G and covariance Sigma; G and Sigma are *per unit of weight*. Micro-batch j holds
+  w_j units; its gradient sum is S_j = sum_i g_i and its mean m_j = S_j / w_j has
+  E|m_j|^2 = |G|^2 + tr(Sigma) / w_j. The update's mean is M = sum_j S_j / W, W = sum_j w_j,
+  with E|M|^2 = |G|^2 + tr(Sigma) / W. With n micro-batches of positive weight:
+
+    A = sum_j w_j |m_j|^2 = sum_j |S_j|^2 / w_j      E[A] = W |G|^2 + n tr(Sigma)
+    B = W |M|^2                                       E[B] = W |G|^2 +   tr(Sigma)
+
+    trace_sigma = (A - B) / (n - 1)        (unbiased)
+    g_sq        = |M|^2 - trace_sigma / W  (unbiased)
+    b_simple    = trace_sigma / g_sq       (a ratio of unbiased estimates, in units of weight)
+
+  Unbiased for any positive weights: each micro-batch counts with its own w_j, so padding and
+  variable lengths do not bias it (a mean of |m_j|^2 that ignores the weights does: its
+  expectation has the mean of 1/w_j where 1/mean(w_j) belongs). With equal weights b this is
+  the paper's two-batch-size estimator with B_small = b, B_big = n b. Micro-batches of zero
+  weight or left out as non-finite are no samples. With clipping before accumulation the
+  statistics are those of the clipped gradients, under float16 of the unscaled ones.
+
+  g_sq is a difference of two noisy terms and can come out <= 0 on one update (b_simple is then
+  meaningless); smooth numerator and denominator separately over updates, as the paper does.
+  Fewer than 2 samples (K = 1, or all but one micro-batch empty) give NaN for all three: there
+  is no small-batch sample to compare with.
+
+  Args:
+    sums: the update's sums, with `noise` (see `noise_stats=True`).
+    grad_sq_norm: |M|^2, if the caller has it already (else computed from sums.grads).
+
+  Returns: {'g_sq', 'trace_sigma', 'b_simple'} float32 scalars.
+  """
+  if sums.noise is None:
+    raise ConfigError('noise_scale needs sums with noise statistics (noise_stats=True).')
+  w, n = sums.weight, sums.noise.samples
+  ok = (n >= 2) & (w > 0)
+  safe_w = jnp.where(ok, w, 1.0)
+  if grad_sq_norm is None:
+    grad_sq_norm = _sq_norm(sums.grads) / jnp.square(safe_w)
+  big = safe_w * grad_sq_norm  # B
+  trace = (sums.noise.sq_over_weight - big) / jnp.where(ok, n - 1.0, 1.0)
+  g_sq = grad_sq_norm - trace / safe_w
+  nan = jnp.full((), jnp.nan, jnp.float32)
+  return {'g_sq': jnp.where(ok, g_sq, nan), 'trace_sigma': jnp.where(ok, trace, nan),
+          'b_simple': jnp.where(ok, trace / g_sq, nan)}
 
 
 def check_float_params(params):
@@ -64,6 +138,11 @@ def check_float_params(params):
       raise ConfigError(
           f'params{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; '
           'accumulation needs floating-point params (float32, bfloat16, ...).')
+
+
+def _bool_arg(name, value):
+  if not isinstance(value, bool):
+    raise ConfigError(f'{name}={value!r} must be True or False.')
 
 
 def check_num_microbatches(num_microbatches):
@@ -127,6 +206,7 @@ def accumulate_sums(
     accum_dtype=jnp.float32,
     clip_microbatch_norm: float | None = None,
     loss_scale: jax.Array | None = None,
+    noise_stats: bool = False,
 ) -> tuple[GradSums, PyTree]:
   """Sums gradients, loss sums and weights over micro-batches with one `lax.scan`.
 
@@ -146,6 +226,8 @@ def accumulate_sums(
       (loss_sum / weight) times the scale is differentiated, and the gradient multiplied back
       by weight / scale in `accum_dtype` before it is checked and added. The sums are those of
       the unscaled loss_sum.
+    noise_stats: also sum what the gradient noise scale needs (`GradSums.noise`; see
+      `noise_scale`): one more squared norm of each micro-batch's gradient, two scalars.
 
   Returns:
     (GradSums, aux) where aux is the per-micro-batch aux stacked on a leading K axis (None if
@@ -155,7 +237,8 @@ def accumulate_sums(
   sums, aux, _ = scan_microbatches(
       loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
       index_offset=index_offset, accum_dtype=accum_dtype,
-      clip_microbatch_norm=clip_microbatch_norm, loss_scale=loss_scale)
+      clip_microbatch_norm=clip_microbatch_norm, loss_scale=loss_scale,
+      noise_stats=noise_stats)
   return sums, aux
 
 
@@ -173,12 +256,13 @@ def _all_finite(tree) -> jax.Array:
 
 def scan_microbatches(
     loss_fn, params, batch, *, num_microbatches, rng=None, index_offset=0,
-    accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None):
+    accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None, noise_stats=False):
   """`accumulate_sums` (same arguments), plus a bool[K]: which micro-batches were non-finite.
 
   The one accumulation core: `accumulate_sums` and every train-step mode call this.
   """
   check_float_params(params)
+  _bool_arg('noise_stats', noise_stats)
   microbatches = split_microbatches(batch, num_microbatches)
 
   def grad_fn(p, mb, key):
@@ -202,15 +286,22 @@ def scan_microbatches(
       grads = _clip_weighted(grads, weight, clip_microbatch_norm)
     # jnp.where, not a multiplication by 0: 0 * NaN is NaN.
     keep = lambda x: jnp.where(finite, x, jnp.zeros_like(x))
+    noise = None
+    if noise_stats:  # this micro-batch as a small-batch sample: |S_j|^2 / w_j
+      sample = finite & (weight > 0)
+      sq = jnp.where(sample, _sq_norm(grads), 0.0) / jnp.where(sample, weight, 1.0)
+      noise = NoiseSums(carry.noise.sq_over_weight + sq,
+                        carry.noise.samples + sample.astype(jnp.float32))
     new = GradSums(
         grads=jax.tree.map(lambda a, g: a + keep(g), carry.grads, grads),
         loss_sum=carry.loss_sum + keep(loss_sum),
         weight=carry.weight + keep(weight),
-        nonfinite=carry.nonfinite + (~finite).astype(jnp.float32))
+        nonfinite=carry.nonfinite + (~finite).astype(jnp.float32),
+        noise=noise)
     return new, (aux, ~finite)
 
   sums, (aux, bad_K) = jax.lax.scan(
-      body, zero_sums(params, accum_dtype),
+      body, zero_sums(params, accum_dtype, noise_stats),
       (microbatches, jnp.arange(num_microbatches, dtype=jnp.int32)))
   return sums, aux, bad_K
 
@@ -225,20 +316,29 @@ def normalize(sums: GradSums):
 
 def accumulate_gradients(
     loss_fn, params, batch, *, num_microbatches, rng=None, accum_dtype=jnp.float32,
-    clip_microbatch_norm=None):
+    clip_microbatch_norm=None, noise_stats=False):
   """Gradient of (sum of all loss_sums) / (sum of all weights) over K micro-batches.
 
   Same arguments as `accumulate_sums`. Returns `(grads, metrics)` with metrics `loss` (the
   token-weighted mean loss), `loss_sum`, `weight`, `nonfinite` (micro-batches left out for a
   NaN or Inf: the result is then the gradient of the others) and, if loss_fn has one, `aux`.
   With zero total weight, grads and loss are zeros (the optimizer wrapper skips such updates).
+  `noise_stats=True` adds `noise`: {'g_sq', 'trace_sigma', 'b_simple'}, the gradient noise
+  statistics of this batch (see `noise_scale`; needs num_microbatches >= 2).
   """
+  if noise_stats is True and isinstance(num_microbatches, int) and num_microbatches < 2:
+    raise ConfigError(
+        f'noise_stats=True needs num_microbatches >= 2; got {num_microbatches}: with one '
+        'micro-batch there is no small-batch sample to compare the big batch with.')
   sums, aux = accumulate_sums(
       loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
-      accum_dtype=accum_dtype, clip_microbatch_norm=clip_microbatch_norm)
+      accum_dtype=accum_dtype, clip_microbatch_norm=clip_microbatch_norm,
+      noise_stats=noise_stats)
   grads, loss = normalize(sums)
   metrics = {'loss': loss, 'loss_sum': sums.loss_sum, 'weight': sums.weight,
              'nonfinite': sums.nonfinite}
+  if noise_stats:
+    metrics['noise'] = noise_scale(sums)
   if aux is not None:
     metrics['aux'] = aux
   return grads, metrics

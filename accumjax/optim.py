@@ -54,7 +54,8 @@ def _updates(grads, like: GradSums, applied=None) -> GradSums:
   """Updates in the GradSums structure; `weight` says whether they were applied (1.0 or 0.0)."""
   zero = jnp.zeros_like
   flag = zero(like.weight) if applied is None else applied.astype(like.weight.dtype)
-  return GradSums(grads, zero(like.loss_sum), flag, zero(like.nonfinite))
+  return GradSums(grads, zero(like.loss_sum), flag, zero(like.nonfinite),
+                  jax.tree.map(zero, like.noise))
 
 
 class Applied(NamedTuple):
@@ -257,8 +258,10 @@ class LazyMultiSteps(optax.MultiSteps):
 def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None) -> Applied:
   """One call's sums into the accumulating optimizer `tx`: see `Applied`.
 
-  `last_call` is a static hint used by LazyMultiSteps (see there); others ignore it.
+  `last_call` is a static hint used by LazyMultiSteps (see there); others ignore it. Noise
+  statistics (`sums.noise`) do not enter the optimizer: the train step keeps them.
   """
+  sums = sums._replace(noise=None)
   if isinstance(tx, LazyMultiSteps):
     return tx.apply(sums, opt_state, params, last_call)
   if isinstance(opt_state, optax.MultiStepsState):

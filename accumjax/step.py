@@ -22,7 +22,7 @@ import optax
 
 from accumjax import donation, optim, parallel
 from accumjax.config import AccumConfig
-from accumjax.core import ConfigError, normalize, scan_microbatches
+from accumjax.core import ConfigError, normalize, noise_scale, scan_microbatches, zero_noise
 from accumjax.precision import with_compute_dtype
 
 
@@ -47,6 +47,8 @@ class TrainState(NamedTuple):
       micro-batch, -1 if none (kept across calls and checkpoints, for the 'raise' message).
     loss_scale: float32 dynamic loss scale (float16 compute); 1.0 and unused otherwise.
     loss_scale_good: updates applied without overflow since the scale last changed.
+    noise: with `noise_stats`, the current cycle's `core.NoiseSums` so far (zeros at a cycle
+      boundary), else None.
   """
   params: Any
   opt_state: Any
@@ -60,13 +62,14 @@ class TrainState(NamedTuple):
   cycle_first_nonfinite: jax.Array
   loss_scale: jax.Array
   loss_scale_good: jax.Array
+  noise: Any = None
 
 
 def init_train_state(params, tx, rng, config: AccumConfig | None = None) -> TrainState:
   """Fresh state; `rng` is a key (typed or raw) or an int seed.
 
-  Pass the `config` of a float16 run: the loss scale starts at its `initial_loss_scale`
-  (without it, at 1.0).
+  Pass the `config` of a float16 run (the loss scale starts at its `initial_loss_scale`;
+  without it, at 1.0) and of a run with `noise_stats` (the state then holds their sums).
   """
   if isinstance(rng, int):
     rng = jax.random.key(rng)
@@ -81,7 +84,8 @@ def init_train_state(params, tx, rng, config: AccumConfig | None = None) -> Trai
       params, tx.init(optim.as_opt_params(params)), rng, zero(), zero(), zero(),
       skipped_updates=zero(), consecutive_skips=zero(), nonfinite_microbatches=zero(),
       cycle_first_nonfinite=jnp.full((), -1, jnp.int32),
-      loss_scale=jnp.full((), scale, jnp.float32), loss_scale_good=zero())
+      loss_scale=jnp.full((), scale, jnp.float32), loss_scale_good=zero(),
+      noise=zero_noise() if config is not None and config.noise_stats else None)
 
 
 def _global_norm(tree):
@@ -119,7 +123,8 @@ def _call_sums_fn(loss_fn, config: AccumConfig, mesh):
   over one call's micro-batches, on one device or reduced over the mesh."""
   compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
   clip_each = config.clip_norm if config.clip_before_accumulation else None
-  kwargs = dict(accum_dtype=config.accum_jnp_dtype, clip_microbatch_norm=clip_each)
+  kwargs = dict(accum_dtype=config.accum_jnp_dtype, clip_microbatch_norm=clip_each,
+                noise_stats=config.noise_stats)
   devices = config.num_devices
   if mesh is not None:
     if mesh.size != devices:
@@ -139,7 +144,24 @@ def _call_sums_fn(loss_fn, config: AccumConfig, mesh):
   return call_sums
 
 
-def _metrics(state, new_state, sums, done: optim.Applied, first, last_call):
+def _noise_metrics(totals, cycle_noise, grad_norm):
+  """The update's noise statistics (NaN on an interim call, whose grad_norm is NaN)."""
+  stats = noise_scale(totals._replace(noise=cycle_noise), jnp.square(grad_norm))
+  return {name: jnp.where(jnp.isnan(grad_norm), jnp.nan, v) for name, v in stats.items()}
+
+
+def _cycle_noise(state, sums, config: AccumConfig):
+  """The cycle's noise sums including this call's (`sums`; None: the state's alone), or None
+  without noise_stats."""
+  if not config.noise_stats:
+    return None
+  if state.noise is None:
+    raise ConfigError('noise_stats=True needs a state that holds the noise sums: '
+                      'init_train_state(params, tx, rng, config=config).')
+  return state.noise if sums is None else jax.tree.map(jnp.add, state.noise, sums.noise)
+
+
+def _metrics(state, new_state, sums, done: optim.Applied, first, last_call, cycle_noise):
   _, loss = normalize(done.totals._replace(grads=None))
   _, call_loss = normalize(sums._replace(grads=None))
   # An interim call (last_call=False) skips the norm: summing the cycle's gradient tree for a
@@ -147,7 +169,8 @@ def _metrics(state, new_state, sums, done: optim.Applied, first, last_call):
   grad_norm = jnp.full((), jnp.nan) if last_call is False else _global_norm(
       normalize(done.totals)[0])
   count = optim.schedule_count(state.opt_state)
-  return {
+  noise = {} if cycle_noise is None else _noise_metrics(done.totals, cycle_noise, grad_norm)
+  return noise | {
       'loss': loss, 'weight': done.totals.weight,
       'call_loss': call_loss, 'call_weight': sums.weight,
       'grad_norm': grad_norm,
@@ -188,7 +211,9 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
   `consecutive_skips`, `nonfinite_microbatches` are the state's counters after the call, and
   `loss_scale` the scale this call used (1.0 without float16); `schedule_count` the inner
   optimizer's count of applied updates before this call (the learning-rate schedule's step;
-  -1 if the optimizer keeps none).
+  -1 if the optimizer keeps none). With `config.noise_stats`: `g_sq`, `trace_sigma` and
+  `b_simple`, the update's gradient noise statistics (`core.noise_scale` over all its
+  micro-batches, calls and devices; NaN where `grad_norm` is, and with < 2 samples).
   """
   call_sums = _call_sums_fn(loss_fn, config, mesh)
   devices = config.num_devices
@@ -209,16 +234,21 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
     first = jnp.where(
         state.cycle_first_nonfinite >= 0, state.cycle_first_nonfinite,
         jnp.where(jnp.any(bad_N), state.cycle_microbatch + jnp.argmax(bad_N), -1))
+    cycle_noise = _cycle_noise(state, sums, config)
     done = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call)
     updated = done.updated
+    if cycle_noise is not None:
+      state_noise = dict(noise=jax.tree.map(lambda x: jnp.where(updated, 0.0, x), cycle_noise))
+    else:
+      state_noise = {}
     new_state = state._replace(
         params=done.params, opt_state=done.opt_state,
         update_step=state.update_step + updated.astype(jnp.int32),
         cycle_microbatch=jnp.where(updated, 0, state.cycle_microbatch + n),
         microbatch_step=state.microbatch_step + n,
         nonfinite_microbatches=state.nonfinite_microbatches + sums.nonfinite.astype(jnp.int32),
-        **_after_update(state, config, done, first))
-    metrics = _metrics(state, new_state, sums, done, first, last_call)
+        **_after_update(state, config, done, first), **state_noise)
+    metrics = _metrics(state, new_state, sums, done, first, last_call, cycle_noise)
     return new_state, metrics
 
   return train_step
@@ -231,24 +261,32 @@ def make_flush(tx, config: AccumConfig):
   the update is exactly the big-batch update on those j micro-batches (and follows
   `config.nonfinite` like any update). No-op when nothing is pending and in scan mode (a scan
   call is always a whole update). Metrics: `loss`, `weight`, `updated` (false if nothing was
-  pending), `skipped`, `nonfinite`.
+  pending), `skipped`, `nonfinite`; with `config.noise_stats` also the partial update's
+  `g_sq`, `trace_sigma`, `b_simple` (NaN if nothing was pending).
   """
 
   def flush(state: TrainState):
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    noise = {k: nan for k in ('g_sq', 'trace_sigma', 'b_simple')} if config.noise_stats else {}
     if not isinstance(state.opt_state, optax.MultiStepsState):
       zero = jnp.zeros((), jnp.float32)
-      return state, {'loss': zero, 'weight': zero, 'updated': jnp.zeros((), bool),
-                     'skipped': jnp.zeros((), bool), 'nonfinite': zero}
+      return state, noise | {'loss': zero, 'weight': zero, 'updated': jnp.zeros((), bool),
+                             'skipped': jnp.zeros((), bool), 'nonfinite': zero}
     done = optim.flush_multisteps(tx, state.opt_state, state.params)
     fields = _after_update(state, config, done, state.cycle_first_nonfinite)
+    if config.noise_stats:
+      cycle_noise = _cycle_noise(state, None, config)
+      grad_norm = jnp.where(done.updated, _global_norm(normalize(done.totals)[0]), jnp.nan)
+      noise = _noise_metrics(done.totals, cycle_noise, grad_norm)
+      fields['noise'] = zero_noise()
     new_state = state._replace(
         params=done.params, opt_state=done.opt_state,
         update_step=state.update_step + done.updated.astype(jnp.int32),
         cycle_microbatch=jnp.zeros_like(state.cycle_microbatch), **fields)
     _, loss = normalize(done.totals._replace(grads=None))
-    return new_state, {'loss': loss, 'weight': done.totals.weight, 'updated': done.updated,
-                       'skipped': done.updated & ~done.applied,
-                       'nonfinite': done.totals.nonfinite}
+    return new_state, noise | {'loss': loss, 'weight': done.totals.weight,
+                               'updated': done.updated, 'skipped': done.updated & ~done.applied,
+                               'nonfinite': done.totals.nonfinite}
 
   return flush
 

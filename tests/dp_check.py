@@ -143,6 +143,14 @@ def naive_collectives(devices):
   return counts, jax.device_get(state.params)
 
 
+def noise_stats(mode, devices=4):
+  """The first update's gradient noise statistics with `devices` devices (K per device)."""
+  config, mesh, state, step = build(mode, devices, 'sgd', noise_stats=True)
+  batch = reference.make_batches(1, ROWS)[0]
+  m = accumjax.run_update(step, state, sharded_calls(batch, config, mesh), config).metrics
+  return {key: float(m[key]) for key in ('g_sq', 'trace_sigma', 'b_simple')}
+
+
 def main():
   ref = {name: jax.device_get(reference.run_reference(
       reference.init_params(), reference.make_batches(STEPS, ROWS), OPTIMIZERS[name]())[0])
@@ -172,6 +180,7 @@ def main():
                 'error': float(reference.rel_err(naive_params, ref['adamw']))},
       'tokens_differ_within_rows': bool(np.ptp(device_weights(4)) > 0),
       'faults': fault_results(),
+      'noise': {mode: noise_stats(mode) for mode in MODES},
       'fp16': {
           '4 vs 1 device': float(reference.rel_err(fp16[4], fp16[1])),
           '1 vs fp32 reference': float(reference.rel_err(fp16[1], ref['adamw'])),

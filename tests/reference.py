@@ -77,3 +77,27 @@ def rel_err(a, b):
   errs = jax.tree.map(
       lambda x, y: float(jnp.linalg.norm((x - y).ravel()) / jnp.linalg.norm(y.ravel())), a, b)
   return max(jax.tree.leaves(errs))
+
+
+def noise_reference(params, batch, num_chunks):
+  """The gradient noise statistics of one batch cut into `num_chunks` consecutive row chunks
+  (the micro-batches, over all devices), from each chunk's own token-weighted gradient, in
+  float64 NumPy: A = sum_j w_j |m_j|^2, B = W |M|^2, tr = (A - B) / (n - 1),
+  |G|^2 = |M|^2 - tr / W, over the chunks with tokens."""
+  rows = batch['mask'].shape[0] // num_chunks
+  means, weights = [], []
+  for j in range(num_chunks):
+    chunk = jax.tree.map(lambda x, j=j: x[j * rows:(j + 1) * rows], batch)
+    w = float(np.sum(chunk['mask']))
+    if w == 0:
+      continue
+    g = jax.grad(full_batch_loss)(params, chunk)
+    means.append(np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(g)]))
+    weights.append(w)
+  m, w = np.stack(means), np.array(weights)
+  big_mean = (w[:, None] * m).sum(0) / w.sum()
+  a = float(np.sum(w * np.sum(m * m, axis=1)))
+  b = float(w.sum() * big_mean @ big_mean)
+  trace = (a - b) / (len(w) - 1)
+  g_sq = float(big_mean @ big_mean) - trace / w.sum()
+  return {'g_sq': g_sq, 'trace_sigma': trace, 'b_simple': trace / g_sq}

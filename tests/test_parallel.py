@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 
+import chex
 import pytest
 
 from experiments.kill_resume import final_fingerprint, tiny_corpus, train_argv
@@ -36,6 +37,18 @@ def dp():
 
 def test_ran_on_four_devices(dp):
   assert dp['devices'] == 4
+
+
+@pytest.mark.parametrize('mode', ['scan', 'multisteps', 'hybrid'])
+def test_noise_statistics_count_every_device_s_microbatches(dp, mode):
+  """On 4 devices the update holds 4 x K micro-batch samples, whose sums travel in the one
+  reduction: the statistics equal the reference over all 4K consecutive row chunks (sums or
+  sample counts left per device would give (A - B) / (K - 1) or a device's own A instead)."""
+  from tests import reference
+  from tests.dp_check import K, ROWS
+  batch = reference.make_batches(1, ROWS)[0]
+  expected = reference.noise_reference(reference.init_params(), batch, 4 * K)
+  chex.assert_trees_all_close(dp['noise'][mode], expected, rtol=2e-4)
 
 
 @pytest.mark.parametrize('mode', ['scan', 'multisteps', 'hybrid'])
