@@ -22,7 +22,7 @@ import optax
 
 from accumjax import donation, optim, parallel
 from accumjax.config import AccumConfig
-from accumjax.core import ConfigError, normalize, noise_scale, scan_microbatches, zero_noise
+from accumjax.core import ConfigError, noise_scale, normalize, scan_microbatches, zero_noise
 from accumjax.precision import with_compute_dtype
 
 

@@ -45,7 +45,7 @@ def test_noise_statistics_count_every_device_s_microbatches(dp, mode):
   reduction: the statistics equal the reference over all 4K consecutive row chunks (sums or
   sample counts left per device would give (A - B) / (K - 1) or a device's own A instead)."""
   from tests import reference
-  from tests.dp_check import K, ROWS
+  from tests.dp_check import ROWS, K
   batch = reference.make_batches(1, ROWS)[0]
   expected = reference.noise_reference(reference.init_params(), batch, 4 * K)
   chex.assert_trees_all_close(dp['noise'][mode], expected, rtol=2e-4)
