@@ -9,8 +9,10 @@ from accumjax.config import AccumConfig, describe
 from accumjax.core import (
     ConfigError,
     GradSums,
+    NoiseSums,
     accumulate_gradients,
     accumulate_sums,
+    noise_scale,
     normalize,
     split_microbatches,
 )
@@ -27,9 +29,9 @@ from accumjax.step import (
 )
 
 __all__ = [
-    'AccumConfig', 'ConfigError', 'GradSums', 'LazyMultiSteps', 'TrainState',
+    'AccumConfig', 'ConfigError', 'GradSums', 'LazyMultiSteps', 'NoiseSums', 'TrainState',
     'accumulate_gradients', 'accumulate_sums', 'accumulating_optimizer', 'as_opt_params',
     'cast_floats', 'describe', 'init_train_state', 'jit_train_step', 'loop', 'make_flush',
-    'make_train_step', 'normalize', 'normalized', 'per_example_loss', 'run_update',
+    'make_train_step', 'noise_scale', 'normalize', 'normalized', 'per_example_loss', 'run_update',
     'split_microbatches', 'token_cross_entropy', 'with_compute_dtype',
 ]

@@ -3,6 +3,7 @@
     python -m experiments.bench            # ~15 minutes on 2 CPU cores (3.3M-param LM, fp32)
     python -m experiments.bench --quick    # ~2 minutes, a tiny model (CI smoke)
     python -m experiments.bench --lazy     # ~2 minutes: LazyMultiSteps vs optax.MultiSteps
+    python -m experiments.bench --noise    # ~3 minutes: the cost of noise statistics at K=8
 
 Each (variant, K) cell runs in its own subprocess (so peak process memory is its own), on the
 same packed real-text batch: full batch (K=1), scan, multisteps with optax.MultiSteps as
@@ -291,6 +292,78 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
           'leaves': len(jax.tree.leaves(params)), 'ms': {v: t * 1e3 for v, t in med.items()}}
 
 
+def noise_costs(size: str, rounds: int = 9, reps: int = 3, k: int = 8) -> list[dict]:
+  """Time per K=8 update with and without noise statistics, for scan and multisteps mode, on
+  the same packed batch as the main bench; the four steps timed in interleaved rounds (so load
+  on the machine hits them alike), medians of the rounds."""
+  import jax
+  import optax
+
+  import accumjax
+  from accumjax.lm import data, model
+  from accumjax.lm.build import make_loss_fn
+
+  s = SIZES[size]
+  rows, seq = s['batch'], s['seq_len']
+  train_split, _ = data.load_splits(None, seq, pack=True)
+  batch = jax.device_put(data.RowIterator(train_split, 0).next_rows(rows))
+  apply, params = model.make_lm(model.ModelConfig(
+      d_model=s['d_model'], num_layers=s['num_layers'], num_heads=s['num_heads'], max_len=seq))
+  loss_fn = make_loss_fn(apply)
+  runners = {}
+  for mode in ('scan', 'multisteps'):
+    for noise in (False, True):
+      config = accumjax.AccumConfig(num_microbatches=k, microbatch_size=rows // k, mode=mode,
+                                    seq_len=seq, noise_stats=noise)
+      tx = accumjax.accumulating_optimizer(optax.adamw(1e-3), config)
+      step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config))
+      calls = accumjax.loop.split_calls(batch, config)
+      holder = [accumjax.init_train_state(params, tx, 0, config)]
+
+      def one_update(step=step, calls=calls, holder=holder, config=config):
+        holder[0] = accumjax.run_update(step, holder[0], calls, config).state
+        return holder[0]
+      runners[(mode, noise)] = one_update
+  times = {key: [] for key in runners}
+  for fn in runners.values():
+    for _ in range(2):
+      jax.block_until_ready(fn())
+  for _ in range(rounds):
+    for key, fn in runners.items():
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        out = fn()
+      jax.block_until_ready(out)
+      times[key].append((time.perf_counter() - t0) / reps)
+  results = []
+  for mode in ('scan', 'multisteps'):
+    off, on = (statistics.median(times[(mode, n)]) for n in (False, True))
+    paired = statistics.median(b / a for a, b in zip(times[(mode, False)], times[(mode, True)],
+                                                     strict=True))
+    results.append({'mode': mode, 'k': k, 'num_params': model.num_params(params),
+                    'off_ms': off * 1e3, 'on_ms': on * 1e3, 'ratio': on / off,
+                    'paired_ratio': paired, 'rounds': rounds})
+  return results
+
+
+def noise_report(results, seconds, quick) -> str:
+  lines = [
+      '# The cost of noise statistics (`--noise-stats`, `AccumConfig.noise_stats`)', '',
+      f'Command: `python -m experiments.bench --noise{" --quick" if quick else ""}` '
+      f'({seconds:.0f} s on {os.cpu_count()} CPU cores, fp32). One optimizer update of K='
+      f'{results[0]["k"]} micro-batches ({results[0]["num_params"]:,}-param LM, the packed '
+      'real-text batch of the main bench), with and without the statistics (one more squared '
+      'norm of each micro-batch gradient, two scalars summed along). The steps are timed in '
+      f'{results[0]["rounds"]} interleaved rounds; medians; "paired" is the median of the '
+      'per-round ratios. Target: <= 1.03.', '',
+      '| mode | without ms/update | with ms/update | with / without | paired ratio |',
+      '|---|---|---|---|---|']
+  for r in results:
+    lines.append(f'| {r["mode"]} | {r["off_ms"]:.1f} | {r["on_ms"]:.1f} | {r["ratio"]:.3f} | '
+                 f'{r["paired_ratio"]:.3f} |')
+  return '\n'.join(lines) + '\n'
+
+
 def _fmt_mib(n):
   return f'{n / 2**20:.1f}'
 
@@ -302,6 +375,9 @@ def main(argv=None):
   p.add_argument('--lazy', action='store_true',
                  help='only the LazyMultiSteps vs optax.MultiSteps call costs at 0.9M, 3.3M and '
                       '16M params (benchmarks/lazy_multisteps.md; with --quick a tiny model)')
+  p.add_argument('--noise', action='store_true',
+                 help='only the cost of --noise-stats: the K=8 update with and without it, '
+                      'scan and multisteps (benchmarks/noise_overhead.md)')
   p.add_argument('--cell', nargs=2, metavar=('VARIANT', 'K'), help=argparse.SUPPRESS)
   p.add_argument('--out', default=None, help='results markdown (default benchmarks/RESULTS.md)')
   a = p.parse_args(argv)
@@ -312,6 +388,14 @@ def main(argv=None):
     print(text)
     out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
         'lazy_multisteps-quick.md' if a.quick else 'lazy_multisteps.md')
+    out.write_text(text)
+    return 0
+  if a.noise:
+    start = time.time()
+    text = noise_report(noise_costs(size), time.time() - start, a.quick)
+    print(text)
+    out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
+        'noise_overhead-quick.md' if a.quick else 'noise_overhead.md')
     out.write_text(text)
     return 0
   if a.cell:

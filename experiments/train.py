@@ -90,6 +90,10 @@ def parse_args(argv=None):
   g = p.add_argument_group('logging')
   g.add_argument('--log-microbatches', action='store_true',
                  help='also log every call (per-micro-batch view: accum 3/4)')
+  g.add_argument('--noise-stats', action=argparse.BooleanOptionalAction, default=d.noise_stats,
+                 help='estimate the gradient noise scale B_simple of every update from its '
+                      'micro-batches (logged, in metrics.jsonl and noise_scale.png; needs '
+                      'K x devices >= 2, else off)'),
   g = p.add_argument_group('non-finite values (NaN/Inf in a micro-batch loss or gradient)')
   g.add_argument('--nonfinite-policy', default=d.nonfinite_policy, choices=list(
       NONFINITE_POLICIES), help='skip_update: skip the whole update (params and optimizer '
@@ -165,7 +169,8 @@ def config_from_args(a) -> TrainConfig:
       clip_norm=a.clip_norm if a.clip_norm else None,
       clip_before_accumulation=a.clip_before_accumulation, steps=a.steps, model=model,
       seed=a.seed, eval_every=a.eval_every, eval_batches=a.eval_batches,
-      log_every=a.log_every, log_microbatches=a.log_microbatches, save_every=a.save_every,
+      log_every=a.log_every, log_microbatches=a.log_microbatches,
+      noise_stats=a.noise_stats, save_every=a.save_every,
       save_every_micro=a.save_every_micro, keep=a.keep)
 
 

@@ -161,3 +161,72 @@ def test_a_state_without_noise_sums_is_refused():
   step = accumjax.make_train_step(lm_loss, tx, config)
   with pytest.raises(accumjax.ConfigError, match='init_train_state'):
     step(state, reference.make_batches(1, 8)[0])
+
+
+def test_trainer_logs_records_and_plots_b_simple(tmp_path, corpus, capsys):
+  from tests.test_train import TINY_ARGV, _cli, _records
+  out = tmp_path / 'run'
+  rc, _ = _cli(capsys, *TINY_ARGV, '--steps', '4', '--log-every', '2', '--data', str(corpus),
+               '--out', str(out), '--accum-mode', 'multisteps')
+  assert rc == 0
+  train, _, summary = _records(out)
+  for r in train:
+    assert r['k'] == 2 and r['update_tokens'] > 0
+    assert np.isfinite(r['trace_sigma']) and np.isfinite(r['g_sq'])
+    assert r['b_simple'] == pytest.approx(r['trace_sigma'] / r['g_sq'], rel=1e-5)
+  # the smoothed value is the ratio of the EMAs of numerator and denominator
+  from accumjax.lm.train import NOISE_EMA
+  tr, gs = train[0]['trace_sigma'], train[0]['g_sq']
+  for r in train[1:]:
+    tr, gs = NOISE_EMA * tr + (1 - NOISE_EMA) * r['trace_sigma'], NOISE_EMA * gs + (
+        1 - NOISE_EMA) * r['g_sq']
+    assert r['b_simple_ema'] == pytest.approx(tr / gs, rel=1e-6)
+  assert summary['b_simple_ema'] == train[-1]['b_simple_ema']
+  png = (out / 'noise_scale.png').read_bytes()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+
+
+def test_noise_stats_are_harmless_to_toggle_on_resume_and_off_for_k1(tmp_path, corpus, capsys):
+  """The params do not depend on --noise-stats: a run that turns it on when resumed ends where
+  a run with it on all along ends; with K = 1 it is off, and says so."""
+  from tests.test_train import TINY_ARGV, _cli, _records
+  argv = [*TINY_ARGV, '--data', str(corpus), '--schedule', 'constant', '--warmup-steps', '0']
+  assert _cli(capsys, *argv, '--steps', '2', '--no-noise-stats', '--out', str(tmp_path / 'a'))[
+      0] == 0
+  assert 'b_simple' not in _records(tmp_path / 'a')[0][-1]
+  assert _cli(capsys, *argv, '--steps', '4', '--resume', '--out', str(tmp_path / 'a'))[0] == 0
+  assert _cli(capsys, *argv, '--steps', '4', '--out', str(tmp_path / 'b'))[0] == 0
+  a, b = _records(tmp_path / 'a'), _records(tmp_path / 'b')
+  assert a[2]['params_fingerprint'] == b[2]['params_fingerprint']
+  assert [r['b_simple'] for r in a[0][2:]] == [r['b_simple'] for r in b[0][2:]]
+  # K = 1: no small-batch sample; the run trains without the statistics
+  k1 = [x if x != '2' or argv[i - 1] != '--grad-accum-steps' else '1'
+        for i, x in enumerate(argv)]
+  assert _cli(capsys, *k1, '--steps', '1', '--out', str(tmp_path / 'k1'))[0] == 0
+  assert 'b_simple' not in _records(tmp_path / 'k1')[0][-1]
+
+
+def test_switching_noise_stats_on_mid_cycle_reports_nan_for_that_update():
+  from accumjax.lm import resume
+  config = accumjax.AccumConfig(num_microbatches=4, microbatch_size=12, mode='multisteps',
+                                noise_stats=True)
+  tx = accumjax.accumulating_optimizer(optax.sgd(0.5), config)
+  step = accumjax.jit_train_step(accumjax.make_train_step(lm_loss, tx, config))
+  calls = calls_of(reference.make_batches(1, 48)[0], config)
+  plain = accumjax.init_train_state(reference.init_params(), tx, 0)  # saved without noise
+  off = dataclasses_replace(config, noise_stats=False)
+  plain, _ = accumjax.jit_train_step(accumjax.make_train_step(
+      lm_loss, accumjax.accumulating_optimizer(optax.sgd(0.5), off), off))(plain, calls[0],
+                                                                          last_call=False)
+  log = type('L', (), {'info': lambda self, msg: None})()
+  state = resume._convert_noise(plain, config, log)
+  for call in calls[1:3]:
+    state, _ = step(state, call, last_call=False)
+  state, m = step(state, calls[3], last_call=True)
+  assert np.isnan(float(m['b_simple'])) and np.isnan(float(m['trace_sigma']))
+  assert float(state.noise.samples) == 0.0  # the next update counts again
+
+
+def dataclasses_replace(config, **kw):
+  import dataclasses
+  return dataclasses.replace(config, **kw)

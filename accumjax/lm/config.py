@@ -36,7 +36,7 @@ DEFAULT_NUM_MICROBATCHES = 4
 # stopped by 'raise' is meant to be resumed with 'skip_update'):
 HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
             'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget',
-            'nonfinite_policy', 'max_consecutive_skips')
+            'nonfinite_policy', 'max_consecutive_skips', 'noise_stats')
 # The shape of an update: safe to change between cycles, never inside one without a policy.
 # (`mesh` and `dp_reduction` too: the device count is compared as resolved, see resume.py.)
 ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
@@ -90,6 +90,7 @@ class TrainConfig:
   eval_batches: int = 8
   log_every: int = 10
   log_microbatches: bool = False
+  noise_stats: bool = True  # on where K x devices >= 2 (see validate)
   # checkpoints (0 disables)
   save_every: int = 100
   save_every_micro: int = 0
@@ -220,4 +221,13 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
       microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
       clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
       seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
-      nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction)
+      nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction,
+      noise_stats=noise_stats_on(cfg, k, num_devices))
+
+
+def noise_stats_on(cfg: TrainConfig, k: int, num_devices: int) -> bool:
+  """--noise-stats is on where it can be: with one micro-batch per update (K x devices = 1)
+  there is no small-batch sample, and the run trains without the statistics."""
+  if not isinstance(cfg.noise_stats, bool):
+    raise ConfigError(f'--noise-stats {cfg.noise_stats!r} must be true or false.')
+  return cfg.noise_stats and k * num_devices >= 2

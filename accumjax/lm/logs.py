@@ -69,14 +69,16 @@ class Logger:
 
 
 def update_line(update, total, loss, ema, lr, accum, num_microbatches, tok_s, gnorm,
-                skipped=0, nonfinite=0, loss_scale=None) -> str:
+                skipped=0, nonfinite=0, loss_scale=None, b_simple=None) -> str:
   """One log line per logged update; `skipped`/`nonfinite` are the run's fault counters
-  (updates skipped, non-finite micro-batches), `loss_scale` the float16 scale (if any)."""
+  (updates skipped, non-finite micro-batches), `loss_scale` the float16 scale (if any),
+  `b_simple` the smoothed gradient noise scale in tokens (if measured)."""
   ema = float('nan') if ema is None else ema
   return (f'update [{update}/{total}] loss {loss:.4f} ema {ema:.4f} lr {lr:.1e} '
           f'accum {accum}/{num_microbatches} tok/s {tok_s:.0f} gnorm {gnorm:.2f} '
           f'skipped {skipped} nonfinite {nonfinite}'
-          + ('' if loss_scale is None else f' scale {loss_scale:g}'))
+          + ('' if loss_scale is None else f' scale {loss_scale:g}')
+          + ('' if b_simple is None else f' b_simple {b_simple:.4g}'))
 
 
 def plot_losses(records: list[dict], path: pathlib.Path, title: str = ''):
@@ -98,6 +100,39 @@ def plot_losses(records: list[dict], path: pathlib.Path, title: str = ''):
     ax.grid(alpha=0.3)
     ax.legend()
   fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_noise(records: list[dict], path: pathlib.Path, title: str = ''):
+  """The gradient noise scale B_simple (per update and smoothed) against the batch the run
+  uses (real tokens per update), vs tokens seen, as a PNG (log scale)."""
+  import math
+
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  train = [r for r in records if r['kind'] == 'train' and 'b_simple' in r]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  raw = [(r['tokens'], r['b_simple']) for r in train
+         if math.isfinite(r['b_simple']) and r['b_simple'] > 0]
+  if raw:
+    ax.plot(*zip(*raw, strict=True), '.', ms=3, alpha=0.35, label='B_simple, one update')
+  ema = [(r['tokens'], r['b_simple_ema']) for r in train
+         if math.isfinite(r['b_simple_ema']) and r['b_simple_ema'] > 0]
+  if ema:
+    ax.plot(*zip(*ema, strict=True), lw=2, label='B_simple, smoothed')
+  ax.plot([r['tokens'] for r in train], [r['update_tokens'] for r in train], 'k--', lw=1.2,
+          label='this run: real tokens per update')
+  ax.set_yscale('log')
+  ax.set_xlabel('tokens seen')
+  ax.set_ylabel('tokens')
+  ax.grid(alpha=0.3, which='both')
+  ax.legend(fontsize=8)
+  ax.set_title(title or 'gradient noise scale (critical batch estimate) vs the batch used',
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

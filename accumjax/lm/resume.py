@@ -16,7 +16,7 @@ import optax
 
 from accumjax import parallel
 from accumjax.checkpoint import Checkpointer
-from accumjax.core import ConfigError
+from accumjax.core import ConfigError, zero_noise
 from accumjax.lm import config as config_lib
 from accumjax.lm.build import build_optimizer, lr_schedule
 from accumjax.lm.config import ACCUMULATION, HARMLESS, TrainConfig
@@ -54,7 +54,8 @@ class _Saved:
 
   @classmethod
   def of(cls, meta: dict) -> '_Saved':
-    cfg = config_lib.from_flat(meta['config'])
+    # Checkpoints from before --noise-stats existed hold no noise sums.
+    cfg = config_lib.from_flat({'noise_stats': False, **meta['config']})
     accum = config_lib.validate(cfg, meta.get('num_devices', 1))
     return cls(meta['config'], accum, build_optimizer(cfg, accum)[0])
 
@@ -118,7 +119,7 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
           f'{_describe_change(meta["config"], cfg, math_names)}: it changes what the run '
           'computes. Resume with the saved values, or start a new run in another --out.')
     saved_runs[meta['step']] = saved = _Saved.of(meta)
-    fresh = init_train_state(params, saved.tx, cfg.seed)
+    fresh = init_train_state(params, saved.tx, cfg.seed, saved.accum)
     return fresh if mesh is None else parallel.abstract_replicated(fresh, mesh)
 
   restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step),
@@ -150,7 +151,23 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
                f'(exact for the micro-batches it had) before changing {change}')
     state = _convert_opt_state(state, tx, params)
     log.info(f'resume: accumulation changed at a cycle boundary: {change}')
-  return state, meta
+  return _convert_noise(state, accum, log), meta
+
+
+def _convert_noise(state, accum, log):
+  """Adds or drops the noise sums when --noise-stats changed (a harmless setting: the params
+  do not depend on it). Switched on mid-cycle, the cycle's earlier micro-batches are not in
+  the sums: that update reports NaN (no samples counted), never a number from part of it."""
+  if accum.noise_stats == (state.noise is not None):
+    return state
+  if not accum.noise_stats:
+    return state._replace(noise=None)
+  noise = zero_noise()
+  if int(state.cycle_microbatch) > 0:
+    noise = noise._replace(samples=jnp.full((), -jnp.inf, jnp.float32))
+    log.info('resume: --noise-stats switched on mid-cycle: this update reports no noise '
+             'statistics, the next ones do')
+  return state._replace(noise=noise)  # build_run replicates the state over the mesh
 
 
 def _parse(line: str):

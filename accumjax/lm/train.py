@@ -57,6 +57,14 @@ class RunStats:
   tokens_seen: float = 0.0
   train_time: float = 0.0
   last_eval: dict | None = None
+  noise_ema: list | None = None  # [EMA of trace_sigma, EMA of g_sq] (see NOISE_EMA)
+
+
+# B_simple is smoothed as the paper does: numerator and denominator separately (one update's
+# g_sq is a difference of noisy terms and can be <= 0), over ~10 updates. Early in training,
+# when |G|^2 falls by orders of magnitude within tens of updates, the smoothed value lags: the
+# large early terms dominate both sums until they have decayed (the per-update values do not).
+NOISE_EMA = 0.9
 
 
 @dataclasses.dataclass
@@ -297,6 +305,9 @@ def banner(run: Run) -> list[tuple[str, object]]:
                                                     if run.faults else '')),
       ('optimizer', f'{cfg.optimizer}, lr {cfg.lr:g}, clip {setup["clipping"]}'),
       ('schedule', f'{cfg.schedule}, {cfg.warmup_steps} warmup updates, {cfg.steps} updates'),
+      ('noise statistics', 'B_simple per update from the micro-batches (ema of numerator and '
+                           f'denominator, {NOISE_EMA})' if accum.noise_stats else
+                           'off' + (' (one micro-batch per update)' if cfg.noise_stats else '')),
       ('checkpoints', f'every {cfg.save_every} updates' + (
           f' and every {cfg.save_every_micro} calls' if cfg.save_every_micro else '')
           + f', keep {cfg.keep}' if run.saving else 'off'),
@@ -421,6 +432,7 @@ def record_update(run: Run, m: dict) -> dict:
     stats.tokens_seen += weight
   run.window[0] += weight
   ema = math.nan if stats.ema is None else stats.ema
+  noise = _record_noise(run, m, skipped)
   record = {'kind': 'train', 'update': run.update, 'loss': loss, 'ema': ema,
             'lr': float(run.schedule(int(m['schedule_count']))),
             'grad_norm': float(m['grad_norm']), 'tokens': stats.tokens_seen,
@@ -428,7 +440,8 @@ def record_update(run: Run, m: dict) -> dict:
             'first_nonfinite': int(m['first_nonfinite']),
             'skipped_updates': int(m['skipped_updates']),
             'nonfinite_microbatches': int(m['nonfinite_microbatches']),
-            'loss_scale': float(m['loss_scale']), 'time': time.perf_counter() - run.start}
+            'loss_scale': float(m['loss_scale']), 'k': run.accum.num_microbatches,
+            **noise, 'time': time.perf_counter() - run.start}
   run.records.append(record)
   run.writer.write(record)
   _check_nonfinite(run, record, int(m['consecutive_skips']))
@@ -441,8 +454,26 @@ def record_update(run: Run, m: dict) -> dict:
     run.log.info(logs.update_line(
         run.update, cfg.steps, loss, ema, record['lr'], k, k, tok_s, record['grad_norm'],
         record['skipped_updates'], record['nonfinite_microbatches'],
-        record['loss_scale'] if run.accum.loss_scaling else None))
+        record['loss_scale'] if run.accum.loss_scaling else None,
+        noise.get('b_simple_ema')))
   return record
+
+
+def _record_noise(run: Run, m: dict, skipped: bool) -> dict:
+  """This update's noise statistics and the smoothed B_simple (in real tokens), for the
+  record; {} without --noise-stats."""
+  if not run.accum.noise_stats:
+    return {}
+  stats = run.stats
+  values = {k: float(m[k]) for k in ('g_sq', 'trace_sigma', 'b_simple')}
+  if not skipped and math.isfinite(values['g_sq']) and math.isfinite(values['trace_sigma']):
+    new = (values['trace_sigma'], values['g_sq'])
+    stats.noise_ema = list(new) if stats.noise_ema is None else [
+        NOISE_EMA * old + (1 - NOISE_EMA) * v for old, v in zip(stats.noise_ema, new, strict=True)]
+  smoothed = math.nan
+  if stats.noise_ema is not None and stats.noise_ema[1] > 0:
+    smoothed = stats.noise_ema[0] / stats.noise_ema[1]
+  return values | {'b_simple_ema': smoothed}
 
 
 def evaluate(run: Run) -> dict:
@@ -518,6 +549,7 @@ def finish(run: Run, resumed: bool) -> dict:
       'skipped_updates': int(state.skipped_updates),
       'nonfinite_microbatches': int(state.nonfinite_microbatches),
       'loss_scale': float(state.loss_scale),
+      'b_simple_ema': train[-1].get('b_simple_ema', math.nan) if train else math.nan,
   }
   run.writer.write(summary)
   run.writer.close()
@@ -526,6 +558,8 @@ def finish(run: Run, resumed: bool) -> dict:
                      title=f'{run.accum.mode}, K={run.accum.num_microbatches}, '
                            f'{describe(run.accum)["tokens_per_update"]:,} tokens/update, '
                            f'{run.cfg.precision}')
+    if run.accum.noise_stats:
+      logs.plot_noise(run.records, run.out / 'noise_scale.png')
   run.log.table('summary', [
       ('updates', run.update),
       ('train loss (first -> last)', f'{summary["first_train_loss"]:.4f} -> '
@@ -537,9 +571,13 @@ def finish(run: Run, resumed: bool) -> dict:
       ('train tokens/s', f'{summary["train_tokens_per_s"]:,.0f}'),
       ('skipped updates / non-finite micro-batches',
        f'{summary["skipped_updates"]} / {summary["nonfinite_microbatches"]}'),
+      *([('gradient noise scale', f'B_simple {summary["b_simple_ema"]:,.0f} tokens (smoothed) '
+                                  f'vs {train[-1]["update_tokens"]:,.0f} real tokens per update')]
+        if run.accum.noise_stats and train else []),
       ('params fingerprint', fp),
       ('outputs', f'{run.out / "metrics.jsonl"}, {run.out / "config.json"}, '
-                  f'{run.out / "loss.png"}'),
+                  f'{run.out / "loss.png"}'
+                  + (f', {run.out / "noise_scale.png"}' if run.accum.noise_stats else '')),
   ])
   return summary
 
