@@ -14,6 +14,10 @@ NONFINITE_POLICIES = ('skip_update', 'skip_microbatch', 'raise')
 DP_REDUCTIONS = ('psum', 'ordered')
 MULTISTEPS_IMPLS = ('lazy', 'optax')
 ACCUM_DTYPES = ('float32', 'float64')
+# How the learning rate follows the effective batch when K changes between updates: the update
+# is multiplied by (K / base K) ** power (Goyal et al. 2017: linear, for SGD; Malladi et al.
+# 2022: square root, for Adam).
+LR_BATCH_SCALING = {'none': 0.0, 'linear': 1.0, 'sqrt': 0.5}
 
 
 def _int(name, value, minimum=1, optional=False):
@@ -72,6 +76,13 @@ class AccumConfig:
     initial_loss_scale: float16 only: the dynamic loss scale to start from.
     loss_scale_growth_interval: float16 only: the scale doubles after this many applied
       updates in a row without overflow; an overflow halves it (once per update).
+    lr_batch_scaling: 'none' (default), 'linear' or 'sqrt': when an update holds K micro-batches
+      (K may change between updates: `run_update(num_microbatches=...)`), its parameter update
+      is multiplied by (K / base_num_microbatches) ** 1 or ** 0.5, i.e. the learning rate (and
+      AdamW's decoupled decay, which is applied with it) follows the effective batch. Computed
+      on device from the micro-batches the update really had.
+    base_num_microbatches: the K at which the optimizer's learning rate is the one given
+      (default: num_microbatches).
     noise_stats: the train step also estimates the gradient noise scale of every update from
       its micro-batches (metrics `g_sq`, `trace_sigma`, `b_simple`; see core.noise_scale).
       Needs at least 2 micro-batches per update (over all devices).
@@ -92,6 +103,8 @@ class AccumConfig:
   loss_scale_growth_interval: int = 200
   dp_reduction: str = 'psum'
   noise_stats: bool = False
+  lr_batch_scaling: str = 'none'
+  base_num_microbatches: int | None = None
 
   def __post_init__(self):
     # Every field is type- and range-checked: a truthy string for a bool, a float for an int
@@ -102,9 +115,11 @@ class AccumConfig:
     _int('num_devices', self.num_devices)
     _int('seq_len', self.seq_len, optional=True)
     _int('loss_scale_growth_interval', self.loss_scale_growth_interval)
+    _int('base_num_microbatches', self.base_num_microbatches, optional=True)
     for name, allowed in (('mode', MODES), ('compute_dtype', COMPUTE_DTYPES),
                           ('accum_dtype', ACCUM_DTYPES), ('multisteps_impl', MULTISTEPS_IMPLS),
-                          ('nonfinite', NONFINITE_POLICIES), ('dp_reduction', DP_REDUCTIONS)):
+                          ('nonfinite', NONFINITE_POLICIES), ('dp_reduction', DP_REDUCTIONS),
+                          ('lr_batch_scaling', tuple(LR_BATCH_SCALING))):
       if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r}; allowed: {", ".join(allowed)}.')
     _bool('clip_before_accumulation', self.clip_before_accumulation)
@@ -148,6 +163,15 @@ class AccumConfig:
   @property
   def effective_batch(self) -> int:
     return self.microbatch_size * self.num_microbatches * self.num_devices
+
+  @property
+  def lr_power(self) -> float:
+    """The exponent of K / base K in the update's multiplier (0: no scaling)."""
+    return LR_BATCH_SCALING[self.lr_batch_scaling]
+
+  @property
+  def base_k(self) -> int:
+    return self.base_num_microbatches or self.num_microbatches
 
   @property
   def loss_scaling(self) -> bool:
@@ -194,4 +218,6 @@ def describe(config: AccumConfig) -> dict:
       'dp_reduction': config.dp_reduction if config.num_devices > 1 else None,
       'reductions_per_update': config.calls_per_update if config.num_devices > 1 else 0,
       'noise_stats': config.noise_stats,
+      'lr_batch_scaling': (f'{config.lr_batch_scaling} (x (K / {config.base_k}) ** '
+                           f'{config.lr_power:g})' if config.lr_power else 'none'),
   }

@@ -196,8 +196,12 @@ class LazyMultiSteps(optax.MultiSteps):
       result, inner_state, new_acc = jax.lax.cond(emit, fire, keep, acc, state.inner_opt_state)
     else:
       result, inner_state, new_acc = (fire if last_call else keep)(acc, state.inner_opt_state)
+    # Hinted, the cycle ends where the caller says (K may change from cycle to cycle: the
+    # driver counts each one); unhinted, every k_steps calls.
+    mini_step = optax.safe_increment(state.mini_step) % k_steps if last_call is None else \
+        jnp.where(emit, jnp.zeros_like(state.mini_step), optax.safe_increment(state.mini_step))
     new_state = optax.MultiStepsState(
-        mini_step=optax.safe_increment(state.mini_step) % k_steps,
+        mini_step=mini_step,
         gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step),
                                 state.gradient_step),
         inner_opt_state=inner_state, acc_grads=new_acc, skip_state=state.skip_state)
@@ -231,7 +235,7 @@ class LazyMultiSteps(optax.MultiSteps):
     return jax.lax.cond(should_skip, skip, do_update, updates, state, params, skip_state)
 
   def apply(self, sums: GradSums, state: optax.MultiStepsState, params,
-            last_call: bool | None = None) -> Applied:
+            last_call: bool | None = None, update_scale=None) -> Applied:
     """accumjax's path: one call's `GradSums` into the cycle; the new params and state and
     what happened (`Applied`), the params updated inside the branch.
 
@@ -240,14 +244,14 @@ class LazyMultiSteps(optax.MultiSteps):
     program only adds into the accumulator (params and optimizer state pass through, aliased
     when donated). None decides on device with `lax.cond`, which is correct without the hint
     but makes XLA copy the operands. A wrong hint would break the cycle: only pass what you
-    counted.
+    counted. `update_scale` (a scalar, or None) multiplies the parameter update.
     """
     if self._use_grad_mean or self._has_skip_fn:
       raise ConfigError('apply() sums GradSums: build LazyMultiSteps with use_grad_mean=False '
                         'and no should_skip_update_fn (accumjax decides skips itself).')
 
     def finish(updates):
-      return optax.apply_updates(params, updates.grads), updates.weight > 0
+      return _apply(params, updates.grads, update_scale), updates.weight > 0
 
     (new_params, applied), new_state, emit, acc = self._cycle(
         sums, state, as_opt_params(params), {}, last_call, finish,
@@ -255,15 +259,25 @@ class LazyMultiSteps(optax.MultiSteps):
     return Applied(new_params, new_state, emit, applied, acc)
 
 
-def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None) -> Applied:
+def _apply(params, updates, scale=None):
+  """params + scale * updates (optax.apply_updates, the updates scaled first when scale is
+  given)."""
+  if scale is not None:
+    updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
+  return optax.apply_updates(params, updates)
+
+
+def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None,
+               update_scale=None) -> Applied:
   """One call's sums into the accumulating optimizer `tx`: see `Applied`.
 
   `last_call` is a static hint used by LazyMultiSteps (see there); others ignore it. Noise
   statistics (`sums.noise`) do not enter the optimizer: the train step keeps them.
+  `update_scale` (a scalar, or None) multiplies the parameter update (lr batch scaling).
   """
   sums = sums._replace(noise=None)
   if isinstance(tx, LazyMultiSteps):
-    return tx.apply(sums, opt_state, params, last_call)
+    return tx.apply(sums, opt_state, params, last_call, update_scale)
   if isinstance(opt_state, optax.MultiStepsState):
     totals = jax.tree.map(lambda a, g: (a + g).astype(a.dtype), opt_state.acc_grads, sums)
   else:
@@ -273,11 +287,11 @@ def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = N
     updated = opt_state.mini_step == 0
   else:
     updated = jnp.ones((), bool)
-  return Applied(optax.apply_updates(params, updates.grads), opt_state, updated,
+  return Applied(_apply(params, updates.grads, update_scale), opt_state, updated,
                  updated & (updates.weight > 0), totals)
 
 
-def flush_multisteps(tx, opt_state, params) -> Applied:
+def flush_multisteps(tx, opt_state, params, update_scale=None) -> Applied:
   """Applies a partial cycle's sums as one update (no-op if nothing is pending); the new
   MultiSteps state starts a fresh cycle."""
   pending = opt_state.mini_step > 0
@@ -291,7 +305,7 @@ def flush_multisteps(tx, opt_state, params) -> Applied:
       acc_grads=jax.tree.map(jnp.zeros_like, opt_state.acc_grads),
       skip_state=opt_state.skip_state)
   deltas = jax.tree.map(lambda u: jnp.where(pending, u, jnp.zeros_like(u)), updates.grads)
-  return Applied(optax.apply_updates(params, deltas), new_state, pending,
+  return Applied(_apply(params, deltas, update_scale), new_state, pending,
                  pending & (updates.weight > 0), opt_state.acc_grads)
 
 

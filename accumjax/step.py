@@ -161,6 +161,15 @@ def _cycle_noise(state, sums, config: AccumConfig):
   return state.noise if sums is None else jax.tree.map(jnp.add, state.noise, sums.noise)
 
 
+def _update_scale(config: AccumConfig, microbatches):
+  """(K / base K) ** power for an update of `microbatches` micro-batches (per device), or None
+  without lr batch scaling."""
+  if not config.lr_power:
+    return None
+  ratio = jnp.asarray(microbatches, jnp.float32) / config.base_k
+  return ratio if config.lr_power == 1.0 else ratio ** jnp.float32(config.lr_power)
+
+
 def _metrics(state, new_state, sums, done: optim.Applied, first, last_call, cycle_noise):
   _, loss = normalize(done.totals._replace(grads=None))
   _, call_loss = normalize(sums._replace(grads=None))
@@ -235,7 +244,8 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
         state.cycle_first_nonfinite >= 0, state.cycle_first_nonfinite,
         jnp.where(jnp.any(bad_N), state.cycle_microbatch + jnp.argmax(bad_N), -1))
     cycle_noise = _cycle_noise(state, sums, config)
-    done = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call)
+    done = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call,
+                            _update_scale(config, state.cycle_microbatch + n))
     updated = done.updated
     if cycle_noise is not None:
       state_noise = dict(noise=jax.tree.map(lambda x: jnp.where(updated, 0.0, x), cycle_noise))
@@ -272,7 +282,8 @@ def make_flush(tx, config: AccumConfig):
       zero = jnp.zeros((), jnp.float32)
       return state, noise | {'loss': zero, 'weight': zero, 'updated': jnp.zeros((), bool),
                              'skipped': jnp.zeros((), bool), 'nonfinite': zero}
-    done = optim.flush_multisteps(tx, state.opt_state, state.params)
+    done = optim.flush_multisteps(tx, state.opt_state, state.params,
+                                  _update_scale(config, state.cycle_microbatch))
     fields = _after_update(state, config, done, state.cycle_first_nonfinite)
     if config.noise_stats:
       cycle_noise = _cycle_noise(state, None, config)

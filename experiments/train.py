@@ -20,7 +20,13 @@ import sys
 import time
 
 from accumjax.checkpoint import CheckpointError
-from accumjax.config import DP_REDUCTIONS, MODES, MULTISTEPS_IMPLS, NONFINITE_POLICIES
+from accumjax.config import (
+    DP_REDUCTIONS,
+    LR_BATCH_SCALING,
+    MODES,
+    MULTISTEPS_IMPLS,
+    NONFINITE_POLICIES,
+)
 from accumjax.core import ConfigError
 from accumjax.lm.config import ON_CONFIG_CHANGE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 from accumjax.lm.data import DataError
@@ -51,8 +57,18 @@ def parse_args(argv=None):
   g = p.add_argument_group('accumulation')
   g.add_argument('--batch-size', type=int, default=d.microbatch_size,
                  help='micro-batch size (sequences per micro-batch, per device)')
-  g.add_argument('--grad-accum-steps', type=int, default=None,
-                 help='K, micro-batches per optimizer update (default 4)')
+  g.add_argument('--grad-accum-steps', type=_k_arg, default=None, metavar='K|auto',
+                 help='K, micro-batches per optimizer update (default 4); "auto": K follows '
+                      'the measured gradient noise scale (B_simple, smoothed), a power of two '
+                      'from 2 to --max-grad-accum-steps, changed at most every 10 updates')
+  g.add_argument('--grad-accum-schedule', default=None, metavar='U:K,...',
+                 help='K per update as a ramp, e.g. "0:2,200:4,400:8" (from update U on, K)')
+  g.add_argument('--max-grad-accum-steps', type=int, default=d.max_grad_accum_steps,
+                 help='the largest K of --grad-accum-steps auto')
+  g.add_argument('--lr-batch-scaling', default=d.lr_batch_scaling,
+                 choices=list(LR_BATCH_SCALING),
+                 help='when K changes (schedule, auto), scale the learning rate by (K / first '
+                      'K) ** 1 (linear, SGD) or ** 0.5 (sqrt, Adam)')
   g.add_argument('--tokens-per-update', type=int, default=None,
                  help='sets K = N / (batch size x seq len x devices); must divide')
   g.add_argument('--accum-mode', default=d.accum_mode, choices=list(MODES),
@@ -152,6 +168,16 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+def _k_arg(text: str):
+  """--grad-accum-steps: an int, or 'auto'."""
+  if text == 'auto':
+    return 'auto'
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r}: an integer >= 1, or auto') from None
+
+
 def config_from_args(a) -> TrainConfig:
   model = ModelConfig(d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
                       mlp_ratio=a.mlp_ratio, max_len=a.max_len, positions=a.positions,
@@ -159,6 +185,8 @@ def config_from_args(a) -> TrainConfig:
   return TrainConfig(
       data=a.data, seq_len=a.seq_len, pack=a.pack, microbatch_size=a.batch_size,
       grad_accum_steps=a.grad_accum_steps, tokens_per_update=a.tokens_per_update,
+      grad_accum_schedule=a.grad_accum_schedule, max_grad_accum_steps=a.max_grad_accum_steps,
+      lr_batch_scaling=a.lr_batch_scaling,
       accum_mode=a.accum_mode, microbatches_per_call=a.microbatches_per_call,
       multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget, mesh=a.mesh,
       dp_reduction=a.dp_reduction,

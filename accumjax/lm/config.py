@@ -16,6 +16,7 @@ import jax
 
 from accumjax.config import (
   DP_REDUCTIONS,
+  LR_BATCH_SCALING,
   MODES,
   MULTISTEPS_IMPLS,
   NONFINITE_POLICIES,
@@ -25,6 +26,7 @@ from accumjax.core import ConfigError
 from accumjax.lm import faults
 from accumjax.lm.data import VOCAB_SIZE
 from accumjax.lm.model import POSITIONS, ModelConfig
+from accumjax.schedules import KSchedule, parse_k_schedule
 
 PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
 OPTIMIZERS = ('adamw', 'sgd', 'lion')
@@ -40,7 +42,11 @@ HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save
 # The shape of an update: safe to change between cycles, never inside one without a policy.
 # (`mesh` and `dp_reduction` too: the device count is compared as resolved, see resume.py.)
 ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
-                'microbatches_per_call', 'mesh', 'dp_reduction')
+                'microbatches_per_call', 'mesh', 'dp_reduction', 'grad_accum_schedule',
+                'max_grad_accum_steps')
+# --grad-accum-steps auto: K starts here and moves at most this often (in updates).
+AUTO_START_K = 2
+AUTO_MIN_DWELL = 10
 # Flat names that differ from the field names, and flags that differ from --flat-name.
 _FLAT_NAMES = {'microbatch_size': 'batch_size'}
 _FLAGS = {'num_layers': '--layers', 'num_heads': '--heads'}
@@ -51,7 +57,8 @@ class TrainConfig:
   """Every setting of a run; `python -m experiments.train --help` documents each flag.
 
   `microbatch_size` is per device (`--batch-size`): effective batch = microbatch_size x K x
-  devices. K comes from `grad_accum_steps`, or from `tokens_per_update`, or is 4.
+  devices. K comes from `grad_accum_steps` (an int, or 'auto'), `grad_accum_schedule`, or
+  `tokens_per_update`, or is 4; see `k_plan`.
   """
   # data
   data: str | None = None
@@ -59,8 +66,11 @@ class TrainConfig:
   pack: bool = False
   # accumulation
   microbatch_size: int = 8
-  grad_accum_steps: int | None = None
+  grad_accum_steps: int | str | None = None
   tokens_per_update: int | None = None
+  grad_accum_schedule: str | None = None
+  max_grad_accum_steps: int = 32
+  lr_batch_scaling: str = 'none'
   accum_mode: str = 'scan'
   microbatches_per_call: int | None = None
   multisteps_impl: str = 'lazy'
@@ -97,7 +107,11 @@ class TrainConfig:
   keep: int = 3
 
   def num_microbatches(self, num_devices: int = 1) -> int:
-    """K, from --grad-accum-steps or --tokens-per-update (default 4)."""
+    """K, from --grad-accum-steps or --tokens-per-update (default 4); with a schedule or
+    auto, the largest K an update may hold (the step is built for it)."""
+    plan = k_plan(self)
+    if plan is not None:
+      return plan.max_k
     if self.tokens_per_update is None:
       return DEFAULT_NUM_MICROBATCHES if self.grad_accum_steps is None else \
           self.grad_accum_steps
@@ -108,6 +122,46 @@ class TrainConfig:
           f'batch size x seq len x devices = {self.microbatch_size} x {self.seq_len} x '
           f'{num_devices} = {per_mb}; allowed: {per_mb}, {2 * per_mb}, {4 * per_mb}, ...')
     return self.tokens_per_update // per_mb
+
+
+class KPlan:
+  """K per update of a run whose K changes: a fixed schedule, or auto."""
+
+  def __init__(self, schedule: KSchedule | None = None, auto_max: int | None = None):
+    self.schedule, self.auto_max = schedule, auto_max
+
+  @property
+  def auto(self) -> bool:
+    return self.schedule is None
+
+  @property
+  def max_k(self) -> int:
+    return self.schedule.max_k if self.schedule else self.auto_max
+
+  @property
+  def first_k(self) -> int:
+    return self.schedule.at(0) if self.schedule else AUTO_START_K
+
+  @property
+  def allowed(self) -> tuple[int, ...]:
+    """auto: powers of two from AUTO_START_K to the largest allowed."""
+    return tuple(2**i for i in range(1, 31) if AUTO_START_K <= 2**i <= self.auto_max)
+
+  def describe(self) -> str:
+    if self.schedule:
+      return f'schedule {self.schedule} (from update U on, K)'
+    return (f'auto from B_simple: K in {{{", ".join(map(str, self.allowed))}}}, starting at '
+            f'{AUTO_START_K}, at most one change per {AUTO_MIN_DWELL} updates')
+
+
+def k_plan(cfg: TrainConfig) -> KPlan | None:
+  """The K plan of --grad-accum-schedule or --grad-accum-steps auto; None for a fixed K."""
+  if cfg.grad_accum_schedule is not None:
+    return KPlan(schedule=parse_k_schedule(cfg.grad_accum_schedule))
+  if cfg.grad_accum_steps == 'auto':
+    _int_at_least('max_grad_accum_steps', cfg.max_grad_accum_steps, minimum=AUTO_START_K)
+    return KPlan(auto_max=cfg.max_grad_accum_steps)
+  return None
 
 
 def replace(cfg: TrainConfig, **flat) -> TrainConfig:
@@ -178,15 +232,25 @@ def _check_model(cfg: TrainConfig):
 
 def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
   """Checks every setting; returns the AccumConfig. Raises ConfigError before any work."""
-  if cfg.grad_accum_steps is not None and cfg.tokens_per_update is not None:
-    raise ConfigError('give --grad-accum-steps or --tokens-per-update, not both.')
+  given = [name for name, v in (('--grad-accum-steps', cfg.grad_accum_steps),
+                                 ('--tokens-per-update', cfg.tokens_per_update),
+                                 ('--grad-accum-schedule', cfg.grad_accum_schedule))
+           if v is not None]
+  if len(given) > 1:
+    raise ConfigError(f'give one of {", ".join(given)}, not several: each sets K.')
   for name in ('seq_len', 'steps', 'eval_every', 'eval_batches', 'log_every', 'keep'):
     _int_at_least(name, getattr(cfg, name))
   _int_at_least('batch_size', cfg.microbatch_size)
   for name in ('warmup_steps', 'save_every', 'save_every_micro', 'max_consecutive_skips'):
     _int_at_least(name, getattr(cfg, name), minimum=0)
-  if cfg.grad_accum_steps is not None:
+  if cfg.grad_accum_steps is not None and cfg.grad_accum_steps != 'auto':
     _int_at_least('grad_accum_steps', cfg.grad_accum_steps)
+  if cfg.lr_batch_scaling not in LR_BATCH_SCALING:
+    raise ConfigError(f'--lr-batch-scaling {cfg.lr_batch_scaling!r}; allowed: '
+                      f'{", ".join(LR_BATCH_SCALING)}.')
+  plan = k_plan(cfg)
+  if plan is not None:
+    _check_k_plan(cfg, plan)
   _check_model(cfg)
   if not (math.isfinite(cfg.lr) and cfg.lr > 0):
     raise ConfigError(f'--lr {cfg.lr} must be a positive finite number.')
@@ -210,6 +274,8 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
   per_call = cfg.microbatches_per_call
   if cfg.accum_mode == 'hybrid' and per_call is None:
     per_call = k // 2 if k % 2 == 0 else 1
+    if plan is not None:  # c must divide every K of the plan
+      per_call = math.gcd(*(plan.schedule.ks if plan.schedule else plan.allowed))
   calls = 1 if cfg.accum_mode == 'scan' else k // (per_call or 1)
   if cfg.save_every_micro and calls == 1:
     raise ConfigError(
@@ -222,7 +288,27 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
       clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
       seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
       nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction,
-      noise_stats=noise_stats_on(cfg, k, num_devices))
+      noise_stats=noise_stats_on(cfg, k, num_devices), lr_batch_scaling=cfg.lr_batch_scaling,
+      base_num_microbatches=plan.first_k if plan is not None else None)
+
+
+def _check_k_plan(cfg: TrainConfig, plan: KPlan):
+  """A K that changes between updates: what it needs of the other settings."""
+  ks = plan.schedule.ks if plan.schedule else plan.allowed
+  if cfg.accum_mode != 'scan' and cfg.multisteps_impl != 'lazy':
+    raise ConfigError(f'a K that changes ({plan.describe()}) needs --multisteps-impl lazy: '
+                      'optax.MultiSteps counts a fixed K.')
+  c = cfg.microbatches_per_call
+  if cfg.accum_mode == 'hybrid' and c is not None and any(k % c for k in ks):
+    raise ConfigError(f'--microbatches-per-call {c} must divide every K of '
+                      f'{plan.describe()}; allowed: {sorted(_divisors(math.gcd(*ks)))}.')
+  if plan.auto and not cfg.noise_stats:
+    raise ConfigError('--grad-accum-steps auto chooses K from the gradient noise scale: it '
+                      'needs --noise-stats (the default).')
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def noise_stats_on(cfg: TrainConfig, k: int, num_devices: int) -> bool:

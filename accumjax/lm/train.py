@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from accumjax import loop, parallel
+from accumjax import loop, parallel, schedules
 from accumjax.checkpoint import Checkpointer, fingerprint
 from accumjax.config import AccumConfig, describe
 from accumjax.core import ConfigError
@@ -58,6 +58,8 @@ class RunStats:
   train_time: float = 0.0
   last_eval: dict | None = None
   noise_ema: list | None = None  # [EMA of trace_sigma, EMA of g_sq] (see NOISE_EMA)
+  k: int | None = None  # --grad-accum-steps auto: K of the update in progress or next
+  k_since: int = 0  # auto: the update count when K last changed
 
 
 # B_simple is smoothed as the paper does: numerator and denominator separately (one update's
@@ -84,6 +86,7 @@ class Run:
   eval_sums: Callable
   info: dict
   plan: object = None
+  k_plan: object = None  # config.KPlan when K changes between updates
   ckpt: Checkpointer | None = None
   stats: RunStats = dataclasses.field(default_factory=RunStats)
   records: list = dataclasses.field(default_factory=list)
@@ -247,10 +250,12 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
       lock.release()
     raise
   rows = data_lib.RowIterator(train_split, cfg.seed)
-  stats = RunStats()
+  k_plan = config_lib.k_plan(cfg)
+  stats = RunStats(k=k_plan.first_k if k_plan is not None and k_plan.auto else None)
   if meta is not None:
     rows.set_state(meta['data'])
     stats = RunStats(**meta['run'])
+    _check_k_on_resume(cfg, k_plan, meta, state, stats)
   # One device: the plain one-device program (no shard_map around a single device).
   step = jit_train_step(make_train_step(loss_fn, tx, accum,
                                         mesh=mesh if mesh.size > 1 else None))
@@ -272,8 +277,52 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
   return Run(cfg=cfg, accum=accum, mesh=mesh, out=out, log=log, step=step, state=state,
              rows=rows, faults=faults, schedule=schedule, eval_set=eval_set,
              eval_sums=_eval_fn(apply, accum.compute_jnp_dtype), info=info, plan=plan,
-             ckpt=ckpt, stats=stats, update=int(state.update_step),
+             k_plan=k_plan, ckpt=ckpt, stats=stats, update=int(state.update_step),
              microbatches=int(state.microbatch_step), lock=lock)
+
+
+def update_k(run: Run) -> int:
+  """K of the update that runs next (or is in progress)."""
+  return _k_for(run.cfg, run.k_plan, run.stats, run.update) if run.k_plan else \
+      run.accum.num_microbatches
+
+
+def _k_for(cfg, k_plan, stats, update) -> int:
+  if k_plan is None:
+    return cfg.num_microbatches()
+  return stats.k if k_plan.auto else k_plan.schedule.at(update)
+
+
+def _check_k_on_resume(cfg, k_plan, meta, state, stats):
+  """A checkpoint in the middle of an update must be finished with the K it started with."""
+  if not int(state.cycle_microbatch):
+    return
+  saved_cfg = config_lib.from_flat({'noise_stats': False, **meta['config']})
+  saved_plan = config_lib.k_plan(saved_cfg)
+  update = int(meta['update'])
+  before = _k_for(saved_cfg, saved_plan, stats, update) if saved_plan else \
+      saved_cfg.num_microbatches(meta.get('num_devices', 1))
+  now = _k_for(cfg, k_plan, stats, update) if k_plan else None
+  if k_plan is not None and now != before:
+    raise ConfigError(
+        f'the checkpoint is {int(state.cycle_microbatch)} micro-batches into update '
+        f'{update + 1}, which started with K={before}; the new K plan gives it K={now}. Resume '
+        'with the saved --grad-accum-schedule / --grad-accum-steps, or change them at an update '
+        'boundary.')
+
+
+def _next_auto_k(run: Run, record: dict):
+  """--grad-accum-steps auto: K of the next update, from the smoothed B_simple."""
+  stats, plan = run.stats, run.k_plan
+  if run.update - stats.k_since < config_lib.AUTO_MIN_DWELL or not record['update_tokens']:
+    return
+  per_microbatch = record['update_tokens'] / record['k']
+  k = schedules.auto_k(record.get('b_simple_ema', math.nan), per_microbatch, stats.k,
+                       plan.allowed)
+  if k != stats.k:
+    run.log.info(f'auto K: {stats.k} -> {k} from update {run.update + 1} on (B_simple '
+                 f'{record["b_simple_ema"]:,.0f} tokens, {per_microbatch:,.0f} per micro-batch)')
+    stats.k, stats.k_since = k, run.update
 
 
 def banner(run: Run) -> list[tuple[str, object]]:
@@ -292,7 +341,9 @@ def banner(run: Run) -> list[tuple[str, object]]:
                f'({info["train_bytes"] / 1e6:.1f} MB, {info["train_rows"]:,} rows), '
                f'{info["eval_files"]} eval files'),
       ('micro-batch', f'{accum.microbatch_size} x {cfg.seq_len} tokens'),
-      ('K (micro-batches/update)', accum.num_microbatches),
+      ('K (micro-batches/update)', run.k_plan.describe() + (
+          f'; lr x (K / {accum.base_k}) ** {accum.lr_power:g}' if accum.lr_power else '')
+          if run.k_plan else accum.num_microbatches),
       ('effective batch', f'{accum.microbatch_size} x {accum.num_microbatches} x '
                           f'{accum.num_devices} device(s) = {accum.effective_batch} sequences'),
       ('tokens per update', f'{setup["tokens_per_update"]:,} (incl. padding)'),
@@ -335,18 +386,19 @@ def open_outputs(run: Run, resumed: bool):
   run.log.table('accumjax train', banner(run))
 
 
-def call_batches(run: Run, first_call: int):
-  """The calls of update `run.update + 1` from its call `first_call` on (sharded batches),
-  with the fault drill's factors on the first device's rows (device-major layout)."""
+def call_batches(run: Run, first_call: int, k: int):
+  """The calls of update `run.update + 1` (K = k) from its call `first_call` on (sharded
+  batches), with the fault drill's factors on the first device's rows (device-major layout)."""
   accum = run.accum
-  call_rows = accum.per_call * accum.microbatch_size * run.mesh.size
+  per_call = k if accum.mode == 'scan' else accum.per_call
+  call_rows = per_call * accum.microbatch_size * run.mesh.size
   my_rows = parallel.process_rows(call_rows)
   for calls_done in itertools.count(first_call):
     batch = run.rows.next_rows(call_rows, part=my_rows)
     if run.faults:
       fault = np.ones(call_rows, np.float32)
-      fault[:accum.per_call * accum.microbatch_size] = faults_lib.rows(
-          run.faults, run.update + 1, calls_done * accum.per_call, accum.per_call,
+      fault[:per_call * accum.microbatch_size] = faults_lib.rows(
+          run.faults, run.update + 1, calls_done * per_call, per_call,
           accum.microbatch_size)
       batch['fault'] = fault[my_rows[0]:my_rows[1]]
     yield parallel.shard_batch(batch, run.mesh)
@@ -364,18 +416,19 @@ def save(run: Run) -> pathlib.Path:
   return run.ckpt.path(run.last_saved)
 
 
-def _after_call(run: Run, should_stop):
+def _after_call(run: Run, should_stop, k: int):
   """The call driver's hook: the per-call log line, mid-cycle saves, and preemption polls."""
   cfg, accum = run.cfg, run.accum
+  per_call = k if accum.mode == 'scan' else accum.per_call
 
   def after_call(state, m, position):
     run.state = state
-    run.microbatches += accum.per_call
+    run.microbatches += per_call
     if cfg.log_microbatches:
-      run.log.info(f'update [{run.update + 1}/{cfg.steps}] accum {position * accum.per_call}/'
-                   f'{accum.num_microbatches} call loss {float(m["call_loss"]):.4f} '
+      run.log.info(f'update [{run.update + 1}/{cfg.steps}] accum {position * per_call}/'
+                   f'{k} call loss {float(m["call_loss"]):.4f} '
                    f'tokens {float(m["call_weight"]):.0f} cycle loss {float(m["loss"]):.4f}')
-    if position == accum.calls_per_update:
+    if position == k // per_call:
       return False  # the update is complete: the caller saves and polls
     if cfg.save_every_micro and (run.microbatches // accum.per_call) % cfg.save_every_micro == 0:
       save(run)
@@ -388,13 +441,15 @@ def train_update(run: Run, should_stop) -> dict | None:
   """One optimizer update; its metrics (host values), or None if preempted mid-cycle."""
   t0 = time.perf_counter()
   first_call = loop.calls_done(run.state, run.accum)
-  done = loop.run_update(run.step, run.state, call_batches(run, first_call), run.accum,
-                         after_call=_after_call(run, should_stop), position=first_call)
+  k = update_k(run)
+  done = loop.run_update(run.step, run.state, call_batches(run, first_call, k), run.accum,
+                         num_microbatches=k, after_call=_after_call(run, should_stop, k),
+                         position=first_call)
   run.state = done.state
   if done.stopped:
     return None
   run.update += 1
-  m = jax.device_get(done.metrics)
+  m = dict(jax.device_get(done.metrics), k=k)
   run.stats.train_time += time.perf_counter() - t0
   return m
 
@@ -434,29 +489,36 @@ def record_update(run: Run, m: dict) -> dict:
   ema = math.nan if stats.ema is None else stats.ema
   noise = _record_noise(run, m, skipped)
   record = {'kind': 'train', 'update': run.update, 'loss': loss, 'ema': ema,
-            'lr': float(run.schedule(int(m['schedule_count']))),
+            'lr': float(run.schedule(int(m['schedule_count']))) * _lr_scale(run.accum, m['k']),
             'grad_norm': float(m['grad_norm']), 'tokens': stats.tokens_seen,
             'update_tokens': weight, 'skipped': skipped, 'nonfinite': int(m['nonfinite']),
             'first_nonfinite': int(m['first_nonfinite']),
             'skipped_updates': int(m['skipped_updates']),
             'nonfinite_microbatches': int(m['nonfinite_microbatches']),
-            'loss_scale': float(m['loss_scale']), 'k': run.accum.num_microbatches,
+            'loss_scale': float(m['loss_scale']), 'k': int(m['k']),
             **noise, 'time': time.perf_counter() - run.start}
   run.records.append(record)
   run.writer.write(record)
   _check_nonfinite(run, record, int(m['consecutive_skips']))
   run.log.advance()
+  if run.k_plan is not None and run.k_plan.auto:
+    _next_auto_k(run, record)
   if run.update % cfg.log_every == 0 or run.update == cfg.steps:
     now = time.perf_counter()
     tok_s = run.window[0] / (now - run.window[1])
     run.window[:] = [0.0, now]
-    k = run.accum.num_microbatches
+    k = record['k']
     run.log.info(logs.update_line(
         run.update, cfg.steps, loss, ema, record['lr'], k, k, tok_s, record['grad_norm'],
         record['skipped_updates'], record['nonfinite_microbatches'],
         record['loss_scale'] if run.accum.loss_scaling else None,
         noise.get('b_simple_ema')))
   return record
+
+
+def _lr_scale(accum: AccumConfig, k: int) -> float:
+  """The learning-rate multiplier of an update of K micro-batches (--lr-batch-scaling)."""
+  return (k / accum.base_k) ** accum.lr_power if accum.lr_power else 1.0
 
 
 def _record_noise(run: Run, m: dict, skipped: bool) -> dict:
