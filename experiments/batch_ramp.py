@@ -19,12 +19,13 @@ each update is the exact big batch of its micro-batches. Reported: updates taken
 held-out loss, loss vs tokens and vs updates (benchmarks/batch_ramp.md and .png).
 """
 
-import argparse
 import math
 import pathlib
 import time
 
 import numpy as np
+
+from experiments import lm_task
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SETTINGS = {
@@ -92,29 +93,12 @@ def run_plan(s: dict, plan: str, setup) -> dict:
 
 
 def _setup(s):
-  import jax
-
-  from accumjax.lm import data, model
-  from accumjax.lm.build import make_loss_fn
-  train, held_out = data.load_splits(None, s['seq'], pack=False)
-  apply, params = model.make_lm(model.ModelConfig(max_len=s['seq'], **s['model']), seed=0)
-  loss_fn = make_loss_fn(apply)
-  evals = [jax.device_put(b) for b in data.eval_batches(held_out, 32, 4)]
-  sums = jax.jit(lambda p, b: loss_fn(p, b, None))
-
-  def held_out_eval(p):
-    out = [sums(p, b) for b in evals]
-    return float(sum(x for x, _ in out) / sum(w for _, w in out))
-
-  return train, held_out_eval, params, loss_fn
+  task = lm_task.make_task(s['model'], s['seq'], eval_rows=32, eval_batches=4)
+  return task.train, task.held_out_loss, task.params, task.loss_fn
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--quick', action='store_true')
-  p.add_argument('--out', default=None, help='markdown path (default benchmarks/...)')
-  a = p.parse_args(argv)
+  a = lm_task.parse_args(__doc__, argv)
   s = SETTINGS['quick' if a.quick else 'full']
   start = time.time()
   setup = _setup(s)

@@ -43,6 +43,24 @@ def _rss_bytes():
   return 0
 
 
+def _interleaved_times(fns: dict, rounds: int, reps: int, warmup: int) -> dict:
+  """{name: [seconds per call, one per round]}: every function timed once per round, in turn,
+  so that load on a shared machine falls on all of them alike."""
+  import jax
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        out = fn()
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - t0) / reps)
+  return times
+
+
 def _median_time(fn, reps, warmup=1):
   import jax
   for _ in range(warmup):
@@ -276,17 +294,7 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
       'lazy emitting, lax.cond': chained(tx_for('lazy', 1), None),
       'optax.MultiSteps emitting': chained(tx_for('optax', 1), None),
   }
-  times = {v: [] for v in variants}
-  for fn in variants.values():
-    for _ in range(3):
-      jax.block_until_ready(fn())
-  for _ in range(rounds):
-    for v, fn in variants.items():
-      t0 = time.perf_counter()
-      for _ in range(reps):
-        out = fn()
-      jax.block_until_ready(out)
-      times[v].append((time.perf_counter() - t0) / reps)
+  times = _interleaved_times(variants, rounds, reps, warmup=3)
   med = {v: statistics.median(t) for v, t in times.items()}
   return {'size': label, 'num_params': model.num_params(params),
           'leaves': len(jax.tree.leaves(params)), 'ms': {v: t * 1e3 for v, t in med.items()}}
@@ -324,17 +332,7 @@ def noise_costs(size: str, rounds: int = 9, reps: int = 3, k: int = 8) -> list[d
         holder[0] = accumjax.run_update(step, holder[0], calls, config).state
         return holder[0]
       runners[(mode, noise)] = one_update
-  times = {key: [] for key in runners}
-  for fn in runners.values():
-    for _ in range(2):
-      jax.block_until_ready(fn())
-  for _ in range(rounds):
-    for key, fn in runners.items():
-      t0 = time.perf_counter()
-      for _ in range(reps):
-        out = fn()
-      jax.block_until_ready(out)
-      times[key].append((time.perf_counter() - t0) / reps)
+  times = _interleaved_times(runners, rounds, reps, warmup=2)
   results = []
   for mode in ('scan', 'multisteps'):
     off, on = (statistics.median(times[(mode, n)]) for n in (False, True))

@@ -24,12 +24,13 @@ benchmarks/critical_batch.png. Whatever the ratio is, it is reported: the paper 
 agreement within about 2x, with B_simple usually the smaller.
 """
 
-import argparse
 import math
 import pathlib
 import time
 
 import numpy as np
+
+from experiments import lm_task
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MICRO = 4  # sequences per micro-batch
@@ -41,27 +42,6 @@ SETTINGS = {
                  max_sequences=120_000),
     'quick': dict(ks=(1, 4, 16), lr_factors=(1.0,), target=3.3, max_sequences=12_000),
 }
-
-
-def _setup():
-  import jax
-
-  from accumjax.lm import data, model
-  from accumjax.lm.build import make_loss_fn
-  train, held_out = data.load_splits(None, SEQ, pack=False)
-  apply, params = model.make_lm(model.ModelConfig(max_len=SEQ, **MODEL), seed=0)
-  loss_fn = make_loss_fn(apply)
-  evals = [jax.device_put(b) for b in data.eval_batches(held_out, 64, 2)]
-
-  @jax.jit
-  def eval_sums(p, batch):
-    return loss_fn(p, batch, None)
-
-  def eval_loss(p):
-    sums = [eval_sums(p, b) for b in evals]
-    return float(sum(s for s, _ in sums) / sum(w for _, w in sums))
-
-  return train, params, loss_fn, eval_loss
 
 
 def train_to_target(setup, k: int, lr: float, target: float, max_sequences: int,
@@ -126,15 +106,11 @@ def b_simple_near(run: dict, target: float) -> tuple[float, int]:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--quick', action='store_true')
-  p.add_argument('--out', default=None, help='markdown path (default benchmarks/...)')
-  a = p.parse_args(argv)
+  a = lm_task.parse_args(__doc__, argv)
   s = SETTINGS['quick' if a.quick else 'full']
   start = time.time()
-  setup = _setup()
-  train = setup[0]
+  setup = lm_task.make_task(MODEL, SEQ, eval_rows=64, eval_batches=2)
+  train = setup.train
   tokens_per_seq = float(np.mean(np.minimum(train.lengths, SEQ)))
   runs = []
   for k in s['ks']:
