@@ -119,7 +119,7 @@ def _restore(out, corpus, **cfg_kwargs):
   _, params = make_lm(cfg.model, seed=cfg.seed)
   tx = build_optimizer(cfg, validate(cfg))[0]
   return checkpoint.Checkpointer(pathlib.Path(out) / 'checkpoints').restore(
-      lambda meta: accumjax.init_train_state(params, tx, cfg.seed))
+      lambda meta: accumjax.init_train_state(params, tx, cfg.seed, validate(cfg)))
 
 
 @pytest.mark.parametrize('mode,stop_after', [
