@@ -156,6 +156,14 @@ def report(s, runs, best, points, s_min, e_min, b_crit, b_simple_tokens, b_simpl
     mark = ' (best)' if best.get(r['batch']) is r else ''
     lines.append(f'| {r["batch"]} | {r["k"]} | {r["lr"]:.2e} | '
                  f'{r["steps"] if r["steps"] else "not reached"}{mark} |')
+  edges = []
+  for b, r in sorted(best.items()):
+    lrs = sorted(x['lr'] for x in runs if x['batch'] == b)
+    if len(lrs) > 1 and r['lr'] in (lrs[0], lrs[-1]):
+      edges.append(f'B = {b} ({"largest" if r["lr"] == lrs[-1] else "smallest"} lr)')
+  if edges:
+    lines += ['', f'The best lr was at the edge of the sweep for {", ".join(edges)}: the '
+                  'optimum may lie beyond it, so S there is an upper bound.']
   lines += [
       '', f'Fit S = S_min + E_min / B over the best runs ({len(points)} batches): '
       f'S_min = {s_min:.1f} updates, E_min = {e_min:.0f} sequences, '
