@@ -104,6 +104,12 @@ def test_cli_runs_and_tokens_per_update_sets_k(tmp_path, capsys):
     (['--save-every-micro', '1'], '--save-every-micro 1 saves between the calls of an update, '
                                   'but scan mode with K=4 makes one call per update'),
     (['--layers', '0'], '--layers 0 must be an integer >= 1'),
+    # K that changes between updates
+    (['--grad-accum-steps', 'many'], "'many': an integer >= 1, or auto"),
+    (['--grad-accum-schedule', '0:2,x:4'], "'x:4' is not U:K"),
+    (['--grad-accum-schedule', '0:2', '--grad-accum-steps', '4'], 'not several'),
+    (['--grad-accum-steps', 'auto', '--no-noise-stats'], 'needs --noise-stats'),
+    (['--lr-batch-scaling', 'cubic'], "invalid choice: 'cubic'"),
 ])
 def test_bad_flags_fail_with_one_line_before_writing(tmp_path, capsys, argv, message):
   out = tmp_path / 'never'
