@@ -50,8 +50,9 @@ def parse_args(argv=None):
   d, dm = TrainConfig(), ModelConfig()
   p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   g = p.add_argument_group('data')
-  g.add_argument('--data', default=None, help='text file or directory of text files '
-                 '(default: the Python standard library sources)')
+  g.add_argument('--data', default=None, help='text file or directory of text files, or a '
+                 'built-in corpus: builtin:stdlib (the default: the Python standard library '
+                 'sources) or builtin:prose (the English documentation in pydoc_data/topics.py)')
   g.add_argument('--seq-len', type=int, default=d.seq_len, help='tokens per example')
   g.add_argument('--pack', action='store_true', help='pack examples into full rows (no padding)')
   g = p.add_argument_group('accumulation')

@@ -248,3 +248,19 @@ def test_running_out_of_host_memory_midway_is_one_line(tmp_path, corpus, capsys,
   monkeypatch.setattr(data_lib.RowIterator, 'next_rows', no_memory)
   rc, err = _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(tmp_path / 'run'))
   assert rc == 1 and len(err.splitlines()) == 1 and 'error: out of host memory' in err, err
+
+
+def test_the_prose_corpus_is_real_english_and_needs_no_files(tmp_path):
+  train, held_out = data_lib.load_splits('builtin:prose', 128)
+  assert train.num_files >= 60 and held_out.num_files >= 3
+  assert train.num_bytes > 300_000
+  text = bytes(train.tokens[train.lengths > 100][0][:100].astype(np.uint8))
+  assert text.isascii() and b' the ' in bytes(train.tokens[:200][train.tokens[:200] < 256]
+                                               .astype(np.uint8))
+  assert train.fingerprint != data_lib.load_splits(None, 128)[0].fingerprint
+  # the trainer takes it by name
+  summary = train_and_evaluate(train_config(**TINY, data='builtin:prose', steps=2,
+                                            eval_every=2, lr=1e-2), tmp_path / 'run')
+  assert np.isfinite(summary['final_eval_loss'])
+  config = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert 'pydoc_data/topics.py' in config['run']['data']

@@ -12,6 +12,12 @@ micro-batches carry different token counts: the case where token-weighted normal
 matters. `pack=True` instead concatenates all paragraphs into one stream cut into full windows
 (no padding; attention may cross paragraph boundaries).
 
+A second built-in corpus, of English prose, also needs no download: `--data builtin:prose` is
+the documentation that ships with Python in `pydoc_data/topics.py` (the language reference's
+topics, e.g. "The assert statement"; on CPython 3.11.7: 79 topics, 0.46 MB of text), one topic
+per "file" (sorted by name), so that a finding can be checked on more than one kind of text.
+`builtin:stdlib` names the default.
+
 Not here: device placement or sharding (see parallel.py).
 """
 
@@ -39,6 +45,36 @@ def default_corpus_files() -> list[pathlib.Path]:
   return sorted(
       p for p in root.rglob('*.py')
       if not _EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+
+
+def _prose_texts() -> list[bytes]:
+  from pydoc_data import topics
+  return [topics.topics[name].encode() for name in sorted(topics.topics)]
+
+
+BUILTIN = ('builtin:stdlib', 'builtin:prose')
+
+
+def describe_corpus(path: str | None) -> str:
+  """How a run names its data (banner, config.json)."""
+  if path in (None, 'builtin:stdlib'):
+    return f'python stdlib sources ({default_corpus_files()[0].parent})'
+  if path == 'builtin:prose':
+    return 'python documentation prose (pydoc_data/topics.py)'
+  return path
+
+
+def corpus_texts(path: str | None) -> list[bytes]:
+  """The texts of a corpus, one per file: a built-in one, or the files of `path`."""
+  if path == 'builtin:prose':
+    return _prose_texts()
+  texts = []
+  for f in corpus_files(None if path == 'builtin:stdlib' else path):
+    try:
+      texts.append(f.read_bytes())
+    except OSError as e:
+      raise DataError(f'--data: cannot read {str(f)!r}: {e.strerror or e}.') from None
+  return texts
 
 
 def corpus_files(path: str | None) -> list[pathlib.Path]:
@@ -96,17 +132,11 @@ def _windows(blocks: list[bytes], seq_len: int, pack: bool) -> tuple[np.ndarray,
 def load_splits(path: str | None, seq_len: int, pack: bool = False, eval_every: int = 20):
   """(train, eval) Splits; every `eval_every`-th file goes to eval (with fewer files, the last
   one; with a single file, its last 5%)."""
-  files = corpus_files(path)
-  texts = []
-  for f in files:
-    try:
-      texts.append(f.read_bytes())
-    except OSError as e:
-      raise DataError(f'--data: cannot read {str(f)!r}: {e.strerror or e}.') from None
-  if len(files) == 1:  # a single file: hold out its last 5%
+  texts = corpus_texts(path)
+  if len(texts) == 1:  # a single file: hold out its last 5%
     cut = int(len(texts[0]) * 0.95)
     parts = {'train': [texts[0][:cut]], 'eval': [texts[0][cut:]]}
-  elif len(files) < eval_every:  # a few files: hold out the last one
+  elif len(texts) < eval_every:  # a few files: hold out the last one
     parts = {'train': texts[:-1], 'eval': texts[-1:]}
   else:
     parts = {'train': [t for i, t in enumerate(texts) if i % eval_every != eval_every // 2],

@@ -267,7 +267,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
       'memory_plan': dataclasses.asdict(plan) if plan else None,
       'devices': [str(d) for d in mesh.devices.flat], 'processes': jax.process_count(),
       'num_params': num_params(params),
-      'data': cfg.data or f'python stdlib sources ({data_lib.default_corpus_files()[0].parent})',
+      'data': data_lib.describe_corpus(cfg.data),
       'train_files': train_split.num_files, 'train_bytes': train_split.num_bytes,
       'train_rows': int(len(train_split.lengths)), 'eval_files': eval_split.num_files,
       'train_fingerprint': train_split.fingerprint,
