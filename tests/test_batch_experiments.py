@@ -1,4 +1,4 @@
-"""The batch-size experiments' --quick variants run end to end (slow: ~2 minutes together);
+"""The batch-size experiments' --quick variants run end to end (slow: ~3 minutes together);
 their outputs are checked for what the full runs report."""
 
 import math
@@ -43,3 +43,13 @@ def test_batch_ramp_quick(tmp_path):
   assert all(b - a >= batch_ramp.DWELL for a, b in zip([0] + changes, changes, strict=False))
   text = batch_ramp.report(s, list(runs.values()), 1.0, True)
   assert text.count('\n| ') == 4  # header and three plans
+
+
+@pytest.mark.slow
+def test_normalization_bug_quick(tmp_path):
+  from experiments import normalization_bug
+  out = tmp_path / 'nb.md'
+  assert normalization_bug.main(['--quick', '--out', str(out)]) == 0
+  text = out.read_text()
+  assert '| packed (no padding) | 16 | 1.00 | 0.0000 |' in text  # equal counts: no bug
+  assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
