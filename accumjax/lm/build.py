@@ -56,7 +56,7 @@ def _step_bytes(cfg: TrainConfig, loss_fn, params, b: int, k: int) -> int:
   c = config_lib.replace(cfg, batch_size=b, grad_accum_steps=k, tokens_per_update=None)
   accum = config_lib.validate(c)
   tx = build_optimizer(c, accum)[0]
-  state = jax.eval_shape(lambda p: init_train_state(p, tx, 0), params)
+  state = jax.eval_shape(lambda p: init_train_state(p, tx, 0, accum), params)
   rows = accum.per_call * b
   batch = {'inputs': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
            'targets': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
@@ -73,9 +73,10 @@ def plan_for_budget(cfg: TrainConfig, num_devices: int = 1) -> tuple[TrainConfig
   With `num_devices` data-parallel devices the budget is per device: each device runs the
   one-device program on its share of the rows (plus one reduction per call).
   """
-  if cfg.tokens_per_update is None or cfg.grad_accum_steps is not None:
-    raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps): '
-                      'it chooses the micro-batch size and K itself.')
+  if cfg.tokens_per_update is None or cfg.grad_accum_steps is not None or \
+      cfg.grad_accum_schedule is not None:
+    raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps '
+                      'or --grad-accum-schedule): it chooses the micro-batch size and K itself.')
   if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % (cfg.seq_len * num_devices):
     raise ConfigError(f'--tokens-per-update {cfg.tokens_per_update} must be a positive multiple '
                       f'of --seq-len x devices = {cfg.seq_len} x {num_devices}.')
