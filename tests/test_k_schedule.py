@@ -23,7 +23,8 @@ def _batches():
 
 
 @pytest.mark.parametrize('mode,c', [('scan', None), ('multisteps', None), ('hybrid', 1)])
-@pytest.mark.parametrize('scaling', ['none', 'sqrt', 'linear'])
+@pytest.mark.parametrize('scaling', [pytest.param('none', marks=pytest.mark.slow), 'sqrt',
+                                     pytest.param('linear', marks=pytest.mark.slow)])
 def test_each_update_is_the_big_batch_of_its_own_k(mode, c, scaling):
   """Against plain full-batch SGD on each update's whole batch, with the learning rate
   multiplied by (K / 2) ** p in the reference itself."""
@@ -132,7 +133,7 @@ def _run(tmp_path, corpus, name, stop_at_call=None, resume=None, **flat):
   return summary, _records(tmp_path / name)
 
 
-@pytest.mark.parametrize('plan', ['schedule', 'auto'])
+@pytest.mark.parametrize('plan', ['schedule', pytest.param('auto', marks=pytest.mark.slow)])
 def test_a_run_stopped_mid_ramp_mid_cycle_resumes_bit_identically(tmp_path, corpus, plan,
                                                                   monkeypatch):
   from accumjax.lm import config as lm_config

@@ -186,6 +186,7 @@ def test_trainer_logs_records_and_plots_b_simple(tmp_path, corpus, capsys):
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_noise_stats_are_harmless_to_toggle_on_resume_and_off_for_k1(tmp_path, corpus, capsys):
   """The params do not depend on --noise-stats: a run that turns it on when resumed ends where
   a run with it on all along ends; with K = 1 it is off, and says so."""

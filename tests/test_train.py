@@ -250,7 +250,7 @@ def test_running_out_of_host_memory_midway_is_one_line(tmp_path, corpus, capsys,
   assert rc == 1 and len(err.splitlines()) == 1 and 'error: out of host memory' in err, err
 
 
-def test_the_prose_corpus_is_real_english_and_needs_no_files(tmp_path):
+def test_the_prose_corpus_is_real_english_and_needs_no_files():
   train, held_out = data_lib.load_splits('builtin:prose', 128)
   assert train.num_files >= 60 and held_out.num_files >= 3
   assert train.num_bytes > 300_000
@@ -258,7 +258,10 @@ def test_the_prose_corpus_is_real_english_and_needs_no_files(tmp_path):
   assert text.isascii() and b' the ' in bytes(train.tokens[:200][train.tokens[:200] < 256]
                                                .astype(np.uint8))
   assert train.fingerprint != data_lib.load_splits(None, 128)[0].fingerprint
-  # the trainer takes it by name
+
+
+@pytest.mark.slow
+def test_the_trainer_takes_the_prose_corpus_by_name(tmp_path):
   summary = train_and_evaluate(train_config(**TINY, data='builtin:prose', steps=2,
                                             eval_every=2, lr=1e-2), tmp_path / 'run')
   assert np.isfinite(summary['final_eval_loss'])
