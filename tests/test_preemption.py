@@ -55,9 +55,11 @@ def test_failed_save_surfaces_and_is_never_restored(tmp_path, corpus, reference)
   first = kill_resume.run(kill_resume.train_argv(out, corpus, 'multisteps', 'fp32', steps=2))
   assert first.returncode == 0, first.stderr[-2000:]
 
-  # A 2 KiB file-size limit (writes fail with EFBIG; SIGXFSZ ignored), set by a shell rather
-  # than a preexec_fn: forking this multithreaded (JAX) process to run Python could deadlock.
-  limited = ['bash', '-c', 'trap "" XFSZ; ulimit -f 2; exec "$@"', 'bash', *argv, '--resume']
+  # A 16 KiB file-size limit (writes fail with EFBIG; SIGXFSZ ignored): config.json (~2 KiB)
+  # and metrics.jsonl (~5 KiB for the whole run) fit, a checkpoint's array files (>100 KiB)
+  # do not. Set by a shell rather than a preexec_fn: forking this multithreaded (JAX) process
+  # to run Python could deadlock.
+  limited = ['bash', '-c', 'trap "" XFSZ; ulimit -f 16; exec "$@"', 'bash', *argv, '--resume']
   failed = subprocess.run(limited, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert failed.returncode == 1, failed.stderr[-2000:]
   errors = [x for x in failed.stderr.splitlines() if x.startswith('error: ')]
