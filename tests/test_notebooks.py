@@ -9,7 +9,14 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / 'notebooks').glob('*.ipynb'))
 
 
-@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
+# The quickstart runs in the default suite; the study notebooks (~40 s each) in the slow set,
+# which CI runs too.
+DEFAULT = {'quickstart.ipynb'}
+
+
+@pytest.mark.parametrize('path', [
+    p if p.name in DEFAULT else pytest.param(p, marks=pytest.mark.slow) for p in NOTEBOOKS],
+    ids=lambda p: p.name)
 def test_notebook_runs(path):
   nb = nbformat.read(path, as_version=4)
   NotebookClient(nb, timeout=300, kernel_name='python3',
