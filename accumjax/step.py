@@ -22,7 +22,14 @@ import optax
 
 from accumjax import donation, optim, parallel
 from accumjax.config import AccumConfig
-from accumjax.core import ConfigError, noise_scale, normalize, scan_microbatches, zero_noise
+from accumjax.core import (
+    ConfigError,
+    _sq_norm,
+    noise_scale,
+    normalize,
+    scan_microbatches,
+    zero_noise,
+)
 from accumjax.precision import with_compute_dtype
 
 
@@ -89,7 +96,7 @@ def init_train_state(params, tx, rng, config: AccumConfig | None = None) -> Trai
 
 
 def _global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+  return jnp.sqrt(_sq_norm(tree))
 
 
 def _after_update(state: TrainState, config: AccumConfig, done: optim.Applied, first):
