@@ -4,7 +4,7 @@ The accumulation library: importable from a notebook, no flags, no printing. The
 built on it lives in `accumjax.lm`.
 """
 
-from accumjax import loop
+from accumjax import loop, model_state
 from accumjax.config import AccumConfig, describe
 from accumjax.core import (
     ConfigError,
@@ -32,6 +32,7 @@ __all__ = [
     'AccumConfig', 'ConfigError', 'GradSums', 'LazyMultiSteps', 'NoiseSums', 'TrainState',
     'accumulate_gradients', 'accumulate_sums', 'accumulating_optimizer', 'as_opt_params',
     'cast_floats', 'describe', 'init_train_state', 'jit_train_step', 'loop', 'make_flush',
-    'make_train_step', 'noise_scale', 'normalize', 'normalized', 'per_example_loss', 'run_update',
+    'make_train_step', 'model_state', 'noise_scale', 'normalize', 'normalized',
+    'per_example_loss', 'run_update',
     'split_microbatches', 'token_cross_entropy', 'with_compute_dtype',
 ]

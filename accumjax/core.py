@@ -234,7 +234,7 @@ def accumulate_sums(
     loss_fn returns no aux). Micro-batches with a non-finite loss or gradient add zeros and
     are counted in `GradSums.nonfinite`; `scan_microbatches` also says which they were.
   """
-  sums, aux, _ = scan_microbatches(
+  sums, aux, _, _ = scan_microbatches(
       loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
       index_offset=index_offset, accum_dtype=accum_dtype,
       clip_microbatch_norm=clip_microbatch_norm, loss_scale=loss_scale,
@@ -256,26 +256,51 @@ def _all_finite(tree) -> jax.Array:
 
 def scan_microbatches(
     loss_fn, params, batch, *, num_microbatches, rng=None, index_offset=0,
-    accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None, noise_stats=False):
-  """`accumulate_sums` (same arguments), plus a bool[K]: which micro-batches were non-finite.
+    accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None, noise_stats=False,
+    model_state=None, state_rules=None, state_acc=None):
+  """`accumulate_sums` (same arguments), plus a bool[K]: which micro-batches were non-finite,
+  and the model state's accumulator.
 
   The one accumulation core: `accumulate_sums` and every train-step mode call this.
+
+  With `model_state` (see `accumjax.model_state`), `loss_fn(params, microbatch, rng,
+  model_state)` returns `((loss_sum, weight[, aux]), new_state)`; `state_rules` (required) say
+  how the micro-batches' new states combine, and `state_acc` is the accumulator to continue
+  (default: an empty one). Returns `(GradSums, aux, bad_K, StateAcc or None)`.
   """
+  from accumjax import model_state as ms  # noqa: PLC0415 (model_state imports ConfigError)
+
   check_float_params(params)
   _bool_arg('noise_stats', noise_stats)
   microbatches = split_microbatches(batch, num_microbatches)
+  with_state = model_state is not None
+  if with_state:
+    if state_rules is None:
+      raise ConfigError(f'model_state needs state_rules: one of {ms.RULES} or a pytree of them.')
+    ms.expand_rules(model_state, state_rules)
+    if state_acc is None:
+      state_acc = ms.init_acc(model_state, state_rules)
 
-  def grad_fn(p, mb, key):
-    loss_sum, weight, aux = _unpack_loss(loss_fn(p, mb, key))
+  def grad_fn(p, mb, key, view):
+    out = loss_fn(p, mb, key) if not with_state else loss_fn(p, mb, key, view)
+    new_state = None
+    if with_state:
+      if not isinstance(out, tuple) or len(out) != 2:
+        raise ConfigError('with a model state, loss_fn must return ((loss_sum, weight[, aux]), '
+                          f'new_state); got {type(out).__name__}.')
+      out, new_state = out
+    loss_sum, weight, aux = _unpack_loss(out)
     loss_sum, weight = loss_sum.astype(jnp.float32), jnp.asarray(weight, jnp.float32)
     scaled = loss_sum if loss_scale is None else loss_sum * (loss_scale / _loss_scale_unit(weight))
-    return scaled, (loss_sum, weight, aux)
+    return scaled, (loss_sum, weight, aux, new_state)
 
-  def body(carry: GradSums, xs):
+  def body(carry, xs):
+    carry, acc = carry
     mb, index = xs
     key = None if rng is None else jax.random.fold_in(rng, index_offset + index)
-    (_, (loss_sum, weight, aux)), grads = jax.value_and_grad(grad_fn, has_aux=True)(
-        params, mb, key)
+    view = ms.view(model_state, acc, state_rules) if with_state else None
+    (_, (loss_sum, weight, aux, new_state)), grads = jax.value_and_grad(
+        grad_fn, has_aux=True)(params, mb, key, view)
     grads = jax.tree.map(lambda g: g.astype(accum_dtype), grads)
     if loss_scale is not None:
       unscale = (_loss_scale_unit(weight) / loss_scale).astype(accum_dtype)
@@ -298,12 +323,14 @@ def scan_microbatches(
         weight=carry.weight + keep(weight),
         nonfinite=carry.nonfinite + (~finite).astype(jnp.float32),
         noise=noise)
-    return new, (aux, ~finite)
+    if with_state:
+      acc = ms.add(acc, state_rules, model_state, new_state, weight, finite)
+    return (new, acc), (aux, ~finite)
 
-  sums, (aux, bad_K) = jax.lax.scan(
-      body, zero_sums(params, accum_dtype, noise_stats),
+  (sums, state_acc), (aux, bad_K) = jax.lax.scan(
+      body, (zero_sums(params, accum_dtype, noise_stats), state_acc),
       (microbatches, jnp.arange(num_microbatches, dtype=jnp.int32)))
-  return sums, aux, bad_K
+  return sums, aux, bad_K, state_acc
 
 
 def normalize(sums: GradSums):
@@ -316,7 +343,7 @@ def normalize(sums: GradSums):
 
 def accumulate_gradients(
     loss_fn, params, batch, *, num_microbatches, rng=None, accum_dtype=jnp.float32,
-    clip_microbatch_norm=None, noise_stats=False):
+    clip_microbatch_norm=None, noise_stats=False, model_state=None, state_rules=None):
   """Gradient of (sum of all loss_sums) / (sum of all weights) over K micro-batches.
 
   Same arguments as `accumulate_sums`. Returns `(grads, metrics)` with metrics `loss` (the
@@ -325,15 +352,20 @@ def accumulate_gradients(
   With zero total weight, grads and loss are zeros (the optimizer wrapper skips such updates).
   `noise_stats=True` adds `noise`: {'g_sq', 'trace_sigma', 'b_simple'}, the gradient noise
   statistics of this batch (see `noise_scale`; needs num_microbatches >= 2).
+
+  With `model_state` and `state_rules` (see `accumjax.model_state`; loss_fn then takes the
+  state and returns `(losses, new_state)`), metrics add `model_state`: the new state from the
+  K micro-batches combined by the rules.
   """
+  from accumjax import model_state as ms  # noqa: PLC0415
   if noise_stats is True and isinstance(num_microbatches, int) and num_microbatches < 2:
     raise ConfigError(
         f'noise_stats=True needs num_microbatches >= 2; got {num_microbatches}: with one '
         'micro-batch there is no small-batch sample to compare the big batch with.')
-  sums, aux = accumulate_sums(
+  sums, aux, _, acc = scan_microbatches(
       loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
       accum_dtype=accum_dtype, clip_microbatch_norm=clip_microbatch_norm,
-      noise_stats=noise_stats)
+      noise_stats=noise_stats, model_state=model_state, state_rules=state_rules)
   grads, loss = normalize(sums)
   metrics = {'loss': loss, 'loss_sum': sums.loss_sum, 'weight': sums.weight,
              'nonfinite': sums.nonfinite}
@@ -341,4 +373,6 @@ def accumulate_gradients(
     metrics['noise'] = noise_scale(sums)
   if aux is not None:
     metrics['aux'] = aux
+  if acc is not None:
+    metrics['model_state'] = ms.finalize(model_state, acc, state_rules)
   return grads, metrics

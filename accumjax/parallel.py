@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from accumjax import model_state as ms
 from accumjax.core import ConfigError, scan_microbatches
 
 DATA = 'data'
@@ -95,8 +96,10 @@ def process_rows(global_rows: int) -> tuple[int, int]:
   return index * per, (index + 1) * per
 
 
-def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', **accumulate_kwargs):
-  """`(params, batch, rng_data, index_offset, num_microbatches, loss_scale) -> (GradSums, bad)`.
+def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
+                 **accumulate_kwargs):
+  """`(params, batch, rng_data, index_offset, num_microbatches, loss_scale, model_state,
+  state_acc) -> (GradSums, bad, call_acc)`.
 
   Each device scans `num_microbatches` micro-batches of its own rows with the one core
   (`core.scan_microbatches`) and the devices' sums meet in one reduction: `psum`, or for
@@ -104,15 +107,23 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', **accumulate_kwar
   micro-batch positions that were non-finite on any device; it travels in the same
   reduction, and so does `GradSums.nonfinite` (a count over devices). Dropout keys are folded
   with the device index, so devices differ. `loss_scale` is None or a replicated scalar.
+  With a model state (see `accumjax.model_state`; None otherwise), every device starts from
+  `ms.restart(state_acc)` and the devices' accumulators meet in `ms.reduce_devices` (psum, and
+  pmax for 'max' leaves, also under 'ordered'); `call_acc` is the call's, to be merged.
   """
 
-  def local(params, batch, rng_data, index_offset, loss_scale, num_microbatches):
+  def local(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc,
+            num_microbatches):
     rng = None
     if rng_data is not None:
       rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), jax.lax.axis_index(DATA))
-    sums, _, bad = scan_microbatches(
+    start_acc = None if model_state is None else ms.restart(state_acc, state_rules)
+    sums, _, bad, call_acc = scan_microbatches(
         loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
-        index_offset=index_offset, loss_scale=loss_scale, **accumulate_kwargs)
+        index_offset=index_offset, loss_scale=loss_scale, model_state=model_state,
+        state_rules=state_rules, state_acc=start_acc, **accumulate_kwargs)
+    if call_acc is not None:
+      call_acc = ms.reduce_devices(call_acc, state_rules, DATA)
     out = (sums, bad.astype(jnp.float32))
     if reduction == 'psum':
       sums, bad = jax.lax.psum(out, DATA)
@@ -123,17 +134,18 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', **accumulate_kwar
       flat, unravel = jax.flatten_util.ravel_pytree(out)
       gathered = jax.lax.all_gather(flat, DATA)
       sums, bad = unravel(functools.reduce(jnp.add, list(gathered)))
-    return sums, bad > 0
+    return sums, bad > 0, call_acc
 
-  def run(params, batch, rng_data, index_offset, num_microbatches, loss_scale=None):
+  def run(params, batch, rng_data, index_offset, num_microbatches, loss_scale=None,
+          model_state=None, state_acc=None):
     fn = jax.shard_map(
-        lambda p, b, r, o, s: local(p, b, r, o, s, num_microbatches), mesh=mesh,
+        lambda p, b, r, o, s, m, a: local(p, b, r, o, s, m, a, num_microbatches), mesh=mesh,
         in_specs=(PartitionSpec(), PartitionSpec(DATA), PartitionSpec(), PartitionSpec(),
-                  PartitionSpec()),
+                  PartitionSpec(), PartitionSpec(), PartitionSpec()),
         # The core's zero-initialised scan carry is device-invariant while the per-device sums
         # vary; the core stays mesh-agnostic, and the reduction makes the output invariant.
         out_specs=PartitionSpec(), check_vma=False)
-    return fn(params, batch, rng_data, index_offset, loss_scale)
+    return fn(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc)
 
   return run
 

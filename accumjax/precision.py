@@ -18,7 +18,7 @@ def cast_floats(tree, dtype):
 
 
 def with_compute_dtype(loss_fn, compute_dtype):
-  """Wraps `loss_fn(params, batch, rng)` so it computes in `compute_dtype`.
+  """Wraps `loss_fn(params, batch, rng[, model_state])` so it computes in `compute_dtype`.
 
   The returned loss_sum and weight are float32 whatever the compute dtype.
   """
@@ -26,8 +26,13 @@ def with_compute_dtype(loss_fn, compute_dtype):
   if compute_dtype == jnp.float32:
     return loss_fn
 
-  def wrapped(params, batch, rng):
-    out = loss_fn(cast_floats(params, compute_dtype), batch, rng)
+  def as_float32(out):
     return (out[0].astype(jnp.float32), jnp.asarray(out[1], jnp.float32)) + tuple(out[2:])
+
+  def wrapped(params, batch, rng, *model_state):
+    out = loss_fn(cast_floats(params, compute_dtype), batch, rng, *model_state)
+    if model_state:  # ((loss_sum, weight[, aux]), new_state): see accumjax.model_state
+      return as_float32(out[0]), out[1]
+    return as_float32(out)
 
   return wrapped

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from accumjax import donation, optim, parallel
+from accumjax import model_state as ms
 from accumjax.config import AccumConfig
 from accumjax.core import (
     ConfigError,
@@ -56,6 +57,9 @@ class TrainState(NamedTuple):
     loss_scale_good: updates applied without overflow since the scale last changed.
     noise: with `noise_stats`, the current cycle's `core.NoiseSums` so far (zeros at a cycle
       boundary), else None.
+    model_state: the model's state other than params (see `accumjax.model_state`) as of the
+      last applied update, or None.
+    model_acc: the current cycle's `model_state.StateAcc` so far, or None.
   """
   params: Any
   opt_state: Any
@@ -70,14 +74,26 @@ class TrainState(NamedTuple):
   loss_scale: jax.Array
   loss_scale_good: jax.Array
   noise: Any = None
+  model_state: Any = None
+  model_acc: Any = None
 
 
-def init_train_state(params, tx, rng, config: AccumConfig | None = None) -> TrainState:
+def init_train_state(params, tx, rng, config: AccumConfig | None = None, *,
+                     model_state=None, state_rules=None) -> TrainState:
   """Fresh state; `rng` is a key (typed or raw) or an int seed.
 
   Pass the `config` of a float16 run (the loss scale starts at its `initial_loss_scale`;
   without it, at 1.0) and of a run with `noise_stats` (the state then holds their sums).
+  A model with state besides its params (BatchNorm statistics, counters) passes it as
+  `model_state` with its `state_rules` (see `accumjax.model_state`), the same rules as to
+  `make_train_step`.
   """
+  if (model_state is None) != (state_rules is None):
+    raise ConfigError('init_train_state needs model_state and state_rules together '
+                      f'(got model_state={"None" if model_state is None else "a tree"}, '
+                      f'state_rules={state_rules!r}).')
+  if model_state is not None:
+    model_state = jax.tree.map(jnp.array, model_state)
   if isinstance(rng, int):
     rng = jax.random.key(rng)
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -92,7 +108,9 @@ def init_train_state(params, tx, rng, config: AccumConfig | None = None) -> Trai
       skipped_updates=zero(), consecutive_skips=zero(), nonfinite_microbatches=zero(),
       cycle_first_nonfinite=jnp.full((), -1, jnp.int32),
       loss_scale=jnp.full((), scale, jnp.float32), loss_scale_good=zero(),
-      noise=zero_noise() if config is not None and config.noise_stats else None)
+      noise=zero_noise() if config is not None and config.noise_stats else None,
+      model_state=model_state,
+      model_acc=None if model_state is None else ms.init_acc(model_state, state_rules))
 
 
 def _global_norm(tree):
@@ -125,9 +143,10 @@ def _after_update(state: TrainState, config: AccumConfig, done: optim.Applied, f
   return fields
 
 
-def _call_sums_fn(loss_fn, config: AccumConfig, mesh):
-  """`(params, batch, rng_data, index_offset, n, loss_scale) -> (GradSums, bad_N)`: the core
-  over one call's micro-batches, on one device or reduced over the mesh."""
+def _call_sums_fn(loss_fn, config: AccumConfig, mesh, state_rules=None):
+  """`(params, batch, rng_data, index_offset, n, loss_scale, model_state, state_acc) ->
+  (GradSums, bad_N, call_acc)`: the core over one call's micro-batches, on one device or
+  reduced over the mesh (call_acc: the call's own model-state accumulator, or None)."""
   compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
   clip_each = config.clip_norm if config.clip_before_accumulation else None
   kwargs = dict(accum_dtype=config.accum_jnp_dtype, clip_microbatch_norm=clip_each,
@@ -136,17 +155,19 @@ def _call_sums_fn(loss_fn, config: AccumConfig, mesh):
   if mesh is not None:
     if mesh.size != devices:
       raise ConfigError(f'the mesh has {mesh.size} devices but num_devices={devices}.')
-    return parallel.reduced_sums(compute_loss, mesh, config.dp_reduction, **kwargs)
+    return parallel.reduced_sums(compute_loss, mesh, config.dp_reduction, state_rules, **kwargs)
   if devices != 1:
     raise ConfigError(f'num_devices={devices} needs a mesh of {devices} devices '
                       '(make_train_step(..., mesh=parallel.make_mesh())).')
 
-  def call_sums(params, batch, rng_data, index_offset, n, loss_scale):
-    sums, _, bad_N = scan_microbatches(
+  def call_sums(params, batch, rng_data, index_offset, n, loss_scale, model_state, state_acc):
+    start_acc = None if model_state is None else ms.restart(state_acc, state_rules)
+    sums, _, bad_N, call_acc = scan_microbatches(
         compute_loss, params, batch, num_microbatches=n,
         rng=jax.random.wrap_key_data(rng_data), index_offset=index_offset,
-        loss_scale=loss_scale, **kwargs)
-    return sums, bad_N
+        loss_scale=loss_scale, model_state=model_state, state_rules=state_rules,
+        state_acc=start_acc, **kwargs)
+    return sums, bad_N, call_acc
 
   return call_sums
 
@@ -200,8 +221,35 @@ def _metrics(state, new_state, sums, done: optim.Applied, first, last_call, cycl
   }
 
 
-def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
+def _model_state_fields(state: TrainState, state_rules, call_acc, done: optim.Applied):
+  """The model state after this call: the cycle's accumulator grows; at the end of an update
+  the rules' result is committed if the update was applied (else the cycle's starting state
+  stays, like the params) and the accumulator restarts."""
+  acc = ms.merge(state.model_acc, call_acc, state_rules)
+  new = ms.finalize(state.model_state, acc, state_rules)
+  commit = done.updated & done.applied
+  model_state = jax.tree.map(lambda n, o: jnp.where(commit, n, o), new, state.model_state)
+  fresh = ms.init_acc(model_state, state_rules)
+  return dict(model_state=model_state,
+              model_acc=jax.tree.map(lambda f, a: jnp.where(done.updated, f, a), fresh, acc))
+
+
+def _check_model_state(state: TrainState, state_rules):
+  if (state.model_state is None) != (state_rules is None):
+    raise ConfigError(
+        'the train step and the state disagree about the model state: '
+        f'make_train_step(..., state_rules={state_rules!r}) but the state '
+        f'{"holds none" if state.model_state is None else "holds one"} '
+        '(init_train_state(..., model_state=..., state_rules=...)).')
+
+
+def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None, state_rules=None):
   """The train step for `config.mode`; jit it once (donating the state is safe).
+
+  `state_rules` (with a state from `init_train_state(..., model_state=...)`): the model has
+  state besides its params; `loss_fn(params, batch, rng, model_state)` returns `((loss_sum,
+  weight[, aux]), new_state)` and the rules (see `accumjax.model_state`) combine the
+  micro-batches' new states into the update's, in every mode and across devices.
 
   `mesh` (a `parallel.make_mesh()` of `config.num_devices` devices) makes the step data
   parallel: the batch is sharded along `data`, each device accumulates its own rows and the
@@ -231,7 +279,10 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
   `b_simple`, the update's gradient noise statistics (`core.noise_scale` over all its
   micro-batches, calls and devices; NaN where `grad_norm` is, and with < 2 samples).
   """
-  call_sums = _call_sums_fn(loss_fn, config, mesh)
+  if state_rules is not None:
+    if isinstance(state_rules, str) and state_rules not in ms.RULES:
+      raise ConfigError(f'state_rules={state_rules!r}; allowed: {ms.RULES} or a pytree of them.')
+  call_sums = _call_sums_fn(loss_fn, config, mesh, state_rules)
   devices = config.num_devices
 
   def train_step(state: TrainState, batch, last_call: bool | None = None):
@@ -246,7 +297,9 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
     rng_data = jax.random.key_data(
         jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update_step))
     loss_scale = state.loss_scale if config.loss_scaling else None
-    sums, bad_N = call_sums(state.params, batch, rng_data, state.cycle_microbatch, n, loss_scale)
+    _check_model_state(state, state_rules)
+    sums, bad_N, call_acc = call_sums(state.params, batch, rng_data, state.cycle_microbatch, n,
+                                      loss_scale, state.model_state, state.model_acc)
     first = jnp.where(
         state.cycle_first_nonfinite >= 0, state.cycle_first_nonfinite,
         jnp.where(jnp.any(bad_N), state.cycle_microbatch + jnp.argmax(bad_N), -1))
@@ -265,13 +318,15 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None):
         microbatch_step=state.microbatch_step + n,
         nonfinite_microbatches=state.nonfinite_microbatches + sums.nonfinite.astype(jnp.int32),
         **_after_update(state, config, done, first), **state_noise)
+    if state_rules is not None:
+      new_state = new_state._replace(**_model_state_fields(state, state_rules, call_acc, done))
     metrics = _metrics(state, new_state, sums, done, first, last_call, cycle_noise)
     return new_state, metrics
 
   return train_step
 
 
-def make_flush(tx, config: AccumConfig):
+def make_flush(tx, config: AccumConfig, state_rules=None):
   """`flush(state) -> (state, metrics)`: applies a partially accumulated cycle as one update.
 
   For a cycle cut short (the data ends after j < K micro-batches) in multisteps/hybrid modes;
@@ -279,7 +334,8 @@ def make_flush(tx, config: AccumConfig):
   `config.nonfinite` like any update). No-op when nothing is pending and in scan mode (a scan
   call is always a whole update). Metrics: `loss`, `weight`, `updated` (false if nothing was
   pending), `skipped`, `nonfinite`; with `config.noise_stats` also the partial update's
-  `g_sq`, `trace_sigma`, `b_simple` (NaN if nothing was pending).
+  `g_sq`, `trace_sigma`, `b_simple` (NaN if nothing was pending). A model state (pass the
+  train step's `state_rules`) is committed from the partial cycle's micro-batches.
   """
 
   def flush(state: TrainState):
@@ -301,6 +357,10 @@ def make_flush(tx, config: AccumConfig):
         params=done.params, opt_state=done.opt_state,
         update_step=state.update_step + done.updated.astype(jnp.int32),
         cycle_microbatch=jnp.zeros_like(state.cycle_microbatch), **fields)
+    if state_rules is not None:
+      _check_model_state(state, state_rules)
+      empty = ms.restart(state.model_acc, state_rules)
+      new_state = new_state._replace(**_model_state_fields(state, state_rules, empty, done))
     _, loss = normalize(done.totals._replace(grads=None))
     return new_state, noise | {'loss': loss, 'weight': done.totals.weight,
                                'updated': done.updated, 'skipped': done.updated & ~done.applied,

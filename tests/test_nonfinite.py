@@ -162,7 +162,8 @@ def test_skip_microbatch_equals_big_batch_of_the_remaining_data(mode):
 def test_core_masks_and_counts_without_any_nan_in_the_sums():
   params = reference.init_params()
   batch = with_fault(reference.make_batches(1, ROWS)[0], 2, np.inf)
-  sums, _, bad = accumjax.core.scan_microbatches(faulty_loss, params, batch, num_microbatches=K)
+  sums, _, bad, _ = accumjax.core.scan_microbatches(faulty_loss, params, batch,
+                                                     num_microbatches=K)
   assert bad.tolist() == [False, False, True, False] and float(sums.nonfinite) == 1.0
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(sums))
   grads, m = accumjax.accumulate_gradients(faulty_loss, params, batch, num_microbatches=K)
