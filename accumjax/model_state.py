@@ -81,7 +81,7 @@ def expand_rules(model_state, rules):
 def _start(x, rule):
   x = jnp.asarray(x)
   if rule == 'last':
-    return x
+    return jnp.array(x)  # a copy: a train state must not hold one buffer twice (donation)
   if rule == 'max':
     low = -jnp.inf if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
     return jnp.full(x.shape, low, x.dtype)
@@ -91,18 +91,18 @@ def _start(x, rule):
 
 
 def init_acc(model_state, rules) -> StateAcc:
-  """The empty accumulator of an update that starts from `model_state`."""
+  """The empty accumulator of an update that starts from `model_state` (new buffers)."""
   rules = expand_rules(model_state, rules)
-  zero = jnp.zeros((), jnp.float32)
-  return StateAcc(jax.tree.map(_start, model_state, rules), zero, zero)
+  return StateAcc(jax.tree.map(_start, model_state, rules), jnp.zeros((), jnp.float32),
+                  jnp.zeros((), jnp.float32))
 
 
 def restart(acc: StateAcc, rules) -> StateAcc:
   """An empty accumulator that continues `acc`'s 'last' values (a call's, or a device's, own
   accumulator, to be `merge`d into the cycle's)."""
   rules = expand_rules(acc.values, rules)
-  zero = jnp.zeros((), jnp.float32)
-  return StateAcc(jax.tree.map(_start, acc.values, rules), zero, zero)
+  return StateAcc(jax.tree.map(_start, acc.values, rules), jnp.zeros((), jnp.float32),
+                  jnp.zeros((), jnp.float32))
 
 
 def view(start, acc: StateAcc, rules):

@@ -53,3 +53,46 @@ def test_normalization_bug_quick(tmp_path):
   text = out.read_text()
   assert '| packed (no padding) | 16 | 1.00 | 0.0000 |' in text  # equal counts: no bug
   assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.slow
+def test_batch_study_quick(tmp_path):
+  from experiments import batch_study
+  out = tmp_path / 'bs.md'
+  result = batch_study.main(['--quick', '--out', str(out)])
+  s = batch_study.SETTINGS['quick']
+  total = s['updates'] * batch_study.MICRO * max(s['ks'])
+  for r in result['sweep'] + result['rules']:  # equal tokens: every run read the same rows
+    assert r['curve'][-1][1] == total and r['curve'][-1][0] == total // r['batch']
+    assert math.isfinite(r['at_updates'])
+  assert len(result['rules']) == len(s['ks']) * len(batch_study.RULES) * s['seeds']
+  text = out.read_text()
+  assert text.count('\n| ') == 1 + len(s['ks']) * len(batch_study.RULES) + 1 + len(s['ks'])
+  assert '1. **"K = 4' in text and '2. **"double the batch' in text
+  assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_batch_study_rules_scale_as_published():
+  from experiments import batch_study as bs
+  assert bs.rule_hparams('none', 1e-3, 64)['lr'] == 1e-3
+  assert bs.rule_hparams('linear', 1e-3, 64)['lr'] == pytest.approx(16e-3)
+  assert bs.rule_hparams('sqrt', 1e-3, 16)['lr'] == pytest.approx(2e-3)
+  m = bs.rule_hparams('sqrt + Malladi', 1e-3, 8)  # kappa = 2
+  assert m['b1'] == pytest.approx(0.8) and m['b2'] == pytest.approx(0.998)
+  assert m['eps'] == pytest.approx(1e-8 / math.sqrt(2))
+  assert bs.rule_hparams('sqrt + Malladi', 1e-3, 64)['b1'] == 0.0  # kappa (1 - b1) >= 1: clipped
+
+
+@pytest.mark.slow
+def test_batchnorm_quick(tmp_path):
+  from experiments import batchnorm
+  out = tmp_path / 'bn.md'
+  result = batchnorm.main(['--quick', '--out', str(out)])
+  by = {(e['when'], e['method'], e['k']): e['error'] for e in result['errors']}
+  assert by[('init', 'GroupNorm', 8)] < 1e-5 and by[('init', 'LayerNorm', 8)] < 1e-5
+  assert by[('init', 'BatchNorm, micro-batch statistics', 8)] > by[
+      ('init', 'BatchNorm, micro-batch statistics', 2)] > 1e-2  # grows with K
+  assert result['averages'][('mean', 'norm1', 'mean')] < 1e-5
+  group = result['runs']['GroupNorm, big batch'][0][0], result['runs']['GroupNorm, K=8'][0][0]
+  assert max(abs(a - b) for a, b in zip(*group, strict=True)) < 1e-3
+  assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
