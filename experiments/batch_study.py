@@ -297,11 +297,7 @@ def plot(result, s, path):
   lo, hi = min(best), max(min(best) + 1.0, min(max(best) + 0.3, 6.0))
   axes[2].set_ylim(lo - 0.05, hi)
   axes[2].legend(fontsize=7)
-  for ax in axes:
-    ax.grid(alpha=0.3, which='both')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  lm_task.save_figure(fig, axes, path)
 
 
 if __name__ == '__main__':

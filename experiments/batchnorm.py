@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from experiments import lm_task
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BATCH = 64
 SETTINGS = {
@@ -386,11 +388,7 @@ def plot(result, s, path):
   axes[1].set_xlabel('K (micro-batches of 64 / K images)')
   axes[1].set_ylabel('||g - g_big|| / ||g_big||')
   axes[1].legend(fontsize=6)
-  for ax in axes:
-    ax.grid(alpha=0.3, which='both')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  lm_task.save_figure(fig, axes, path)
 
 
 if __name__ == '__main__':

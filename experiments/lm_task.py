@@ -37,3 +37,13 @@ def parse_args(doc: str, argv) -> argparse.Namespace:
   p.add_argument('--quick', action='store_true', help='the small CI variant')
   p.add_argument('--out', default=None, help='markdown path (default benchmarks/...)')
   return p.parse_args(argv)
+
+
+def save_figure(fig, axes, path):
+  """Grids every axis, lays the figure out, writes the PNG and closes it."""
+  import matplotlib.pyplot as plt
+  for ax in axes:
+    ax.grid(alpha=0.3, which='both')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -202,11 +202,7 @@ def plot(errors, curves, path):
     ax.set_ylabel('held-out loss')
     ax.set_title(opt, fontsize=9)
     ax.legend(fontsize=7)
-  for ax in axes:
-    ax.grid(alpha=0.3, which='both')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  lm_task.save_figure(fig, axes, path)
 
 
 if __name__ == '__main__':
