@@ -1,7 +1,7 @@
 """BatchNorm under gradient accumulation, measured: the big batch vs K micro-batches, and the
 remedies, on scikit-learn's bundled digits (1,797 8x8 images; no network).
 
-    python -m experiments.batchnorm            # ~4 minutes on 2 CPU cores
+    python -m experiments.batchnorm            # ~12 minutes on 2 busy CPU cores
     python -m experiments.batchnorm --quick    # ~1 minute (CI smoke)
 
 A small CNN (conv 3x3 16 -> norm -> relu -> conv 3x3/2 32 -> norm -> relu -> mean pool ->
@@ -26,6 +26,12 @@ state (`accumjax.model_state`).
    with its running averages).
 
 Writes benchmarks/batchnorm.md and .png.
+
+Result (benchmarks/batchnorm.md): ghost batch norm's gradient is 8-25% off the big batch at
+init (K = 2..16), GroupNorm/LayerNorm 2e-7; big-batch statistics in the forward pass alone
+leave the gradient through the statistics out (143% off); rule 'mean' gives the first
+layer's running mean exactly; K = 8 trains to a higher loss (0.33 vs 0.22) with the same test
+accuracy (0.957 vs 0.959).
 """
 
 import argparse
