@@ -22,6 +22,11 @@ accumjax computes (the sums, divided once) equals it. Two common shortcuts do no
    K = 8), held-out loss vs updates.
 
 Writes benchmarks/normalization_bug.md and .png.
+
+Result (benchmarks/normalization_bug.md): the mean of means is 1-6% off the big-batch gradient
+with rows shuffled and 6-13% with rows sorted by length (K = 2..16), 0 without padding; sum / K
+has the right direction and tokens-per-micro-batch times the size (SGD diverges, Adam does not
+notice). It did not cost held-out loss in this run (one seed).
 """
 
 import math
