@@ -204,6 +204,7 @@ def _latest_state_files(out):
   return latest, sorted(files, key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow  # ~20 s
 def test_bit_flip_is_detected_and_older_checkpoint_used(tmp_path, corpus, straight):
   out = _stop_mid_cycle(tmp_path, corpus)
   latest, files = _latest_state_files(out)
@@ -301,6 +302,7 @@ def test_a_broken_newest_checkpoint_is_moved_aside_and_the_run_saves_again(
   assert checkpoint.Checkpointer(out / 'checkpoints').steps()[-1] == 16  # saved again
 
 
+@pytest.mark.slow  # ~13 s
 def test_resume_from_an_older_step_rolls_back_and_keeps_the_newer_ones(
     tmp_path, corpus, straight):
   out = _finished(tmp_path, corpus)

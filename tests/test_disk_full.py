@@ -78,7 +78,8 @@ MESSAGES = {'metrics': "could not write the run's outputs",
             'checkpoint': 'checkpoint save', 'plot': "could not write the run's outputs"}
 
 
-@pytest.mark.parametrize('what', sorted(TARGETS))
+@pytest.mark.parametrize('what', [  # ~13 s each; one in the default run
+    w if w == 'checkpoint' else pytest.param(w, marks=pytest.mark.slow) for w in sorted(TARGETS)])
 def test_a_full_disk_is_one_error_line_and_resume_ends_the_same(what, disk, tmp_path, corpus,
                                                                capsys, monkeypatch):
   where, fill, mounted = disk

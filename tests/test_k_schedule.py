@@ -133,7 +133,8 @@ def _run(tmp_path, corpus, name, stop_at_call=None, resume=None, **flat):
   return summary, _records(tmp_path / name)
 
 
-@pytest.mark.parametrize('plan', ['schedule', pytest.param('auto', marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~25 s each
+@pytest.mark.parametrize('plan', ['schedule', 'auto'])
 def test_a_run_stopped_mid_ramp_mid_cycle_resumes_bit_identically(tmp_path, corpus, plan,
                                                                   monkeypatch):
   from accumjax.lm import config as lm_config

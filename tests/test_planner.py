@@ -42,6 +42,7 @@ def test_plan_picks_the_largest_microbatch_that_fits():
   assert plan.tried[-1][1] < plan.tried[0][1]
 
 
+@pytest.mark.slow  # ~16 s
 def test_plan_errors():
   with pytest.raises(ConfigError, match='too small: even a micro-batch of 1'):
     plan_for_budget(dataclasses.replace(TINY, memory_budget='10KiB'))

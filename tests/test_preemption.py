@@ -23,6 +23,7 @@ def reference(corpus, tmp_path_factory):
   return kill_resume.final_fingerprint(out)
 
 
+@pytest.mark.slow  # ~40 s with its reference run
 def test_sigterm_checkpoints_mid_cycle_and_resumes_identically(tmp_path, corpus, reference):
   out = tmp_path / 'run'
   argv = kill_resume.train_argv(out, corpus, 'multisteps', 'fp32', save_every_micro=0)
