@@ -99,10 +99,9 @@ def init_acc(model_state, rules) -> StateAcc:
 
 def restart(acc: StateAcc, rules) -> StateAcc:
   """An empty accumulator that continues `acc`'s 'last' values (a call's, or a device's, own
-  accumulator, to be `merge`d into the cycle's)."""
-  rules = expand_rules(acc.values, rules)
-  return StateAcc(jax.tree.map(_start, acc.values, rules), jnp.zeros((), jnp.float32),
-                  jnp.zeros((), jnp.float32))
+  accumulator, to be `merge`d into the cycle's): the empty one of its values, since an empty
+  accumulator keeps only the 'last' leaves of what it starts from."""
+  return init_acc(acc.values, rules)
 
 
 def view(start, acc: StateAcc, rules):

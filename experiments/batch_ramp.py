@@ -20,14 +20,12 @@ held-out loss, loss vs tokens and vs updates (benchmarks/batch_ramp.md and .png)
 """
 
 import math
-import pathlib
 import time
 
 import numpy as np
 
 from experiments import lm_task
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SETTINGS = {
     'full': dict(model=dict(d_model=128, num_layers=4, num_heads=4), seq=128, micro=8,
                  budget=1_200_000, eval_every_tokens=100_000, lr=3e-3, ramp='0:2,60:4,150:8',
@@ -111,9 +109,7 @@ def main(argv=None):
           f'loss {r["evals"][-1]["loss"]:.4f}', flush=True)
   text = report(s, results, time.time() - start, a.quick)
   print(text)
-  out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
-      'batch_ramp-quick.md' if a.quick else 'batch_ramp.md')
-  out.write_text(text)
+  out = lm_task.write_report(text, 'batch_ramp', a)
   plot(results, out.with_suffix('.png'))
   return 0
 

@@ -32,14 +32,12 @@ and eps scaling is the best rule at every B.
 """
 
 import math
-import pathlib
 import time
 
 import numpy as np
 
 from experiments import lm_task
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 MICRO = 4
 SEQ = 64
 MODEL = dict(d_model=64, num_layers=2, num_heads=2)
@@ -160,9 +158,7 @@ def main(argv=None):
   result = run_study(s, log=lambda line: print(line, flush=True))
   text = report(s, result, time.time() - start, p.quick)
   print(text)
-  out = pathlib.Path(p.out) if p.out else ROOT / 'benchmarks' / (
-      'batch_study-quick.md' if p.quick else 'batch_study.md')
-  out.write_text(text)
+  out = lm_task.write_report(text, 'batch_study', p)
   plot(result, s, out.with_suffix('.png'))
   return result
 

@@ -35,14 +35,12 @@ accuracy (0.957 vs 0.959).
 """
 
 import argparse
-import pathlib
 import time
 
 import numpy as np
 
 from experiments import lm_task
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 BATCH = 64
 SETTINGS = {
     'full': dict(ks=(2, 4, 8, 16), grad_batches=6, train_k=8, epochs=12, seeds=3),
@@ -321,9 +319,7 @@ def main(argv=None):
                 runs={n: [(losses, acc) for losses, acc, _ in r] for n, r in runs.items()})
   text = report(s, result, time.time() - start, a.quick)
   print(text)
-  out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
-      'batchnorm-quick.md' if a.quick else 'batchnorm.md')
-  out.write_text(text)
+  out = lm_task.write_report(text, 'batchnorm', a)
   plot(result, s, out.with_suffix('.png'))
   return result
 

@@ -25,14 +25,12 @@ agreement within about 2x, with B_simple usually the smaller.
 """
 
 import math
-import pathlib
 import time
 
 import numpy as np
 
 from experiments import lm_task
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 MICRO = 4  # sequences per micro-batch
 SEQ = 64
 MODEL = dict(d_model=64, num_layers=2, num_heads=2)
@@ -135,9 +133,7 @@ def main(argv=None):
   text = report(s, runs, best, points, s_min, e_min, b_crit, b_simple_tokens, b_simple,
                 window, tokens_per_seq, seconds, a.quick)
   print(text)
-  out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
-      'critical_batch-quick.md' if a.quick else 'critical_batch.md')
-  out.write_text(text)
+  out = lm_task.write_report(text, 'critical_batch', a)
   plot(points, s_min, e_min, b_crit, b_simple, out.with_suffix('.png'))
   return 0
 

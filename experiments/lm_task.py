@@ -2,6 +2,7 @@
 library's sources), a byte-level model of a given size, its loss, and a held-out loss."""
 
 import argparse
+import pathlib
 from typing import NamedTuple
 
 
@@ -37,6 +38,15 @@ def parse_args(doc: str, argv) -> argparse.Namespace:
   p.add_argument('--quick', action='store_true', help='the small CI variant')
   p.add_argument('--out', default=None, help='markdown path (default benchmarks/...)')
   return p.parse_args(argv)
+
+
+def write_report(text: str, name: str, args) -> pathlib.Path:
+  """Writes the markdown table to `--out` or benchmarks/NAME[-quick].md; returns its path (the
+  plot goes beside it, `.with_suffix('.png')`)."""
+  root = pathlib.Path(__file__).resolve().parent.parent / 'benchmarks'
+  out = pathlib.Path(args.out) if args.out else root / f'{name}{"-quick" if args.quick else ""}.md'
+  out.write_text(text)
+  return out
 
 
 def save_figure(fig, axes, path):

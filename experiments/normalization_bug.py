@@ -30,14 +30,12 @@ notice). It did not cost held-out loss in this run (one seed).
 """
 
 import math
-import pathlib
 import time
 
 import numpy as np
 
 from experiments import lm_task
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 VARIANTS = ('token-weighted (accumjax)', 'mean of micro-batch means', 'sum / K')
 SETTINGS = {
     'full': dict(model=dict(d_model=64, num_layers=2, num_heads=2), seq=128, rows=32,
@@ -152,9 +150,7 @@ def main(argv=None):
   curves = train_curves(task, s)
   text = report(s, errors, curves, time.time() - start, a.quick)
   print(text)
-  out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
-      'normalization_bug-quick.md' if a.quick else 'normalization_bug.md')
-  out.write_text(text)
+  out = lm_task.write_report(text, 'normalization_bug', a)
   plot(errors, curves, out.with_suffix('.png'))
   return 0
 
