@@ -12,6 +12,8 @@ COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 # What an update containing a micro-batch with a NaN or Inf loss or gradient does (see optim.py).
 NONFINITE_POLICIES = ('skip_update', 'skip_microbatch', 'raise')
 DP_REDUCTIONS = ('psum', 'ordered')
+# Where an FSDP step reduce-scatters gradients into each device's shard (see parallel.py).
+FSDP_REDUCES = ('call', 'microbatch')
 MULTISTEPS_IMPLS = ('lazy', 'optax')
 ACCUM_DTYPES = ('float32', 'float64')
 # How the learning rate follows the effective batch when K changes between updates: the update
@@ -65,6 +67,11 @@ class AccumConfig:
     dp_reduction: how the devices' sums meet, once per call: 'psum' (default; one all-reduce)
       or 'ordered' (all-gather, then a sum in device order: bitwise the same result however
       the devices are spread over processes, at num_devices x the gradient memory).
+    fsdp_reduce: on a mesh with an `fsdp` axis (sharded params, optimizer state and
+      accumulator; see parallel.py), where each device's micro-batch gradients are
+      reduce-scattered into its shard of the sums: 'call' (default; once per call after the
+      scan, whose accumulator is full size) or 'microbatch' (after every micro-batch, so the
+      scan's accumulator is only a shard; one collective per micro-batch). Same math.
     multisteps_impl: 'lazy' (default; `optim.LazyMultiSteps`: optax.MultiSteps' state and
       results, but interim calls only add) or 'optax' (`optax.MultiSteps` as shipped, which
       runs the optimizer on every call). Same state; results equal to float32 rounding.
@@ -102,6 +109,7 @@ class AccumConfig:
   initial_loss_scale: float = 2.0 ** 15
   loss_scale_growth_interval: int = 200
   dp_reduction: str = 'psum'
+  fsdp_reduce: str = 'call'
   noise_stats: bool = False
   lr_batch_scaling: str = 'none'
   base_num_microbatches: int | None = None
@@ -119,6 +127,7 @@ class AccumConfig:
     for name, allowed in (('mode', MODES), ('compute_dtype', COMPUTE_DTYPES),
                           ('accum_dtype', ACCUM_DTYPES), ('multisteps_impl', MULTISTEPS_IMPLS),
                           ('nonfinite', NONFINITE_POLICIES), ('dp_reduction', DP_REDUCTIONS),
+                          ('fsdp_reduce', FSDP_REDUCES),
                           ('lr_batch_scaling', tuple(LR_BATCH_SCALING))):
       if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r}; allowed: {", ".join(allowed)}.')

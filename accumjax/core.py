@@ -257,7 +257,7 @@ def _all_finite(tree) -> jax.Array:
 def scan_microbatches(
     loss_fn, params, batch, *, num_microbatches, rng=None, index_offset=0,
     accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None, noise_stats=False,
-    model_state=None, state_rules=None, state_acc=None):
+    model_state=None, state_rules=None, state_acc=None, reduce_microbatch=None, sums_like=None):
   """`accumulate_sums` (same arguments), plus a bool[K]: which micro-batches were non-finite,
   and the model state's accumulator.
 
@@ -267,6 +267,10 @@ def scan_microbatches(
   model_state)` returns `((loss_sum, weight[, aux]), new_state)`; `state_rules` (required) say
   how the micro-batches' new states combine, and `state_acc` is the accumulator to continue
   (default: an empty one). Returns `(GradSums, aux, bad_K, StateAcc or None)`.
+
+  `reduce_microbatch` (FSDP, see `parallel.reduced_sums`): applied to every micro-batch's
+  gradient after the non-finite check, before it is added; the sums then take the shapes of
+  `sums_like` (e.g. each device's shard of the params).
   """
   from accumjax import model_state as ms  # noqa: PLC0415 (model_state imports ConfigError)
 
@@ -317,8 +321,11 @@ def scan_microbatches(
       sq = jnp.where(sample, _sq_norm(grads), 0.0) / jnp.where(sample, weight, 1.0)
       noise = NoiseSums(carry.noise.sq_over_weight + sq,
                         carry.noise.samples + sample.astype(jnp.float32))
+    kept = jax.tree.map(keep, grads)
+    if reduce_microbatch is not None:
+      kept = reduce_microbatch(kept)
     new = GradSums(
-        grads=jax.tree.map(lambda a, g: a + keep(g), carry.grads, grads),
+        grads=jax.tree.map(jnp.add, carry.grads, kept),
         loss_sum=carry.loss_sum + keep(loss_sum),
         weight=carry.weight + keep(weight),
         nonfinite=carry.nonfinite + (~finite).astype(jnp.float32),
@@ -328,7 +335,8 @@ def scan_microbatches(
     return (new, acc), (aux, ~finite)
 
   (sums, state_acc), (aux, bad_K) = jax.lax.scan(
-      body, (zero_sums(params, accum_dtype, noise_stats), state_acc),
+      body, (zero_sums(params if sums_like is None else sums_like, accum_dtype, noise_stats),
+             state_acc),
       (microbatches, jnp.arange(num_microbatches, dtype=jnp.int32)))
   return sums, aux, bad_K, state_acc
 

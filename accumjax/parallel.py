@@ -28,57 +28,140 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from accumjax import model_state as ms
-from accumjax.core import ConfigError, scan_microbatches
+from accumjax.config import FSDP_REDUCES
+from accumjax.core import ConfigError, GradSums, NoiseSums, scan_microbatches
 
 DATA = 'data'
+FSDP = 'fsdp'
+AXES = (DATA, FSDP)
 
 
-def make_mesh(data: int | None = None) -> Mesh:
-  """A 1-D `data` mesh over all devices of all processes (process-major order).
+def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
+  """A `data` x `fsdp` mesh over all devices of all processes (process-major order, `fsdp`
+  the inner axis: with fsdp=F, F consecutive devices hold one copy of the state between them).
 
-  `data=N` with one process may take the first N devices (to compare device counts in one
-  process); with several processes the mesh spans every device.
+  `data` None: all devices / fsdp. With one process, data x fsdp may take the first devices
+  (to compare device counts in one process); with several the mesh spans every device.
   """
   devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-  n = len(devices) if data is None else data
-  if isinstance(n, bool) or not isinstance(n, int) or not (
-      1 <= n <= len(devices) and (n == len(devices) or jax.process_count() == 1)):
+  total = len(devices)
+  if isinstance(fsdp, bool) or not isinstance(fsdp, int) or not 1 <= fsdp <= total or (
+      data is None and total % fsdp):
     raise ConfigError(
-        f'--mesh data={data} needs {data} devices; this run has {len(devices)} '
+        f'--mesh fsdp={fsdp}: fsdp must be an int from 1 to {total} dividing the device count '
+        f'({total}), allowed: {[f for f in range(1, total + 1) if total % f == 0]}.')
+  n = total // fsdp if data is None else data
+  if isinstance(n, bool) or not isinstance(n, int) or not (
+      1 <= n * fsdp <= total and (n * fsdp == total or jax.process_count() == 1)):
+    raise ConfigError(
+        f'--mesh data={data},fsdp={fsdp} needs {n}x{fsdp} devices; this run has {total} '
         f'({jax.process_count()} process(es) x {jax.local_device_count()} local devices). '
-        f'Allowed: data={len(devices)} or auto' + (
-            f', or any N from 1 to {len(devices)}' if jax.process_count() == 1 else '') +
+        f'Allowed: data x fsdp = {total}' + (
+            f', or any product from 1 to {total}' if jax.process_count() == 1 else '') +
         '. More CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N.')
-  return Mesh(np.array(devices[:n]), (DATA,))
+  return Mesh(np.array(devices[:n * fsdp]).reshape(n, fsdp), AXES)
+
+
+def fsdp_size(mesh: Mesh | None) -> int:
+  return 1 if mesh is None else dict(mesh.shape).get(FSDP, 1)
+
+
+def leaf_spec(shape, fsdp: int) -> PartitionSpec:
+  """The FSDP layout of one array: its largest dimension that `fsdp` divides is split over the
+  `fsdp` axis (the first such on a tie); replicated when none does (scalars, odd sizes)."""
+  dims = [i for i, n in enumerate(shape) if fsdp > 1 and n >= fsdp and n % fsdp == 0]
+  if not dims:
+    return PartitionSpec()
+  dim = max(dims, key=lambda i: (shape[i], -i))
+  return PartitionSpec(*([None] * dim), FSDP)
+
+
+def tree_specs(tree, fsdp: int):
+  """`leaf_spec` of every array of `tree` (arrays or ShapeDtypeStructs)."""
+  return jax.tree.map(lambda x: leaf_spec(np.shape(x), fsdp), tree)
+
+
+def state_shardings(state, mesh: Mesh):
+  """Shardings of a TrainState on `mesh`: params and the optimizer state (the accumulator
+  included) in the FSDP layout of `leaf_spec`, everything else replicated. With fsdp=1 all
+  replicated (plain data parallel)."""
+  f = fsdp_size(mesh)
+  shard = lambda tree: jax.tree.map(
+      lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), f)), tree)
+  rep = lambda tree: jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
+  if not hasattr(state, 'opt_state'):
+    return shard(state)
+  return rep(state)._replace(params=shard(state.params), opt_state=shard(state.opt_state))
+
+
+def place_state(state, mesh: Mesh):
+  """The state as global arrays laid out by `state_shardings` (from values every process
+  holds identically, or global arrays on any mesh: those are resharded)."""
+  return jax.tree.map(_put, state, state_shardings(state, mesh))
+
+
+def abstract_state(state, mesh: Mesh):
+  """ShapeDtypeStructs of `state` laid out by `state_shardings` (a checkpoint restore target:
+  Orbax reads each device's shard, whatever mesh the checkpoint was written from)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      state, state_shardings(state, mesh))
+
+
+def constrain_state(state, mesh: Mesh):
+  """Inside jit: pins the new state to `state_shardings` (so an FSDP step's outputs stay
+  sharded whatever XLA's propagation would pick)."""
+  return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh))
+
+
+def state_bytes_per_device(state, config=None) -> dict:
+  """Bytes one device holds of a (placed or abstract) TrainState: params, optimizer state and
+  the accumulator kept in it between calls (multisteps/hybrid; 0 in scan mode). With the
+  `AccumConfig`, also `call_accumulator`: the gradient sums carried through a call's
+  micro-batch scan (full size, or a shard under fsdp_reduce='microbatch')."""
+
+  def nbytes(tree, shard=True):
+    total = 0
+    for x in jax.tree.leaves(tree):
+      sharding = getattr(x, 'sharding', None)
+      shape = sharding.shard_shape(x.shape) if shard and sharding is not None else np.shape(x)
+      total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return total
+
+  opt = state.opt_state
+  acc = getattr(opt, 'acc_grads', None)
+  out = {'params': nbytes(state.params), 'opt_state': nbytes(opt) - nbytes(acc),
+         'accumulator': nbytes(acc)}
+  if config is not None:
+    ratio = config.accum_jnp_dtype.itemsize / 4  # float32 params
+    mine = config.fsdp_reduce == 'microbatch'
+    out['call_accumulator'] = int(nbytes(state.params, shard=mine) * ratio)
+  return out
 
 
 def state_sharding(mesh: Mesh) -> NamedSharding:
+  """Replicated on every device of `mesh`."""
   return NamedSharding(mesh, PartitionSpec())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(DATA))
+  """Rows over every device of the mesh (both axes), in the mesh's device order."""
+  return NamedSharding(mesh, PartitionSpec(AXES))
+
+
+def _put(x, sharding):
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.jit(lambda y: y, out_shardings=sharding)(x)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def replicate(tree, mesh: Mesh):
   """Global, fully replicated arrays from values that every process holds identically (host
   arrays, single-device arrays, or global arrays that are already replicated)."""
   sharding = state_sharding(mesh)
-
-  def put(x):
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-      return x
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  return jax.tree.map(put, tree)
-
-
-def abstract_replicated(tree, mesh: Mesh):
-  """ShapeDtypeStructs of `tree`, replicated on `mesh` (a checkpoint restore target)."""
-  sharding = state_sharding(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+  return jax.tree.map(lambda x: _put(x, sharding), tree)
 
 
 def shard_batch(local_batch, mesh: Mesh):
@@ -96,8 +179,62 @@ def process_rows(global_rows: int) -> tuple[int, int]:
   return index * per, (index + 1) * per
 
 
+def _sharded_dim(spec: PartitionSpec) -> int | None:
+  return tuple(spec).index(FSDP) if FSDP in tuple(spec) else None
+
+
+def _by_dtype(leaves, dims):
+  """{dtype: [(leaf index, sharded dim)]} of the sharded leaves (one collective per dtype)."""
+  groups = {}
+  for i, (x, d) in enumerate(zip(leaves, dims, strict=True)):
+    if d is not None:
+      groups.setdefault(jnp.dtype(x.dtype), []).append((i, d))
+  return groups
+
+
+def gather_fsdp(tree, specs, f: int):
+  """Inside `shard_map`: the full arrays from each device's shards (`specs`: `tree_specs` of
+  the global arrays), as one all-gather over `fsdp` per dtype. Each shard is laid out with its
+  split dimension first and flattened, the shards concatenated, gathered, and cut back."""
+  leaves, treedef = jax.tree.flatten(tree)
+  dims = [_sharded_dim(s) for s in treedef.flatten_up_to(specs)]
+  out = list(leaves)
+  for items in _by_dtype(leaves, dims).values():
+    flat = jnp.concatenate([jnp.moveaxis(leaves[i], d, 0).reshape(-1) for i, d in items])
+    gathered = jax.lax.all_gather(flat, FSDP, axis=0)  # [f, shard elements]
+    offset = 0
+    for i, d in items:
+      x = leaves[i]
+      moved = jnp.moveaxis(x, d, 0).shape
+      piece = gathered[:, offset:offset + x.size].reshape((f * moved[0],) + moved[1:])
+      out[i] = jnp.moveaxis(piece, 0, d)
+      offset += x.size
+  return treedef.unflatten(out)
+
+
+def reduce_scatter_fsdp(tree, specs, f: int):
+  """Inside `shard_map`: every sharded leaf (full size, this device's sums) summed over the
+  `fsdp` axis, this device keeping only its shard; one reduce-scatter per dtype. Leaves the
+  layout replicates are returned as they are (the caller sums them with the scalars)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  dims = [_sharded_dim(s) for s in treedef.flatten_up_to(specs)]
+  out = list(leaves)
+  for items in _by_dtype(leaves, dims).values():
+    rows = jnp.concatenate([jnp.moveaxis(leaves[i], d, 0).reshape(f, -1) for i, d in items],
+                           axis=1)
+    mine = jax.lax.psum_scatter(rows, FSDP, scatter_dimension=0, tiled=True)[0]
+    offset = 0
+    for i, d in items:
+      moved = jnp.moveaxis(leaves[i], d, 0).shape
+      size = leaves[i].size // f
+      piece = mine[offset:offset + size].reshape((moved[0] // f,) + moved[1:])
+      out[i] = jnp.moveaxis(piece, 0, d)
+      offset += size
+  return treedef.unflatten(out)
+
+
 def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
-                 **accumulate_kwargs):
+                 fsdp_reduce: str = 'call', **accumulate_kwargs):
   """`(params, batch, rng_data, index_offset, num_microbatches, loss_scale, model_state,
   state_acc) -> (GradSums, bad, call_acc)`.
 
@@ -110,41 +247,80 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
   With a model state (see `accumjax.model_state`; None otherwise), every device starts from
   `ms.restart(state_acc)` and the devices' accumulators meet in `ms.reduce_devices` (psum, and
   pmax for 'max' leaves, also under 'ordered'); `call_acc` is the call's, to be merged.
+
+  On a mesh with fsdp=F > 1 the params come in sharded (`tree_specs`) and the gradient sums go
+  out sharded the same way. Each device all-gathers the params once per call (one collective
+  before the scan; the full params live for the call) and its micro-batches' gradients are
+  reduce-scattered over `fsdp` into its shard: `fsdp_reduce='call'` once, after the scan (the
+  scan carry is full size), `'microbatch'` inside the scan after every micro-batch (the carry is
+  a shard). Then the shards are summed over `data` (one all-reduce, if data > 1) and the
+  scalars, flags and replicated leaves over every device (one all-reduce).
   """
+  f = fsdp_size(mesh)
+  if f > 1 and reduction != 'psum':
+    raise ConfigError(f"dp_reduction={reduction!r} is not available with fsdp={f}; allowed: "
+                      "'psum'.")
+  if fsdp_reduce not in FSDP_REDUCES:
+    raise ConfigError(f'fsdp_reduce={fsdp_reduce!r}; allowed: {", ".join(FSDP_REDUCES)}.')
+  data = dict(mesh.shape)[DATA]
 
   def local(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc,
-            num_microbatches):
+            num_microbatches, specs):
     rng = None
     if rng_data is not None:
-      rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), jax.lax.axis_index(DATA))
+      rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), jax.lax.axis_index(AXES))
     start_acc = None if model_state is None else ms.restart(state_acc, state_rules)
+    fsdp_kwargs = {}
+    if f > 1:
+      shards, params = params, gather_fsdp(params, specs, f)
+      if fsdp_reduce == 'microbatch':
+        fsdp_kwargs = dict(reduce_microbatch=lambda g: reduce_scatter_fsdp(g, specs, f),
+                           sums_like=shards)
     sums, _, bad, call_acc = scan_microbatches(
         loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
         index_offset=index_offset, loss_scale=loss_scale, model_state=model_state,
-        state_rules=state_rules, state_acc=start_acc, **accumulate_kwargs)
+        state_rules=state_rules, state_acc=start_acc, **fsdp_kwargs, **accumulate_kwargs)
     if call_acc is not None:
-      call_acc = ms.reduce_devices(call_acc, state_rules, DATA)
+      call_acc = ms.reduce_devices(call_acc, state_rules, AXES)
+    if f > 1:
+      grads = sums.grads
+      if fsdp_reduce == 'call':
+        grads = reduce_scatter_fsdp(grads, specs, f)
+      sharded = jax.tree.map(lambda s: _sharded_dim(s) is not None, specs)
+      pick = lambda keep: jax.tree.map(lambda g, s: g if s == keep else None, grads, sharded)
+      shards, rest = pick(True), pick(False)
+      if data > 1:
+        shards = jax.lax.psum(shards, DATA)
+      (sums, rest), bad = jax.lax.psum(((sums._replace(grads=None), rest),
+                                        bad.astype(jnp.float32)), AXES)
+      grads = jax.tree.map(lambda s, a, b: a if s else b, sharded, shards, rest,
+                           is_leaf=lambda x: x is None)
+      return sums._replace(grads=grads), bad > 0, call_acc
     out = (sums, bad.astype(jnp.float32))
     if reduction == 'psum':
-      sums, bad = jax.lax.psum(out, DATA)
+      sums, bad = jax.lax.psum(out, AXES)
     else:
       # 'ordered': every device gathers all devices' sums and adds them in device order, so
       # the result is bitwise the same however the devices are spread over processes.
       # One flat vector, so it is one collective, not one per leaf.
       flat, unravel = jax.flatten_util.ravel_pytree(out)
-      gathered = jax.lax.all_gather(flat, DATA)
+      gathered = jax.lax.all_gather(flat, AXES)
       sums, bad = unravel(functools.reduce(jnp.add, list(gathered)))
     return sums, bad > 0, call_acc
 
   def run(params, batch, rng_data, index_offset, num_microbatches, loss_scale=None,
           model_state=None, state_acc=None):
+    specs = tree_specs(params, f)
+    rep = PartitionSpec()
+    noise = accumulate_kwargs.get('noise_stats')
+    sums_spec = GradSums(specs, rep, rep, rep, NoiseSums(rep, rep) if noise else None)
     fn = jax.shard_map(
-        lambda p, b, r, o, s, m, a: local(p, b, r, o, s, m, a, num_microbatches), mesh=mesh,
-        in_specs=(PartitionSpec(), PartitionSpec(DATA), PartitionSpec(), PartitionSpec(),
-                  PartitionSpec(), PartitionSpec(), PartitionSpec()),
+        lambda p, b, r, o, s, m, a: local(p, b, r, o, s, m, a, num_microbatches, specs),
+        mesh=mesh,
+        in_specs=(specs, PartitionSpec(AXES), rep, rep, rep, rep, rep),
         # The core's zero-initialised scan carry is device-invariant while the per-device sums
         # vary; the core stays mesh-agnostic, and the reduction makes the output invariant.
-        out_specs=PartitionSpec(), check_vma=False)
+        out_specs=(sums_spec, rep, rep), check_vma=False)
     return fn(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc)
 
   return run

@@ -155,7 +155,8 @@ def _call_sums_fn(loss_fn, config: AccumConfig, mesh, state_rules=None):
   if mesh is not None:
     if mesh.size != devices:
       raise ConfigError(f'the mesh has {mesh.size} devices but num_devices={devices}.')
-    return parallel.reduced_sums(compute_loss, mesh, config.dp_reduction, state_rules, **kwargs)
+    return parallel.reduced_sums(compute_loss, mesh, config.dp_reduction, state_rules,
+                                 fsdp_reduce=config.fsdp_reduce, **kwargs)
   if devices != 1:
     raise ConfigError(f'num_devices={devices} needs a mesh of {devices} devices '
                       '(make_train_step(..., mesh=parallel.make_mesh())).')
@@ -254,7 +255,10 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None, state_rules=Non
   `mesh` (a `parallel.make_mesh()` of `config.num_devices` devices) makes the step data
   parallel: the batch is sharded along `data`, each device accumulates its own rows and the
   devices' sums meet in one `psum` per call (see parallel.py); params and optimizer state are
-  replicated. Without a mesh the step runs on one device and `config.num_devices` must be 1.
+  replicated on a mesh `make_mesh(data=D)`, and sharded over the `fsdp` axis of a
+  `make_mesh(data=D, fsdp=F)` (place the state with `parallel.place_state`; the gradient sums
+  are reduce-scattered into each device's shard as `config.fsdp_reduce` says). Without a mesh
+  the step runs on one device and `config.num_devices` must be 1.
 
   `last_call` (static; `jit_train_step` jits it so) tells whether this call
   completes its cycle, when the caller counts calls: LazyMultiSteps then compiles an interim
@@ -320,6 +324,8 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None, state_rules=Non
         **_after_update(state, config, done, first), **state_noise)
     if state_rules is not None:
       new_state = new_state._replace(**_model_state_fields(state, state_rules, call_acc, done))
+    if parallel.fsdp_size(mesh) > 1:
+      new_state = parallel.constrain_state(new_state, mesh)
     metrics = _metrics(state, new_state, sums, done, first, last_call, cycle_noise)
     return new_state, metrics
 

@@ -22,6 +22,7 @@ import time
 from accumjax.checkpoint import CheckpointError
 from accumjax.config import (
     DP_REDUCTIONS,
+    FSDP_REDUCES,
     LR_BATCH_SCALING,
     MODES,
     MULTISTEPS_IMPLS,
@@ -88,9 +89,15 @@ def parse_args(argv=None):
                       'dynamic loss scaling; bf16 needs none (float32 exponent range)')
   g = p.add_argument_group(
       'data parallel / multi-host (JAX\'s own runtime: a Mesh, jax.distributed)')
-  g.add_argument('--mesh', default=None, metavar='data=N',
-                 help='data-parallel mesh; default: all devices of all processes. The batch '
-                      'size is per device: effective batch = batch x K x N')
+  g.add_argument('--mesh', default=None, metavar='data=D,fsdp=F',
+                 help='device mesh; default: all devices of all processes, data parallel. '
+                      'fsdp=F shards params, optimizer state and accumulator over F devices '
+                      '(data=D,fsdp=F: D groups of F). The batch size is per device: '
+                      'effective batch = batch x K x D x F')
+  g.add_argument('--fsdp-reduce', default=d.fsdp_reduce, choices=list(FSDP_REDUCES),
+                 help='with fsdp: reduce-scatter the gradients into each device\'s shard once '
+                      'per call (full-size accumulator inside the call, one collective) or '
+                      'after every micro-batch (accumulator a shard, one collective each)')
   g.add_argument('--dp-reduction', default=d.dp_reduction, choices=list(DP_REDUCTIONS),
                  help='how devices\' gradient sums meet, once per call: psum (one all-reduce) '
                       'or ordered (all-gather + sum in device order: bitwise the same on any '
@@ -190,7 +197,7 @@ def config_from_args(a) -> TrainConfig:
       lr_batch_scaling=a.lr_batch_scaling,
       accum_mode=a.accum_mode, microbatches_per_call=a.microbatches_per_call,
       multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget, mesh=a.mesh,
-      dp_reduction=a.dp_reduction,
+      dp_reduction=a.dp_reduction, fsdp_reduce=a.fsdp_reduce,
       precision=a.precision, nonfinite_policy=a.nonfinite_policy,
       max_consecutive_skips=a.max_consecutive_skips, inject_faults=a.inject_faults,
       optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from accumjax import parallel
 from accumjax.config import AccumConfig
 from accumjax.core import ConfigError
 from accumjax.lm import config as config_lib
@@ -50,29 +51,42 @@ def make_loss_fn(apply):
   return loss_fn
 
 
-def _step_bytes(cfg: TrainConfig, loss_fn, params, b: int, k: int) -> int:
-  """XLA's compiled bytes of the train step(s) training would run with micro-batch b and K:
-  the largest of its programs (interim and last call, in multisteps/hybrid modes)."""
+def _step_bytes(cfg: TrainConfig, loss_fn, params, b: int, k: int, mesh=None) -> int:
+  """XLA's compiled bytes (per device) of the train step(s) training would run with micro-batch
+  b and K: the largest of its programs (interim and last call, in multisteps/hybrid modes).
+
+  On a mesh with an fsdp axis the real sharded step is compiled for that mesh, so the state's
+  shards, the params gathered for the call and the accumulator's policy are all counted. On a
+  data-only mesh each device runs the one-device program on its rows (plus one reduction)."""
+  fsdp = parallel.fsdp_size(mesh)
+  devices = mesh.size if fsdp > 1 else 1
   c = config_lib.replace(cfg, batch_size=b, grad_accum_steps=k, tokens_per_update=None)
-  accum = config_lib.validate(c)
+  accum = config_lib.validate(c, devices)
   tx = build_optimizer(c, accum)[0]
   state = jax.eval_shape(lambda p: init_train_state(p, tx, 0, accum), params)
-  rows = accum.per_call * b
+  rows = accum.per_call * b * devices
   batch = {'inputs': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
            'targets': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
            'mask': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.float32)}
-  step = jit_train_step(make_train_step(loss_fn, tx, accum))
+  if fsdp > 1:
+    state = parallel.abstract_state(state, mesh)
+    sharding = parallel.batch_sharding(mesh)
+    batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+             for name, x in batch.items()}
+  step = jit_train_step(make_train_step(loss_fn, tx, accum, mesh=mesh if fsdp > 1 else None))
   hints = (True,) if accum.calls_per_update == 1 else (False, True)
   return max(compiled_memory(step, state, batch, last_call=h)['total'] for h in hints)
 
 
-def plan_for_budget(cfg: TrainConfig, num_devices: int = 1) -> tuple[TrainConfig, Plan]:
+def plan_for_budget(cfg: TrainConfig, mesh=None) -> tuple[TrainConfig, Plan]:
   """Resolves --memory-budget: the largest micro-batch whose compiled train step fits, and the
   K that reaches --tokens-per-update. Returns the config with the micro-batch size and K set.
 
-  With `num_devices` data-parallel devices the budget is per device: each device runs the
-  one-device program on its share of the rows (plus one reduction per call).
+  On a `mesh` of several devices the budget is per device: on a data-only mesh each device runs
+  the one-device program on its share of the rows (plus one reduction per call); with an fsdp
+  axis the sharded step is compiled for the mesh (each device holds 1/F of the state).
   """
+  num_devices = 1 if mesh is None else mesh.size
   if cfg.tokens_per_update is None or cfg.grad_accum_steps is not None or \
       cfg.grad_accum_schedule is not None:
     raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps '
@@ -85,7 +99,8 @@ def plan_for_budget(cfg: TrainConfig, num_devices: int = 1) -> tuple[TrainConfig
   apply, params = make_lm(cfg.model, seed=cfg.seed)
   loss_fn = make_loss_fn(apply)
   rows_per_device = cfg.tokens_per_update // (cfg.seq_len * num_devices)
-  plan = plan_microbatch(lambda b, k: _step_bytes(cfg, loss_fn, params, b, k), budget,
+  plan = plan_microbatch(lambda b, k: _step_bytes(cfg, loss_fn, params, b, k, mesh),
+                         budget,
                          rows_per_device)
   return config_lib.replace(cfg, batch_size=plan.microbatch_size,
                             grad_accum_steps=plan.num_microbatches,

@@ -16,6 +16,7 @@ import jax
 
 from accumjax.config import (
   DP_REDUCTIONS,
+  FSDP_REDUCES,
   LR_BATCH_SCALING,
   MODES,
   MULTISTEPS_IMPLS,
@@ -38,7 +39,7 @@ DEFAULT_NUM_MICROBATCHES = 4
 # stopped by 'raise' is meant to be resumed with 'skip_update'):
 HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
             'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget',
-            'nonfinite_policy', 'max_consecutive_skips', 'noise_stats')
+            'nonfinite_policy', 'max_consecutive_skips', 'noise_stats', 'fsdp_reduce')
 # The shape of an update: safe to change between cycles, never inside one without a policy.
 # (`mesh` and `dp_reduction` too: the device count is compared as resolved, see resume.py.)
 ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
@@ -80,9 +81,11 @@ class TrainConfig:
   nonfinite_policy: str = 'skip_update'
   max_consecutive_skips: int = 10
   inject_faults: str | None = None
-  # data parallelism: 'data=N' or None (all devices); how the devices' sums meet
+  # data parallelism and sharded state: 'data=D', 'fsdp=F', 'data=D,fsdp=F' or None (all
+  # devices, data parallel); how the devices' sums meet; where FSDP reduce-scatters
   mesh: str | None = None
   dp_reduction: str = 'psum'
+  fsdp_reduce: str = 'call'
   # optimization
   optimizer: str = 'adamw'
   lr: float = 3e-3
@@ -198,15 +201,21 @@ def flag(name: str) -> str:
   return _FLAGS.get(name, '--' + name.replace('_', '-'))
 
 
-def parse_mesh(spec: str | None) -> int | None:
-  """--mesh: 'data=N' -> N; None or 'auto' -> None (all devices)."""
+def parse_mesh(spec: str | None) -> tuple[int | None, int]:
+  """--mesh: 'data=D', 'fsdp=F' or 'data=D,fsdp=F' -> (D, F); None or 'auto' -> (None, 1) (all
+  devices, data parallel). A D left out is all devices / F."""
   if spec is None or spec == 'auto':
-    return None
-  name, _, size = spec.partition('=')
-  if name != 'data' or not size.isdigit() or int(size) < 1:
-    raise ConfigError(f'--mesh {spec!r}; allowed: auto, or data=N with N >= 1 '
-                      f'(the data-parallel size; this run has {jax.device_count()} devices).')
-  return int(size)
+    return None, 1
+  sizes = {}
+  for part in str(spec).split(','):
+    name, _, size = part.partition('=')
+    if name not in ('data', 'fsdp') or name in sizes or not size.isdigit() or int(size) < 1:
+      raise ConfigError(
+          f'--mesh {spec!r}; allowed: auto, data=D, fsdp=F or data=D,fsdp=F with D, F >= 1 '
+          f'(data-parallel and parameter-sharding sizes; this run has {jax.device_count()} '
+          'devices).')
+    sizes[name] = int(size)
+  return sizes.get('data'), sizes.get('fsdp', 1)
 
 
 def _int_at_least(name, value, minimum=1):
@@ -260,7 +269,8 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
     raise ConfigError(f'--seed {cfg.seed!r} must be an integer in [0, 2**32).')
   choices = {'precision': tuple(PRECISIONS), 'optimizer': OPTIMIZERS, 'schedule': SCHEDULES,
              'nonfinite_policy': NONFINITE_POLICIES, 'accum_mode': MODES,
-             'multisteps_impl': MULTISTEPS_IMPLS, 'dp_reduction': DP_REDUCTIONS}
+             'multisteps_impl': MULTISTEPS_IMPLS, 'dp_reduction': DP_REDUCTIONS,
+             'fsdp_reduce': FSDP_REDUCES}
   for name, allowed in choices.items():
     if getattr(cfg, name) not in allowed:
       raise ConfigError(f'{flag(name)} {getattr(cfg, name)!r}; allowed: {", ".join(allowed)}.')
@@ -288,6 +298,7 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
       clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
       seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
       nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction,
+      fsdp_reduce=cfg.fsdp_reduce,
       noise_stats=noise_stats_on(cfg, k, num_devices), lr_batch_scaling=cfg.lr_batch_scaling,
       base_num_microbatches=plan.first_k if plan is not None else None)
 

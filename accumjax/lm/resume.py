@@ -103,8 +103,9 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
                  mesh=None, data_fingerprint: str | None = None):
   """Restores the newest good checkpoint and reconciles its config with `cfg`.
 
-  The state is restored replicated on `mesh` (any device count: the state is replicated and
-  its accumulated sums are already global), or on the default device without one. A
+  The state is restored on `mesh` in its layout (`parallel.state_shardings`: replicated, or
+  sharded over fsdp), whatever mesh wrote it (the accumulated sums are already global), or
+  on the default device without one. A
   checkpoint of other training data (by content) or, under a cosine schedule, another
   --steps is refused. Returns (state, meta).
   """
@@ -120,7 +121,7 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
           'computes. Resume with the saved values, or start a new run in another --out.')
     saved_runs[meta['step']] = saved = _Saved.of(meta)
     fresh = init_train_state(params, saved.tx, cfg.seed, saved.accum)
-    return fresh if mesh is None else parallel.abstract_replicated(fresh, mesh)
+    return fresh if mesh is None else parallel.abstract_state(fresh, mesh)
 
   restored = ckpt.restore(target, step=None if step in (None, True, 'latest') else int(step),
                           move_aside=True)
@@ -167,7 +168,7 @@ def _convert_noise(state, accum, log):
     noise = noise._replace(samples=jnp.full((), -jnp.inf, jnp.float32))
     log.info('resume: --noise-stats switched on mid-cycle: this update reports no noise '
              'statistics, the next ones do')
-  return state._replace(noise=noise)  # build_run replicates the state over the mesh
+  return state._replace(noise=noise)  # build_run places the state on the mesh
 
 
 def _parse(line: str):

@@ -221,10 +221,10 @@ def check_host_memory(cfg: TrainConfig, accum: AccumConfig, devices: int,
 
 def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse') -> Run:
   """Everything a run needs, from its settings (and its checkpoint, when resuming)."""
-  mesh = parallel.make_mesh(config_lib.parse_mesh(cfg.mesh))
+  mesh = parallel.make_mesh(*config_lib.parse_mesh(cfg.mesh))
   plan = None
   if cfg.memory_budget is not None:
-    cfg, plan = plan_for_budget(cfg, mesh.size)
+    cfg, plan = plan_for_budget(cfg, mesh)
   accum = config_lib.validate(cfg, mesh.size)
   check_host_memory(cfg, accum, mesh.size)
   if on_config_change not in ON_CONFIG_CHANGE:
@@ -262,7 +262,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
   # Eval is small: its batches are replicated and every device evaluates them whole.
   eval_set = parallel.replicate(
       data_lib.eval_batches(eval_split, cfg.microbatch_size, cfg.eval_batches), mesh)
-  state = parallel.replicate(state, mesh)
+  state = parallel.place_state(state, mesh)
   info = {
       'memory_plan': dataclasses.asdict(plan) if plan else None,
       'devices': [str(d) for d in mesh.devices.flat], 'processes': jax.process_count(),
@@ -273,6 +273,8 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
       'train_fingerprint': train_split.fingerprint,
       'eval_rows_used': len(eval_set) * cfg.microbatch_size,
       'resumed_at_update': int(state.update_step),
+      'mesh': dict(mesh.shape),
+      'state_bytes_per_device': parallel.state_bytes_per_device(state, accum),
   }
   return Run(cfg=cfg, accum=accum, mesh=mesh, out=out, log=log, step=step, state=state,
              rows=rows, faults=faults, schedule=schedule, eval_set=eval_set,
@@ -325,16 +327,32 @@ def _next_auto_k(run: Run, record: dict):
     stats.k, stats.k_since = k, run.update
 
 
+STATE_PARTS = {'params': 'params', 'opt_state': 'optimizer state',
+               'accumulator': 'accumulator between calls',
+               'call_accumulator': 'accumulator within a call'}
+
+
 def banner(run: Run) -> list[tuple[str, object]]:
   """The rows of the start-up table."""
   cfg, accum, info, mesh, plan = run.cfg, run.accum, run.info, run.mesh, run.plan
   setup, m = describe(accum), cfg.model
+  fsdp = parallel.fsdp_size(mesh)
   return [
       ('device(s)', ', '.join(info['devices'])),
       *([('data parallel', f'mesh data={mesh.size} ({jax.process_count()} process(es) x '
                            f'{mesh.size // jax.process_count()} device(s)); {accum.dp_reduction} '
                            f'of the sums once per call, {accum.calls_per_update} per update')]
-        if mesh.size > 1 else []),
+        if mesh.size > 1 and fsdp == 1 else []),
+      *([('sharded (fsdp)', f'mesh data={mesh.shape["data"]},fsdp={fsdp} '
+                            f'({jax.process_count()} process(es) x '
+                            f'{mesh.size // jax.process_count()} device(s)); params, optimizer '
+                            f'state and accumulator split over fsdp; params all-gathered once '
+                            f'per call, gradients reduce-scattered '
+                            + ('once per call' if accum.fsdp_reduce == 'call' else
+                               'after every micro-batch'))] if fsdp > 1 else []),
+      ('state per device', ', '.join(
+          f'{STATE_PARTS[name]} {format_bytes(n)}'
+          for name, n in info['state_bytes_per_device'].items())),
       ('model', f'{info["num_params"]:,} params, d_model {m.d_model}, {m.num_layers} layers, '
                 f'{m.num_heads} heads, {m.positions} positions, dropout {m.dropout}'),
       ('data', f'{info["data"]}: {info["train_files"]} train files '

@@ -1,0 +1,147 @@
+"""FSDP: params, optimizer state and accumulator sharded over a mesh's `fsdp` axis give the
+one-device (big-batch) updates in every mode and under both reduce-scatter policies, hold a
+quarter of the state per device at fsdp=4, and restore across meshes mid-cycle.
+
+The multi-device checks run in a subprocess with 4 fake CPU devices (tests/fsdp_check.py); the
+two-process run is in tests/test_parallel.py.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import accumjax
+from accumjax import parallel
+from accumjax.core import ConfigError
+from accumjax.lm import config as lm_config
+from tests.test_equivalence import TOL
+from tests.test_parallel import ROOT, _env
+
+MODES = ('scan', 'multisteps', 'hybrid')
+
+
+@pytest.fixture(scope='module')
+def fsdp(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('fsdp') / 'checkpoints'
+  result = subprocess.run([sys.executable, '-m', 'tests.fsdp_check', str(directory)], cwd=ROOT,
+                          env=_env(4), capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_ran_on_four_devices(fsdp):
+  assert fsdp['devices'] == 4
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_fsdp_meshes_give_the_big_batch_updates_on_padded_data(fsdp, mode):
+  errors = {k: v for k, v in fsdp['errors'].items() if k.startswith(mode + '/')}
+  # 1 device vs reference; {fsdp=4, data=2,fsdp=2} x {call, microbatch} x {reference, 1 device}
+  assert len(errors) == 9, errors
+  assert max(errors.values()) <= TOL, errors
+
+
+def test_a_scatter_that_does_not_sum_over_fsdp_would_be_caught(fsdp):
+  assert min(fsdp['unsummed_scatter_error'].values()) > 100 * TOL, fsdp['unsummed_scatter_error']
+
+
+@pytest.mark.parametrize('policy', ['call', 'microbatch'])
+def test_nan_on_one_device_stays_out_of_every_shard(fsdp, policy):
+  r = fsdp['nan_on_one_device'][policy]
+  assert r['finite'] and not r['skipped'] and r['nonfinite'] == 1, r
+  assert r['error_vs_remaining'] <= TOL, r
+
+
+def test_params_stay_sharded_after_training(fsdp):
+  """Every leaf of the reference model has a dimension 4 divides: after 3 updates each is
+  still split over fsdp, each device holding a quarter (replicated params would fail)."""
+  full = {'embed': [32, 16], 'prev': [32, 16], 'w1': [16, 24], 'b1': [24], 'out': [24, 32]}
+  for mode in MODES:
+    for policy in ('call', 'microbatch'):
+      layout = fsdp['layouts'][f'{mode}/fsdp=4/{policy}']
+      for name, shape in full.items():
+        assert 'fsdp' in layout['specs'][name], (mode, policy, layout)
+        assert np.prod(layout['shard_shapes'][name]) * 4 == np.prod(shape), (name, layout)
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_state_and_accumulator_per_device_is_a_quarter_at_fsdp_4(fsdp, mode):
+  programs = fsdp['programs']
+  dp, sharded = programs[f'{mode}/data=4/call'], programs[f'{mode}/fsdp=4/call']
+  for part in ('params', 'opt_state', 'accumulator'):
+    full, mine = dp['state_bytes'][part], sharded['state_bytes'][part]
+    assert mine <= 0.3 * full if full else mine == 0, (part, full, mine)
+  # XLA's own accounting of the compiled step: the state arguments per device.
+  last_dp, last = dp['last'], sharded['last']
+  assert last['state_argument_bytes'] <= 0.3 * last_dp['state_argument_bytes'], (last_dp, last)
+
+
+@pytest.mark.parametrize('mesh', ['fsdp=4', 'data=2,fsdp=2'])
+def test_collectives_per_policy(fsdp, mesh):
+  """One params all-gather per call, outside the scan; the gradient reduce-scatter once per
+  call after the scan ('call') or once per micro-batch inside it ('microbatch')."""
+  call = fsdp['programs'][f'scan/{mesh}/call']['last']['collectives']
+  micro = fsdp['programs'][f'scan/{mesh}/microbatch']['last']['collectives']
+  assert call['all-gather'] == micro['all-gather'] == {'in_loop': 0, 'outside': 1}
+  assert call['reduce-scatter'] == {'in_loop': 0, 'outside': 1}, call
+  assert micro['reduce-scatter'] == {'in_loop': 1, 'outside': 0}, micro
+  # Only scalars/shards are all-reduced, never inside the loop.
+  assert call['all-reduce']['in_loop'] == micro['all-reduce']['in_loop'] == 0
+  dp = fsdp['programs']['scan/data=4/call']['last']['collectives']
+  assert dp == {'all-reduce': {'in_loop': 0, 'outside': 1}}, dp
+
+
+def test_microbatch_policy_needs_less_temporary_memory(fsdp):
+  """The 'microbatch' scan carries only a shard of the sums (compiled temp bytes per device)."""
+  programs = fsdp['programs']
+  assert programs['scan/fsdp=4/microbatch']['last']['temp_bytes'] < \
+      programs['scan/fsdp=4/call']['last']['temp_bytes']
+
+
+def test_checkpoint_restores_across_meshes_mid_cycle(fsdp):
+  r = fsdp['restore']
+  assert r['saved']['cycle_microbatch'] == 2
+  hop = r['data=2,fsdp=2']
+  assert hop['fingerprint'] == r['saved']['fingerprint'], r
+  assert hop['mesh'] == {'data': 2, 'fsdp': 2}
+  assert hop['params_spec'] == hop['accumulator_spec'] == "P(None, 'fsdp')", hop
+  assert hop['accumulator_shard'] == [16, 12], hop  # w1 is [16, 24]: half per fsdp device
+  assert r['1 device'] == {'cycle_microbatch': 3, 'devices': 1}, r
+  assert r['updates'] == 3
+  assert r['error_vs_uninterrupted'] <= TOL, r
+
+
+@pytest.mark.parametrize('shape,fsdp,spec', [
+    ((32, 16), 4, P('fsdp')), ((16, 24), 4, P(None, 'fsdp')), ((24,), 4, P('fsdp')),
+    ((6, 6), 4, P()), ((), 4, P()), ((3, 8), 2, P(None, 'fsdp')), ((8, 8), 2, P('fsdp')),
+    ((32, 16), 1, P()), ((2,), 4, P())])
+def test_leaf_spec_splits_the_largest_dimension_that_divides(shape, fsdp, spec):
+  assert parallel.leaf_spec(shape, fsdp) == spec
+
+
+def test_bad_meshes_and_policies_are_refused():
+  with pytest.raises(ConfigError, match=r'fsdp=3.*allowed: \[1\]'):
+    parallel.make_mesh(fsdp=3)
+  with pytest.raises(ConfigError, match='fsdp_reduce=.each.; allowed: call, microbatch'):
+    accumjax.AccumConfig(num_microbatches=2, microbatch_size=1, fsdp_reduce='each')
+  assert lm_config.parse_mesh('data=2,fsdp=2') == (2, 2)
+  assert lm_config.parse_mesh('fsdp=4') == (None, 4)
+  assert lm_config.parse_mesh('data=4') == (4, 1)
+  assert lm_config.parse_mesh(None) == (None, 1)
+  for bad in ('fsdp=0', 'data=2,data=2', 'model=2', 'fsdp=x', 'data=2;fsdp=2'):
+    with pytest.raises(ConfigError, match=r'--mesh .*allowed: auto, data=D, fsdp=F'):
+      lm_config.parse_mesh(bad)
+
+
+def test_state_bytes_per_device_counts_what_one_device_holds():
+  config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=1, mode='multisteps')
+  tx = accumjax.accumulating_optimizer(optax.adam(0.1), config)
+  state = accumjax.init_train_state({'w': np.ones((4, 8), np.float32)}, tx, 0)
+  # params 32 floats; adam's mu and nu 2 x 32 + its count; the accumulator 32 + 3 scalars.
+  assert parallel.state_bytes_per_device(state) == {
+      'params': 128, 'opt_state': 256 + 4 + 3 * 4, 'accumulator': 128 + 12}
