@@ -181,7 +181,8 @@ def main(directory):
       'unsummed_scatter_error': bug,
       'layouts': layouts,
       'programs': programs,
-      'restore': restore_across_meshes(directory)
+      'restore': restore_across_meshes(directory),
+      'nan_on_one_device': {policy: nan_on_one_device(policy) for policy in POLICIES},
   }))
 
 

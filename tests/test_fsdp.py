@@ -142,6 +142,7 @@ def test_state_bytes_per_device_counts_what_one_device_holds():
   config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=1, mode='multisteps')
   tx = accumjax.accumulating_optimizer(optax.adam(0.1), config)
   state = accumjax.init_train_state({'w': np.ones((4, 8), np.float32)}, tx, 0)
-  # params 32 floats; adam's mu and nu 2 x 32 + its count; the accumulator 32 + 3 scalars.
+  # params 32 floats; adam's mu and nu 2 x 32 floats, its count and MultiSteps' two counters;
+  # the accumulator 32 floats + its 3 scalars (loss sum, weight, non-finite count).
   assert parallel.state_bytes_per_device(state) == {
-      'params': 128, 'opt_state': 256 + 4 + 3 * 4, 'accumulator': 128 + 12}
+      'params': 128, 'opt_state': 256 + 3 * 4, 'accumulator': 128 + 12}

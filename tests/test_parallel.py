@@ -178,3 +178,62 @@ def test_two_processes_match_one_four_device_process_and_resume_mid_cycle(tmp_pa
   out0, _ = _two_processes(argv(resumed), ['--resume'])
   assert 'resume: checkpoint 14 (update 3, 2/4 micro-batches into the next)' in out0
   assert final_fingerprint(resumed) == expected
+
+
+def _losses(out):
+  lines = (out / 'metrics.jsonl').read_text().splitlines()
+  return [r['loss'] for r in map(json.loads, lines) if r['kind'] == 'train']
+
+
+def _keep_checkpoints_up_to(out, step):
+  steps = sorted(int(p.name) for p in (out / 'checkpoints').iterdir() if p.name.isdigit())
+  assert step in steps, steps
+  for s in steps:
+    if s > step:
+      shutil.rmtree(out / 'checkpoints' / str(s))
+
+
+@pytest.mark.slow
+def test_fsdp_across_two_processes_and_checkpoints_across_meshes(tmp_path):
+  """The fsdp axis spans two jax.distributed processes (2 devices each): the run matches one
+  4-device process and resumes mid-cycle bitwise. A checkpoint of --mesh fsdp=4 resumes
+  mid-cycle on data=2,fsdp=2, and that run's on one device (4 rows per micro-batch: the same
+  global rows), the losses staying those of the uninterrupted run."""
+  corpus = tiny_corpus(tmp_path / 'corpus')
+
+  def argv(out, mesh, batch=1):
+    a = train_argv(out, corpus, 'hybrid', 'fp32', steps=4)
+    a[a.index('--batch-size') + 1] = str(batch)
+    return [*a, '--keep', '20'] + (['--mesh', mesh] if mesh else [])
+
+  def run(out, mesh, devices=4, batch=1, extra=()):
+    done = subprocess.run([*argv(out, mesh, batch), *extra], cwd=ROOT, env=_env(devices),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+  single = run(tmp_path / 'one', 'fsdp=4')
+  assert 'mesh data=1,fsdp=4 (1 process(es) x 4 device(s))' in single
+  expected = _losses(tmp_path / 'one')
+
+  out0, _ = _two_processes(argv(tmp_path / 'two', 'fsdp=4'))
+  assert 'mesh data=1,fsdp=4 (2 process(es) x 2 device(s))' in out0
+  chex.assert_trees_all_close(_losses(tmp_path / 'two'), expected, rtol=TOL)
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(tmp_path / 'two', resumed)
+  _keep_checkpoints_up_to(resumed, 14)  # 2 of 4 micro-batches into update 4
+  out0, _ = _two_processes(argv(resumed, 'fsdp=4'), ['--resume'])
+  assert 'resume: checkpoint 14 (update 3, 2/4 micro-batches into the next)' in out0
+  assert final_fingerprint(resumed) == final_fingerprint(tmp_path / 'two')
+
+  hop = tmp_path / 'hop'
+  shutil.copytree(tmp_path / 'one', hop)
+  _keep_checkpoints_up_to(hop, 6)  # 2 of 4 into update 2
+  log = run(hop, 'data=2,fsdp=2', extra=['--resume'])
+  assert 'resume: mesh fsdp=4 (4 device(s)) -> data=2,fsdp=2 (4)' in log, log
+  assert 'resume: checkpoint 6 (update 1, 2/4 micro-batches into the next)' in log
+  chex.assert_trees_all_close(_losses(hop), expected, rtol=TOL)
+  _keep_checkpoints_up_to(hop, 10)  # 2 of 4 into update 3, written on data=2,fsdp=2
+  log = run(hop, None, devices=1, batch=4, extra=['--resume'])
+  assert 'resume: mesh data=2,fsdp=2 (4 device(s)) -> auto (1)' in log, log
+  chex.assert_trees_all_close(_losses(hop), expected, rtol=TOL)

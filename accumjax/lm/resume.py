@@ -134,7 +134,16 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
   where = (f'update {int(state.update_step)}, {int(state.cycle_microbatch)}/'
            f'{saved.accum.num_microbatches} micro-batches into the next')
   log.info(f'resume: checkpoint {restored.step} ({where}) from {ckpt.path(restored.step)}')
-  shape = lambda a: (a.num_microbatches, a.microbatch_size, a.mode, a.per_call, a.num_devices)
+  # What an update is made of: K micro-batches of the same global rows (micro-batch x devices)
+  # in the same calls. The mesh may change mid-cycle if that stays (fsdp=4 -> data=2,fsdp=2, or
+  # 4 devices x 1 row -> 1 device x 4 rows): the saved sums are global, already reduced.
+  shape = lambda a: (a.num_microbatches, a.microbatch_size * a.num_devices, a.mode, a.per_call)
+  if shape(saved.accum) == shape(accum) and (saved.flat.get('mesh') != cfg.mesh or
+                                              saved.accum.num_devices != accum.num_devices):
+    log.info(f'resume: mesh {saved.flat.get("mesh") or "auto"} ({saved.accum.num_devices} '
+             f'device(s)) -> {cfg.mesh or "auto"} ({accum.num_devices}); the same '
+             f'{accum.microbatch_size * accum.num_devices} rows per micro-batch over the mesh, '
+             'so the update goes on where it was')
   if shape(saved.accum) != shape(accum):
     accum_names, _ = compare_configs(saved.flat, cfg)
     change = ', '.join(
