@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
@@ -78,9 +79,14 @@ def _first_line(e: Exception) -> str:
 def fingerprint(tree) -> str:
   """Bitwise identity of a pytree: sha256 (first 16 hex digits) of every leaf's path, dtype,
   shape and bytes, in tree order. Equal on one machine for equal computations; XLA's CPU code
-  depends on the processor, so across machines compare values, not fingerprints."""
+  depends on the processor, so across machines compare values, not fingerprints.
+
+  An array sharded over several processes (FSDP across hosts) is all-gathered first: every
+  process must call this together, as every process saves and restores together."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
     a = np.asarray(leaf)
     h.update(f'{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|'.encode())
     h.update(np.ascontiguousarray(a).tobytes())

@@ -14,6 +14,8 @@ NONFINITE_POLICIES = ('skip_update', 'skip_microbatch', 'raise')
 DP_REDUCTIONS = ('psum', 'ordered')
 # Where an FSDP step reduce-scatters gradients into each device's shard (see parallel.py).
 FSDP_REDUCES = ('call', 'microbatch')
+# Where the accumulator kept between calls lives (multisteps/hybrid): JAX memory kinds.
+ACCUMULATOR_MEMORIES = ('device', 'host')
 MULTISTEPS_IMPLS = ('lazy', 'optax')
 ACCUM_DTYPES = ('float32', 'float64')
 # How the learning rate follows the effective batch when K changes between updates: the update
@@ -72,6 +74,11 @@ class AccumConfig:
       reduce-scattered into its shard of the sums: 'call' (default; once per call after the
       scan, whose accumulator is full size) or 'microbatch' (after every micro-batch, so the
       scan's accumulator is only a shard; one collective per micro-batch). Same math.
+    accumulator_memory: 'device' (default) or 'host': in multisteps/hybrid mode, the float32
+      gradient sums kept in the state between calls live in the devices' memory, or in host
+      memory (JAX's `pinned_host` memory kind; each call moves them to the device and back).
+      Same math. On a CPU backend both are the same RAM, so 'host' only adds two copies per
+      call; on a GPU it frees the accumulator's device memory between calls.
     multisteps_impl: 'lazy' (default; `optim.LazyMultiSteps`: optax.MultiSteps' state and
       results, but interim calls only add) or 'optax' (`optax.MultiSteps` as shipped, which
       runs the optimizer on every call). Same state; results equal to float32 rounding.
@@ -110,6 +117,7 @@ class AccumConfig:
   loss_scale_growth_interval: int = 200
   dp_reduction: str = 'psum'
   fsdp_reduce: str = 'call'
+  accumulator_memory: str = 'device'
   noise_stats: bool = False
   lr_batch_scaling: str = 'none'
   base_num_microbatches: int | None = None
@@ -128,6 +136,7 @@ class AccumConfig:
                           ('accum_dtype', ACCUM_DTYPES), ('multisteps_impl', MULTISTEPS_IMPLS),
                           ('nonfinite', NONFINITE_POLICIES), ('dp_reduction', DP_REDUCTIONS),
                           ('fsdp_reduce', FSDP_REDUCES),
+                          ('accumulator_memory', ACCUMULATOR_MEMORIES),
                           ('lr_batch_scaling', tuple(LR_BATCH_SCALING))):
       if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r}; allowed: {", ".join(allowed)}.')
@@ -153,6 +162,11 @@ class AccumConfig:
       raise ConfigError(
           f'microbatches_per_call={c!r} conflicts with mode={self.mode!r} '
           f'(which uses {self.implied_per_call()}); use mode="hybrid" to choose c.')
+    if self.accumulator_memory == 'host' and self.calls_per_update == 1:
+      raise ConfigError(
+          f"accumulator_memory='host' keeps the sums between the calls of an update, but "
+          f'{self.mode} mode with K={k} makes one call per update (its sums live only inside '
+          "the call); use mode='multisteps' or 'hybrid', or accumulator_memory='device'.")
     if self.clip_before_accumulation and self.clip_norm is None:
       raise ConfigError('clip_before_accumulation=True needs a clip_norm.')
 

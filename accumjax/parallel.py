@@ -84,14 +84,22 @@ def tree_specs(tree, fsdp: int):
 def state_shardings(state, mesh: Mesh):
   """Shardings of a TrainState on `mesh`: params and the optimizer state (the accumulator
   included) in the FSDP layout of `leaf_spec`, everything else replicated. With fsdp=1 all
-  replicated (plain data parallel)."""
+  replicated (plain data parallel). A leaf in host memory (`AccumConfig.accumulator_memory`)
+  stays there."""
   f = fsdp_size(mesh)
   shard = lambda tree: jax.tree.map(
-      lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), f)), tree)
+      lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), f), memory_kind=_host_kind(x)), tree)
   rep = lambda tree: jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
   if not hasattr(state, 'opt_state'):
     return shard(state)
   return rep(state)._replace(params=shard(state.params), opt_state=shard(state.opt_state))
+
+
+def _host_kind(x) -> str | None:
+  """'pinned_host' for an array placed in host memory, else None (the default memory)."""
+  sharding = getattr(x, 'sharding', None)
+  kind = getattr(sharding, 'memory_kind', None)
+  return kind if kind in ('pinned_host', 'unpinned_host') else None
 
 
 def place_state(state, mesh: Mesh):

@@ -103,7 +103,7 @@ def init_train_state(params, tx, rng, config: AccumConfig | None = None, *,
   params = jax.tree.map(jnp.copy, params)
   zero = lambda: jnp.zeros((), jnp.int32)
   scale = config.initial_loss_scale if config is not None and config.loss_scaling else 1.0
-  return TrainState(
+  state = TrainState(
       params, tx.init(optim.as_opt_params(params)), rng, zero(), zero(), zero(),
       skipped_updates=zero(), consecutive_skips=zero(), nonfinite_microbatches=zero(),
       cycle_first_nonfinite=jnp.full((), -1, jnp.int32),
@@ -111,6 +111,19 @@ def init_train_state(params, tx, rng, config: AccumConfig | None = None, *,
       noise=zero_noise() if config is not None and config.noise_stats else None,
       model_state=model_state,
       model_acc=None if model_state is None else ms.init_acc(model_state, state_rules))
+  if config is not None and config.accumulator_memory == 'host':
+    state = accumulator_to(state, 'host')
+  return state
+
+
+def accumulator_to(state: TrainState, memory: str) -> TrainState:
+  """The state with the accumulator kept between calls (MultiSteps' `acc_grads`) moved to
+  'host' or 'device' memory (JAX memory kinds; also inside jit). No-op in scan mode."""
+  opt = state.opt_state
+  if not isinstance(opt, optax.MultiStepsState):
+    return state
+  space = jax.memory.Space.Host if memory == 'host' else jax.memory.Space.Device
+  return state._replace(opt_state=opt._replace(acc_grads=jax.device_put(opt.acc_grads, space)))
 
 
 def _global_norm(tree):
@@ -288,6 +301,7 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None, state_rules=Non
       raise ConfigError(f'state_rules={state_rules!r}; allowed: {ms.RULES} or a pytree of them.')
   call_sums = _call_sums_fn(loss_fn, config, mesh, state_rules)
   devices = config.num_devices
+  host_acc = config.accumulator_memory == 'host'
 
   def train_step(state: TrainState, batch, last_call: bool | None = None):
     rows = jax.tree.leaves(batch)[0].shape[0]
@@ -302,6 +316,8 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None, state_rules=Non
         jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update_step))
     loss_scale = state.loss_scale if config.loss_scaling else None
     _check_model_state(state, state_rules)
+    if host_acc:
+      state = accumulator_to(state, 'device')
     sums, bad_N, call_acc = call_sums(state.params, batch, rng_data, state.cycle_microbatch, n,
                                       loss_scale, state.model_state, state.model_acc)
     first = jnp.where(
@@ -327,6 +343,8 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None, state_rules=Non
     if parallel.fsdp_size(mesh) > 1:
       new_state = parallel.constrain_state(new_state, mesh)
     metrics = _metrics(state, new_state, sums, done, first, last_call, cycle_noise)
+    if host_acc:
+      new_state = accumulator_to(new_state, 'host')
     return new_state, metrics
 
   return train_step
@@ -351,6 +369,9 @@ def make_flush(tx, config: AccumConfig, state_rules=None):
       zero = jnp.zeros((), jnp.float32)
       return state, noise | {'loss': zero, 'weight': zero, 'updated': jnp.zeros((), bool),
                              'skipped': jnp.zeros((), bool), 'nonfinite': zero}
+    host_acc = config.accumulator_memory == 'host'
+    if host_acc:
+      state = accumulator_to(state, 'device')
     done = optim.flush_multisteps(tx, state.opt_state, state.params,
                                   _update_scale(config, state.cycle_microbatch))
     fields = _after_update(state, config, done, state.cycle_first_nonfinite)
@@ -368,6 +389,8 @@ def make_flush(tx, config: AccumConfig, state_rules=None):
       empty = ms.restart(state.model_acc, state_rules)
       new_state = new_state._replace(**_model_state_fields(state, state_rules, empty, done))
     _, loss = normalize(done.totals._replace(grads=None))
+    if host_acc:
+      new_state = accumulator_to(new_state, 'host')
     return new_state, noise | {'loss': loss, 'weight': done.totals.weight,
                                'updated': done.updated, 'skipped': done.updated & ~done.applied,
                                'nonfinite': done.totals.nonfinite}

@@ -21,6 +21,7 @@ import time
 
 from accumjax.checkpoint import CheckpointError
 from accumjax.config import (
+    ACCUMULATOR_MEMORIES,
     DP_REDUCTIONS,
     FSDP_REDUCES,
     LR_BATCH_SCALING,
@@ -98,6 +99,11 @@ def parse_args(argv=None):
                  help='with fsdp: reduce-scatter the gradients into each device\'s shard once '
                       'per call (full-size accumulator inside the call, one collective) or '
                       'after every micro-batch (accumulator a shard, one collective each)')
+  g.add_argument('--accumulator-memory', default=d.accumulator_memory,
+                 choices=list(ACCUMULATOR_MEMORIES),
+                 help='multisteps/hybrid: keep the float32 gradient sums between calls in '
+                      'device or host memory (pinned_host; moved in and out every call). On a '
+                      'CPU backend both are the same RAM')
   g.add_argument('--dp-reduction', default=d.dp_reduction, choices=list(DP_REDUCTIONS),
                  help='how devices\' gradient sums meet, once per call: psum (one all-reduce) '
                       'or ordered (all-gather + sum in device order: bitwise the same on any '
@@ -198,6 +204,7 @@ def config_from_args(a) -> TrainConfig:
       accum_mode=a.accum_mode, microbatches_per_call=a.microbatches_per_call,
       multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget, mesh=a.mesh,
       dp_reduction=a.dp_reduction, fsdp_reduce=a.fsdp_reduce,
+      accumulator_memory=a.accumulator_memory,
       precision=a.precision, nonfinite_policy=a.nonfinite_policy,
       max_consecutive_skips=a.max_consecutive_skips, inject_faults=a.inject_faults,
       optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,

@@ -45,15 +45,18 @@ def calls(batch, config, mesh):
   return [parallel.shard_batch(c, mesh) for c in calls_of(batch, config)]
 
 
-def train(mode, mesh_name, policy='call'):
-  config, mesh, fresh, step = build(mode, mesh_name, policy)
+def train(mode, mesh_name, policy='call', **kw):
+  config, mesh, fresh, step = build(mode, mesh_name, policy, **kw)
   state = parallel.place_state(fresh, mesh)
   for batch in reference.make_batches(STEPS, ROWS):
     state = accumjax.run_update(step, state, calls(batch, config, mesh), config).state
   specs = {name: str(leaf.sharding.spec) for name, leaf in state.params.items()}
   shard_shapes = {name: list(leaf.addressable_shards[0].data.shape)
                   for name, leaf in state.params.items()}
-  return jax.device_get(state.params), {'specs': specs, 'shard_shapes': shard_shapes}
+  kinds = sorted({str(x.sharding.memory_kind) for x in jax.tree.leaves(
+      getattr(state.opt_state, 'acc_grads', None))})
+  return jax.device_get(state.params), {'specs': specs, 'shard_shapes': shard_shapes,
+                                        'accumulator_memory': kinds}
 
 
 def compiled(mode, mesh_name, policy):
@@ -169,6 +172,11 @@ def main(directory):
         errors[f'{name} vs reference'] = reference.rel_err(params, ref)
         errors[f'{name} vs 1 device'] = reference.rel_err(params, one)
         layouts[name] = layout
+  for mode in ('multisteps', 'hybrid'):  # the accumulator between calls in host memory
+    params, layout = train(mode, 'fsdp=4', 'microbatch', accumulator_memory='host')
+    errors[f'{mode}/fsdp=4/microbatch/host accumulator vs reference'] = \
+        reference.rel_err(params, ref)
+    layouts[f'{mode}/fsdp=4/microbatch/host accumulator'] = layout
   with mock.patch.object(jax.lax, 'psum_scatter', unsummed_scatter):
     bug = {policy: float(reference.rel_err(train('scan', 'fsdp=4', policy)[0], ref))
            for policy in POLICIES}

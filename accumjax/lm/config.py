@@ -15,6 +15,7 @@ import math
 import jax
 
 from accumjax.config import (
+  ACCUMULATOR_MEMORIES,
   DP_REDUCTIONS,
   FSDP_REDUCES,
   LR_BATCH_SCALING,
@@ -39,7 +40,8 @@ DEFAULT_NUM_MICROBATCHES = 4
 # stopped by 'raise' is meant to be resumed with 'skip_update'):
 HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
             'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget',
-            'nonfinite_policy', 'max_consecutive_skips', 'noise_stats', 'fsdp_reduce')
+            'nonfinite_policy', 'max_consecutive_skips', 'noise_stats', 'fsdp_reduce',
+            'accumulator_memory')
 # The shape of an update: safe to change between cycles, never inside one without a policy.
 # (`mesh` and `dp_reduction` too: the device count is compared as resolved, see resume.py.)
 ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
@@ -86,6 +88,8 @@ class TrainConfig:
   mesh: str | None = None
   dp_reduction: str = 'psum'
   fsdp_reduce: str = 'call'
+  # where multisteps/hybrid keep the gradient sums between calls: 'device' or 'host' memory
+  accumulator_memory: str = 'device'
   # optimization
   optimizer: str = 'adamw'
   lr: float = 3e-3
@@ -270,7 +274,7 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
   choices = {'precision': tuple(PRECISIONS), 'optimizer': OPTIMIZERS, 'schedule': SCHEDULES,
              'nonfinite_policy': NONFINITE_POLICIES, 'accum_mode': MODES,
              'multisteps_impl': MULTISTEPS_IMPLS, 'dp_reduction': DP_REDUCTIONS,
-             'fsdp_reduce': FSDP_REDUCES}
+             'fsdp_reduce': FSDP_REDUCES, 'accumulator_memory': ACCUMULATOR_MEMORIES}
   for name, allowed in choices.items():
     if getattr(cfg, name) not in allowed:
       raise ConfigError(f'{flag(name)} {getattr(cfg, name)!r}; allowed: {", ".join(allowed)}.')
@@ -298,7 +302,7 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
       clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
       seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
       nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction,
-      fsdp_reduce=cfg.fsdp_reduce,
+      fsdp_reduce=cfg.fsdp_reduce, accumulator_memory=cfg.accumulator_memory,
       noise_stats=noise_stats_on(cfg, k, num_devices), lr_batch_scaling=cfg.lr_batch_scaling,
       base_num_microbatches=plan.first_k if plan is not None else None)
 

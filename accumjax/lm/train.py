@@ -351,8 +351,9 @@ def banner(run: Run) -> list[tuple[str, object]]:
                             + ('once per call' if accum.fsdp_reduce == 'call' else
                                'after every micro-batch'))] if fsdp > 1 else []),
       ('state per device', ', '.join(
-          f'{STATE_PARTS[name]} {format_bytes(n)}'
-          for name, n in info['state_bytes_per_device'].items())),
+          f'{STATE_PARTS[name]} {format_bytes(n)}' + (
+              ' (host memory)' if name == 'accumulator' and accum.accumulator_memory == 'host'
+              else '') for name, n in info['state_bytes_per_device'].items())),
       ('model', f'{info["num_params"]:,} params, d_model {m.d_model}, {m.num_layers} layers, '
                 f'{m.num_heads} heads, {m.positions} positions, dropout {m.dropout}'),
       ('data', f'{info["data"]}: {info["train_files"]} train files '
