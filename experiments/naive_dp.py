@@ -14,7 +14,7 @@ import jax
 from jax.sharding import Mesh
 
 from accumjax import parallel
-from accumjax.step import jit_train_step, make_train_step
+from accumjax.step import make_train_step
 
 
 def plain_jit_step(loss_fn, tx, config, mesh: Mesh):
@@ -26,7 +26,16 @@ def plain_jit_step(loss_fn, tx, config, mesh: Mesh):
 
   one_device = dataclasses.replace(
       config, microbatch_size=config.microbatch_size * config.num_devices, num_devices=1)
-  return jit_train_step(make_train_step(sharded_loss, tx, one_device),
-                        in_shardings=(parallel.state_sharding(mesh),
-                                      parallel.batch_sharding(mesh)),
-                        out_shardings=parallel.state_sharding(mesh))
+  train_step = make_train_step(sharded_loss, tx, one_device)
+  # jit takes no keyword arguments with in_shardings: `last_call` is accepted and left to the
+  # device (None), as the call driver passes it.
+  jitted = jax.jit(lambda state, batch: train_step(state, batch), donate_argnums=0,
+                   in_shardings=(parallel.state_sharding(mesh), parallel.batch_sharding(mesh)),
+                   out_shardings=parallel.state_sharding(mesh))
+
+  def step(state, batch, last_call=None):
+    del last_call
+    return jitted(state, batch)
+
+  step.lower = lambda state, batch, last_call=None: jitted.lower(state, batch)
+  return step
