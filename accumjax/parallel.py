@@ -53,8 +53,10 @@ def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
   n = total // fsdp if data is None else data
   if isinstance(n, bool) or not isinstance(n, int) or not (
       1 <= n * fsdp <= total and (n * fsdp == total or jax.process_count() == 1)):
+    spec = f'data={data}' + (f',fsdp={fsdp}' if fsdp > 1 else '')
     raise ConfigError(
-        f'--mesh data={data},fsdp={fsdp} needs {n}x{fsdp} devices; this run has {total} '
+        f'--mesh {spec} needs {n * fsdp if isinstance(n, int) else n} devices; this run has '
+        f'{total} '
         f'({jax.process_count()} process(es) x {jax.local_device_count()} local devices). '
         f'Allowed: data x fsdp = {total}' + (
             f', or any product from 1 to {total}' if jax.process_count() == 1 else '') +
