@@ -210,8 +210,12 @@ class AccumConfig:
     return jnp.dtype(self.accum_dtype)
 
 
-def describe(config: AccumConfig) -> dict:
-  """A plain dict of the accumulation setup, for banners, config.json and metrics."""
+def describe(config: AccumConfig, state=None) -> dict:
+  """A plain dict of the accumulation setup, for banners, config.json and metrics.
+
+  With the (placed or abstract) train `state`, also the bytes one device holds of it:
+  `{params,opt_state,accumulator,call_accumulator}_bytes_per_device` (see
+  `parallel.state_bytes_per_device`; sharded over fsdp, they shrink with F)."""
   tokens = None if config.seq_len is None else config.effective_batch * config.seq_len
   if config.clip_norm is None:
     clipping = 'none'
@@ -219,7 +223,7 @@ def describe(config: AccumConfig) -> dict:
     clipping = f'each micro-batch mean gradient to {config.clip_norm}'
   else:
     clipping = f'accumulated mean gradient to {config.clip_norm}'
-  return {
+  out = {
       'mode': config.mode,
       'microbatch_size': config.microbatch_size,
       'num_microbatches': config.num_microbatches,
@@ -239,8 +243,15 @@ def describe(config: AccumConfig) -> dict:
                        f'{config.loss_scale_growth_interval} good updates, /2 on overflow'
                        if config.loss_scaling else 'none'),
       'dp_reduction': config.dp_reduction if config.num_devices > 1 else None,
+      'fsdp_reduce': config.fsdp_reduce,
+      'accumulator_memory': config.accumulator_memory,
       'reductions_per_update': config.calls_per_update if config.num_devices > 1 else 0,
       'noise_stats': config.noise_stats,
       'lr_batch_scaling': (f'{config.lr_batch_scaling} (x (K / {config.base_k}) ** '
                            f'{config.lr_power:g})' if config.lr_power else 'none'),
   }
+  if state is not None:
+    from accumjax import parallel  # noqa: PLC0415 (parallel imports this module)
+    out.update({f'{name}_bytes_per_device': n
+                for name, n in parallel.state_bytes_per_device(state, config).items()})
+  return out

@@ -250,3 +250,8 @@ def test_describe():
   assert d['compute_dtype'] == 'bfloat16' and d['accum_dtype'] == 'float32'
   assert d['clipping'] == 'accumulated mean gradient to 1.0'
   assert all(isinstance(v, (int, str, type(None))) for v in d.values())
+  tx = accumjax.accumulating_optimizer(optax.sgd(0.1), config)
+  state = accumjax.init_train_state({'w': jnp.ones((4, 8))}, tx, 0)
+  d = accumjax.describe(config, state)
+  assert (d['params_bytes_per_device'], d['accumulator_bytes_per_device'],
+          d['call_accumulator_bytes_per_device']) == (128, 128 + 12, 128)

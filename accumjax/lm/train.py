@@ -396,7 +396,7 @@ def open_outputs(run: Run, resumed: bool):
   path = run.out / 'metrics.jsonl'
   if run.main_process:
     (run.out / 'config.json').write_text(json.dumps(
-        {'train': config_lib.to_flat(run.cfg), 'accumulation': describe(run.accum),
+        {'train': config_lib.to_flat(run.cfg), 'accumulation': describe(run.accum, run.state),
          'run': run.info}, indent=2))
     run.records = trim_metrics(path, run.update) if resumed else []
     if not resumed:
