@@ -2,8 +2,8 @@
 one-device (big-batch) updates in every mode and under both reduce-scatter policies, hold a
 quarter of the state per device at fsdp=4, and restore across meshes mid-cycle.
 
-The multi-device checks run in a subprocess with 4 fake CPU devices (tests/fsdp_check.py); the
-two-process run is in tests/test_parallel.py.
+The multi-device checks run in a subprocess with 4 fake CPU devices (tests/fsdp_check.py, ~90 s:
+marked slow, run by CI); the two-process run is in tests/test_parallel.py.
 """
 
 import json
@@ -38,10 +38,12 @@ def fsdp(tmp_path_factory):
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_ran_on_four_devices(fsdp):
   assert fsdp['devices'] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', MODES)
 def test_fsdp_meshes_give_the_big_batch_updates_on_padded_data(fsdp, mode):
   errors = {k: v for k, v in fsdp['errors'].items() if k.startswith(mode + '/')}
@@ -51,6 +53,7 @@ def test_fsdp_meshes_give_the_big_batch_updates_on_padded_data(fsdp, mode):
   assert max(errors.values()) <= TOL, errors
 
 
+@pytest.mark.slow
 def test_host_memory_accumulator_with_sharded_state(fsdp):
   for mode in ('multisteps', 'hybrid'):
     layout = fsdp['layouts'][f'{mode}/fsdp=4/microbatch/host accumulator']
@@ -58,10 +61,12 @@ def test_host_memory_accumulator_with_sharded_state(fsdp):
     assert fsdp['layouts'][f'{mode}/fsdp=4/microbatch']['accumulator_memory'] == ['device']
 
 
+@pytest.mark.slow
 def test_a_scatter_that_does_not_sum_over_fsdp_would_be_caught(fsdp):
   assert min(fsdp['unsummed_scatter_error'].values()) > 100 * TOL, fsdp['unsummed_scatter_error']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('policy', ['call', 'microbatch'])
 def test_nan_on_one_device_stays_out_of_every_shard(fsdp, policy):
   r = fsdp['nan_on_one_device'][policy]
@@ -69,6 +74,7 @@ def test_nan_on_one_device_stays_out_of_every_shard(fsdp, policy):
   assert r['error_vs_remaining'] <= TOL, r
 
 
+@pytest.mark.slow
 def test_params_stay_sharded_after_training(fsdp):
   """Every leaf of the reference model has a dimension 4 divides: after 3 updates each is
   still split over fsdp, each device holding a quarter (replicated params would fail)."""
@@ -81,6 +87,7 @@ def test_params_stay_sharded_after_training(fsdp):
         assert np.prod(layout['shard_shapes'][name]) * 4 == np.prod(shape), (name, layout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', MODES)
 def test_state_and_accumulator_per_device_is_a_quarter_at_fsdp_4(fsdp, mode):
   programs = fsdp['programs']
@@ -93,6 +100,7 @@ def test_state_and_accumulator_per_device_is_a_quarter_at_fsdp_4(fsdp, mode):
   assert last['state_argument_bytes'] <= 0.3 * last_dp['state_argument_bytes'], (last_dp, last)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh', ['fsdp=4', 'data=2,fsdp=2'])
 def test_collectives_per_policy(fsdp, mesh):
   """One params all-gather per call, outside the scan; the gradient reduce-scatter once per
@@ -108,6 +116,7 @@ def test_collectives_per_policy(fsdp, mesh):
   assert dp == {'all-reduce': {'in_loop': 0, 'outside': 1}}, dp
 
 
+@pytest.mark.slow
 def test_microbatch_policy_needs_less_temporary_memory(fsdp):
   """The 'microbatch' scan carries only a shard of the sums (compiled temp bytes per device)."""
   programs = fsdp['programs']
@@ -115,6 +124,7 @@ def test_microbatch_policy_needs_less_temporary_memory(fsdp):
       programs['scan/fsdp=4/call']['last']['temp_bytes']
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_across_meshes_mid_cycle(fsdp):
   r = fsdp['restore']
   assert r['saved']['cycle_microbatch'] == 2
@@ -184,6 +194,7 @@ def _host_run(mode, memory, directory=None):
   return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['multisteps', 'hybrid'])
 def test_host_memory_accumulator_is_the_same_math(mode, tmp_path):
   """accumulator_memory='host': the sums between calls stay in pinned_host memory (also
