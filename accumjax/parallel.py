@@ -90,7 +90,8 @@ def state_shardings(state, mesh: Mesh):
   stays there."""
   f = fsdp_size(mesh)
   shard = lambda tree: jax.tree.map(
-      lambda x: NamedSharding(mesh, leaf_spec(np.shape(x), f), memory_kind=_host_kind(x)), tree)
+      lambda x, spec: NamedSharding(mesh, spec, memory_kind=_host_kind(x)), tree,
+      tree_specs(tree, f))
   rep = lambda tree: jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
   if not hasattr(state, 'opt_state'):
     return shard(state)
