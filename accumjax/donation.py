@@ -101,19 +101,69 @@ def _taker(idx):
   return operator.itemgetter(*idx)
 
 
+class _Collapsed:  # noqa: N801 (a leaf marker: a wholly unread subtree of the state)
+  pass
+
+
+_COLLAPSED = _Collapsed()
+
+
+def _prefix(treedef, unread: set):
+  """The state's structure with every subtree of only unread leaves folded into one leaf.
+
+  Returns (prefix treedef, for each of its leaves the state leaf index, or None for a folded
+  subtree). A call then walks only the parts of the state it passes or changes: the folded
+  subtrees (Adam's moments in an interim call) are handed through as the very objects given.
+  """
+  marks = jax.tree.unflatten(treedef, range(treedef.num_leaves))
+
+  def fold(node):
+    idx = jax.tree.leaves(node)
+    if not idx:  # an empty subtree (None, EmptyState()): kept as structure
+      return node
+    if all(i in unread for i in idx):
+      return _COLLAPSED
+    children, node_def = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
+    if jax.tree_util.treedef_is_leaf(node_def):
+      return node
+    return jax.tree.unflatten(node_def, [fold(c) for c in children])
+
+  folded = fold(marks)
+  prefix_def = jax.tree.structure(folded, is_leaf=lambda x: x is _COLLAPSED)
+  where = [None if x is _COLLAPSED else x
+           for x in jax.tree.leaves(folded, is_leaf=lambda x: x is _COLLAPSED)]
+  return prefix_def, where
+
+
 class _Entry(NamedTuple):
   plan: Plan
   program: object  # the jitted split program
-  take_changed: object  # leaves -> the changed ones
-  take_read: object  # leaves -> the read ones
-  merge: object  # (*leaves, *new changed leaves) -> the new state's leaves
+  prefix: object  # the state's treedef with wholly unread subtrees folded (see `_prefix`)
+  take_changed: object  # prefix leaves -> the changed ones
+  take_read: object  # prefix leaves -> the read ones
+  take_folded: object  # prefix leaves -> the folded (unread) subtrees
+  take_kept: object  # prefix leaves -> the changed and read ones (array leaves)
+  merge: object  # (*prefix leaves, *new changed leaves) -> the new state's prefix leaves
 
 
 def _entry(plan: Plan, program) -> _Entry:
-  n = len(plan.changed) + len(plan.read) + len(plan.unread)
-  pos = {i: n + j for j, i in enumerate(plan.changed)}
-  return _Entry(plan, program, _taker(plan.changed), _taker(plan.read),
-                _taker(tuple(pos.get(i, i) for i in range(n))))
+  prefix, where = _prefix(plan.treedef, set(plan.unread))
+  at = {i: p for p, i in enumerate(where) if i is not None}
+  changed = tuple(at[i] for i in plan.changed)
+  n = len(where)
+  pos = {p: n + j for j, p in enumerate(changed)}
+  return _Entry(plan, program, prefix, _taker(changed), _taker(tuple(at[i] for i in plan.read)),
+                _taker(tuple(p for p, i in enumerate(where) if i is None)),
+                _taker(tuple(p for p, i in enumerate(where) if i is not None)),
+                _taker(tuple(pos.get(p, p) for p in range(n))))
+
+
+class _Last(NamedTuple):
+  """What the last call returned: the new state, its signature, and its prefix leaves under
+  the entries seen since (the parts a next call's state is checked against)."""
+  state: object
+  sig: int
+  parts: dict  # id(entry) -> prefix leaves of `state` under that entry's prefix
 
 
 class jit_donating:  # noqa: N801 (used like jax.jit)
@@ -122,17 +172,27 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
   call would run) and `_cache_size()` (programs compiled), like a jitted function. Keyword
   arguments are static (e.g. `last_call`): each value gets its own program.
 
-  Per-call Python is kept to a flatten, a few C-speed gathers and an unflatten (an interim
-  call of a small model costs about as much as this bookkeeping): the state's signature is
-  looked up only when the state is not made of the very arrays the last call returned, and the
+  Per-call Python is kept small (an interim call of a small model costs about as much as
+  this bookkeeping): a state built from the one the last call returned is walked only where
+  the call passes or changes it, and checked against it part by part (the very arrays, or
+  the same shapes and dtypes; the subtrees the call neither reads nor changes must be the
+  very objects returned). Anything else is flattened whole and looked up by signature. The
   other arguments' structure, shapes and dtypes are left to jit's own cache unless a retrace
-  for new ones finds that the plan depends on them (then every call keys on them too)."""
+  for new ones finds that the plan depends on them (then every call keys on them too).
+
+  The state is treated as a value, as JAX treats arrays: a container inside a state this
+  function returned should not be changed in place afterwards (build a new one:
+  `state._replace(...)`, `{**d, k: v}`). Such a change is still seen wherever the call reads or
+  changes the state; inside a subtree the call neither reads nor changes, the subtree is passed
+  through as given (as `fn` would), and only a change of its shapes or dtypes goes unseen until
+  a call reads it (its program is then traced again for them).
+  """
 
   def __init__(self, fn):
     self._fn = fn
-    self._plans: dict = {}  # call signature -> _Entry
+    self._plans: dict = {}  # call key -> _Entry
     self._sigs: dict = {}  # (treedef, avals) of a state -> its number
-    self._last = None  # (the state leaves the last call returned, their treedef, signature)
+    self._last: _Last | None = None
     self._key_on_arg_avals = False  # set once a plan turned out to depend on them
 
   def _program(self, changed, read, args, *, plan: Plan, kwargs):
@@ -158,21 +218,47 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
     new_leaves = jax.tree.leaves(new_state)
     return [new_leaves[i] for i in plan.changed], aux
 
-  def _lookup(self, state, args, kwargs):
-    leaves, treedef = jax.tree.flatten(state)
-    # The state's avals are part of the signature, but hashing and comparing ~200 of them costs
-    # ~40 us a call, the whole budget of a small interim call. A state made of exactly the
-    # arrays the last call returned (a loop feeding each call's state to the next) has the
-    # signature recorded then.
-    last = self._last
-    if last is not None and last[1] == treedef and all(map(operator.is_, leaves, last[0])):
-      sig = last[2]
-    else:
-      sig = self._signature(treedef, tuple(map(_AVAL, leaves)))
+  def _key(self, sig, args, kwargs):
     key = (sig, tuple(sorted(kwargs.items())) if kwargs else ())
     if self._key_on_arg_avals:
       arg_leaves, arg_tree = jax.tree.flatten(args)
       key += (arg_tree, tuple(map(_AVAL, arg_leaves)))
+    return key
+
+  def _from_last(self, state, args, kwargs):
+    """(entry, prefix leaves) when `state` is the last returned one, or built from it with
+    only arrays of the same shapes and dtypes replaced; else None."""
+    last = self._last
+    if last is None:
+      return None
+    entry = self._plans.get(self._key(last.sig, args, kwargs))
+    if entry is None:
+      return None
+    ref = last.parts.get(id(entry))
+    if ref is None:  # the last call ran another plan: its state under this one's prefix
+      ref = last.parts[id(entry)] = entry.prefix.flatten_up_to(last.state)
+    try:
+      parts = entry.prefix.flatten_up_to(state)
+    except (ValueError, TypeError):
+      return None
+    if all(map(operator.is_, parts, ref)):
+      return entry, parts
+    if not all(map(operator.is_, entry.take_folded(parts), entry.take_folded(ref))):
+      return None
+    try:
+      if tuple(map(_AVAL, entry.take_kept(parts))) != tuple(map(_AVAL, entry.take_kept(ref))):
+        return None
+    except AttributeError:  # not an array where the last state had one
+      return None
+    return entry, parts
+
+  def _lookup(self, state, args, kwargs):
+    found = self._from_last(state, args, kwargs)
+    if found is not None:
+      return (*found, self._last.sig)
+    leaves, treedef = jax.tree.flatten(state)
+    sig = self._signature(treedef, tuple(map(_AVAL, leaves)))
+    key = self._key(sig, args, kwargs)
     entry = self._plans.get(key)
     if entry is None:
       plan = make_plan(self._fn, state, args, kwargs)
@@ -181,7 +267,7 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
       program = jax.jit(functools.partial(self._program, plan=plan, kwargs=key[1]),
                         donate_argnums=0)
       entry = self._plans[key] = _entry(plan, program)
-    return entry, leaves, sig
+    return entry, entry.prefix.flatten_up_to(state), sig
 
   def _signature(self, treedef, avals) -> int:
     """A small int per distinct (treedef, avals) of the state."""
@@ -192,24 +278,26 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
     return self._lookup(state, args, kwargs)[0].plan
 
   def __call__(self, state, *args, **kwargs):
-    entry, leaves, sig = self._lookup(state, args, kwargs)
+    entry, parts, sig = self._lookup(state, args, kwargs)
     try:
-      changed, aux = entry.program(entry.take_changed(leaves), entry.take_read(leaves), args)
+      changed, aux = entry.program(entry.take_changed(parts), entry.take_read(parts), args)
     except _PlanChanged:
       self._key_on_arg_avals = True
       self._plans.clear()
+      self._last = None
       return self(state, *args, **kwargs)
-    plan = entry.plan
-    new_leaves = entry.merge((*leaves, *changed))
-    if not plan.keeps_avals:  # the call changed a dtype or shape (the next call recompiles)
-      sig = self._signature(plan.treedef, tuple(map(_AVAL, new_leaves)))
-    self._last = (new_leaves, plan.treedef, sig)
-    return jax.tree.unflatten(plan.treedef, new_leaves), aux
+    new_parts = entry.merge((*parts, *changed))
+    new_state = entry.prefix.unflatten(new_parts)
+    if not entry.plan.keeps_avals:  # the call changed a dtype or shape (the next one retraces)
+      leaves, treedef = jax.tree.flatten(new_state)
+      sig = self._signature(treedef, tuple(map(_AVAL, leaves)))
+    self._last = _Last(new_state, sig, {id(entry): new_parts})
+    return new_state, aux
 
   def split(self, state, *args, **kwargs):
     """(the jitted program a call would run, its arguments): for lowering and benchmarks."""
-    entry, leaves, _ = self._lookup(state, args, kwargs)
-    return entry.program, (entry.take_changed(leaves), entry.take_read(leaves), args)
+    entry, parts, _ = self._lookup(state, args, kwargs)
+    return entry.program, (entry.take_changed(parts), entry.take_read(parts), args)
 
   def lower(self, state, *args, **kwargs):
     program, split = self.split(state, *args, **kwargs)

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import accumjax
 from accumjax import donation
@@ -135,3 +136,51 @@ def test_a_plan_that_depends_on_the_other_arguments_is_followed():
   assert jd._key_on_arg_avals  # the 2-D call's retrace found another plan, and said so
   assert jd.plan(state, jnp.ones((2, 3))).read == (1,)
   assert jd.plan(state, (jnp.ones(3),)).changed == (0, 1)
+
+
+def test_a_state_rebuilt_from_the_returned_one_is_checked_part_by_part():
+  """A call on the very state the last call returned walks only what it passes or changes.
+  Anything else the caller did to that state must still be seen: arrays replaced where the
+  call reads or changes them (in place or in a new container), new unread subtrees, new
+  shapes."""
+  g = {'w': jnp.ones((2, 3)), 'b': jnp.full((3,), 2.0)}
+  jd = donation.jit_donating(interim)
+  plain = jax.jit(interim, static_argnames=('last_call',))
+  state, ref = _state(), _state()
+
+  def both(state, ref, last=False, walked=True):
+    # walked: the state is checked against the last returned one, not flattened whole
+    assert (jd._from_last(state, (g,), {'last_call': last}) is not None) == walked
+    state, metric = jd(state, g, last_call=last)
+    ref, ref_metric = plain(ref, g, last_call=last)
+    chex.assert_trees_all_equal(state, ref)
+    chex.assert_trees_all_equal(metric, ref_metric)
+    return state, ref
+
+  state, ref = both(state, ref, walked=False)
+  state, ref = both(state, ref)
+  # a read leaf replaced in place: the metric must see it
+  state['params']['w'] = jnp.full((2, 3), 7.0, jnp.float32)
+  ref['params']['w'] = jnp.full((2, 3), 7.0, jnp.float32)
+  state, ref = both(state, ref)
+  # a changed leaf replaced in a new container
+  state = dict(state, acc={'w': jnp.full((2, 3), 3.0, jnp.float32), 'b': state['acc']['b']})
+  ref = dict(ref, acc={'w': jnp.full((2, 3), 3.0, jnp.float32), 'b': ref['acc']['b']})
+  state, ref = both(state, ref)
+  # a read leaf with another dtype (a new signature)
+  state['params']['w'] = state['params']['w'].astype(jnp.bfloat16)
+  ref['params']['w'] = ref['params']['w'].astype(jnp.bfloat16)
+  state, ref = both(state, ref, walked=False)
+  state, ref = both(state, ref)
+  # an unread subtree replaced, same shape, then with another shape (a new signature)
+  state, ref = dict(state, moments=jnp.ones(4)), dict(ref, moments=jnp.ones(4))
+  state, ref = both(state, ref, walked=False)
+  state, ref = dict(state, moments=jnp.ones(5)), dict(ref, moments=jnp.ones(5))
+  state, ref = both(state, ref, last=True, walked=False)
+  assert state['moments'].shape == (5,)
+  # no array where the last state had one: refused as a plain jit refuses it (None + 1)
+  state, ref = dict(state, step=None), dict(ref, step=None)
+  with pytest.raises(TypeError):
+    plain(ref, g, last_call=False)
+  with pytest.raises(TypeError):
+    jd(state, g, last_call=False)
