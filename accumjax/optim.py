@@ -186,7 +186,7 @@ class LazyMultiSteps(optax.MultiSteps):
           optax.tree.cast_like(acc, updates), inner_state, params=params, **extra_args)
       new_inner = jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), new_inner,
                                inner_state)
-      zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, acc_dtype or a.dtype), acc)
+      zeros = jax.tree.map(lambda a: _zeros_from(a).astype(acc_dtype or a.dtype), acc)
       return finish(inner_updates), new_inner, zeros
 
     def keep(acc, inner_state):
@@ -257,6 +257,17 @@ class LazyMultiSteps(optax.MultiSteps):
         sums, state, as_opt_params(params), {}, last_call, finish,
         lambda: (params, jnp.zeros((), bool)))
     return Applied(new_params, new_state, emit, applied, acc)
+
+
+def _zeros_from(a):
+  """Exact +0.0 in `a`'s shape, computed from `a` (NaN and inf entries too).
+
+  Not `jnp.zeros`: a broadcast constant written over the donated accumulator made XLA copy
+  both the accumulator and the broadcast (2 copies per leaf, 108 at 3.3M params; the emitting
+  call cost 1.64-1.72x the normalized step, 1.45-1.47x with this). Not `0 * a` as optax: that
+  keeps NaN and gives -0.0 for negative sums."""
+  z = jnp.abs(a) * 0
+  return jnp.where(z == z, z, jnp.zeros_like(z))
 
 
 def _apply(params, updates, scale=None):

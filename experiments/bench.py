@@ -186,24 +186,28 @@ def run_cell(variant: str, k: int, size: str) -> dict:
   return out
 
 
+# (label, model dims, rounds, calls per round): many short rounds where a call is short, so
+# that the per-round ratios (each variant against its reference, timed in the same round)
+# have a stable median on a shared, noisy host
 LAZY_SIZES = {
-    'default': [('0.9M', dict(d_model=128, num_layers=4, num_heads=4)),
-                ('3.3M', dict(d_model=256, num_layers=4, num_heads=4)),
-                ('16M', dict(d_model=512, num_layers=5, num_heads=8))],
-    'quick': [('0.1M', dict(d_model=64, num_layers=2, num_heads=2))],
+    'default': [('0.9M', dict(d_model=128, num_layers=4, num_heads=4), 61, 20),
+                ('3.3M', dict(d_model=256, num_layers=4, num_heads=4), 31, 10),
+                ('16M', dict(d_model=512, num_layers=5, num_heads=8), 11, 5)],
+    'quick': [('0.1M', dict(d_model=64, num_layers=2, num_heads=2), 7, 20)],
 }
 
 
-def multisteps_costs(size: str, rounds: int = 7, reps: int = 20) -> list[dict]:
+def multisteps_costs(size: str) -> list[dict]:
   """Optimizer-side cost of one call, LazyMultiSteps vs optax.MultiSteps, per model size.
 
   Interim: a call that completes no update (K = 10**6 keeps every call interim), chained with
   donation as in training, against a bare float32 add of a gradient-sized tree into a donated
   accumulator. Emitting: K = 1 (every call completes its update) against the plain optax
   AdamW step on the mean gradient (update + apply, donated); accumjax's normalized wrapper
-  (divide once, skip decision) alone is a row too. Timed in interleaved rounds; medians.
+  (divide once, skip decision) alone is a row too. Timed in interleaved rounds: medians of
+  the times, and of the per-round ratios.
   """
-  return [_lazy_costs(label, dims, rounds, reps) for label, dims in LAZY_SIZES[size]]
+  return [_lazy_costs(label, dims, rounds, reps) for label, dims, rounds, reps in LAZY_SIZES[size]]
 
 
 def _lazy_costs(label, dims, rounds, reps) -> dict:
@@ -297,7 +301,20 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
   times = _interleaved_times(variants, rounds, reps, warmup=3)
   med = {v: statistics.median(t) for v, t in times.items()}
   return {'size': label, 'num_params': model.num_params(params),
-          'leaves': len(jax.tree.leaves(params)), 'ms': {v: t * 1e3 for v, t in med.items()}}
+          'leaves': len(jax.tree.leaves(params)), 'ms': {v: t * 1e3 for v, t in med.items()},
+          'rounds': rounds, 'reps': reps, 'rounds_ms': {v: [x * 1e3 for x in t]
+                                                         for v, t in times.items()}}
+
+
+def _paired(r, a, b, quartiles=False):
+  """Median over rounds of (a's time / b's time in the same round); with quartiles, also the
+  25th-75th percentile of those ratios."""
+  ratios = [x / y for x, y in zip(r['rounds_ms'][a], r['rounds_ms'][b], strict=True)]
+  text = f'{statistics.median(ratios):.2f}'
+  if quartiles:
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    text += f' ({q1:.2f}-{q3:.2f})'
+  return text
 
 
 def noise_costs(size: str, rounds: int = 9, reps: int = 3, k: int = 8) -> list[dict]:
@@ -436,31 +453,34 @@ def lazy_report(results, seconds, quick) -> str:
       'AdamW inside accumjax\'s normalized wrapper (plain optax step: AdamW update + apply '
       'on the mean gradient, donated), every call chained with the optimizer '
       'state and params donated as in training. Interim = a call that completes no update '
-      '(K = 10**6); emitting = K = 1. Medians of interleaved rounds; ratios are within one '
-      'size, measured side by side.', '',
-      '| params | leaves | bare add ms | lazy interim, hint / add (target <= 1.2) | '
-      'its program alone / add | lazy '
+      '(K = 10**6); emitting = K = 1. Every variant is timed once per round, in turn (rounds x '
+      'calls per round below); a ratio is the median over rounds of the two variants\' times in '
+      'the same round (the target column also gives the 25th-75th percentiles of those '
+      'ratios: this host is shared and noisy), a time the median over rounds.', '',
+      '| params | leaves | rounds x calls | bare add ms | lazy interim, hint / add (target <= 1.2) '
+      '| its program alone / add | lazy '
       'interim, lax.cond / add | optax.MultiSteps interim / add | plain optax step ms | '
       'plain step dividing the sums / plain step | accumjax normalized step / plain step | '
       'accumjax normalized step / plain step dividing | lazy emitting, hint / plain step | '
       'lazy emitting, lax.cond / plain step | '
       'optax.MultiSteps emitting / plain step |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+  add, plain = 'bare float32 add', 'plain optax step'
   for r in results:
     ms = r['ms']
-    add, plain = ms['bare float32 add'], ms['plain optax step']
     lines.append(
-        f'| {r["size"]} ({r["num_params"]:,}) | {r["leaves"]} | {add:.2f} | '
-        f'{ms["lazy interim, last_call hint"] / add:.2f} | '
-        f'{ms["lazy interim, its program alone"] / add:.2f} | '
-        f'{ms["lazy interim, lax.cond"] / add:.2f}'
-        f' | {ms["optax.MultiSteps interim"] / add:.2f} | {plain:.2f} | '
-        f'{ms["plain step dividing the sums"] / plain:.2f} | '
-        f'{ms["accumjax normalized step"] / plain:.2f} | '
-        f'{ms["accumjax normalized step"] / ms["plain step dividing the sums"]:.2f} | '
-        f'{ms["lazy emitting, last_call hint"] / plain:.2f} | '
-        f'{ms["lazy emitting, lax.cond"] / plain:.2f} | '
-        f'{ms["optax.MultiSteps emitting"] / plain:.2f} |')
+        f'| {r["size"]} ({r["num_params"]:,}) | {r["leaves"]} | {r["rounds"]} x {r["reps"]} | '
+        f'{ms[add]:.2f} | '
+        f'{_paired(r, "lazy interim, last_call hint", add, quartiles=True)} | '
+        f'{_paired(r, "lazy interim, its program alone", add)} | '
+        f'{_paired(r, "lazy interim, lax.cond", add)}'
+        f' | {_paired(r, "optax.MultiSteps interim", add)} | {ms[plain]:.2f} | '
+        f'{_paired(r, "plain step dividing the sums", plain)} | '
+        f'{_paired(r, "accumjax normalized step", plain)} | '
+        f'{_paired(r, "accumjax normalized step", "plain step dividing the sums")} | '
+        f'{_paired(r, "lazy emitting, last_call hint", plain)} | '
+        f'{_paired(r, "lazy emitting, lax.cond", plain)} | '
+        f'{_paired(r, "optax.MultiSteps emitting", plain)} |')
   lines += ['', 'Milliseconds per call:', '',
             '| params | ' + ' | '.join(results[0]['ms']) + ' |',
             '|---|' + '---|' * len(results[0]['ms'])]

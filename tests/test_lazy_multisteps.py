@@ -143,3 +143,30 @@ def test_bf16_params_in_the_train_step(mode, hint):
 def test_bad_settings_are_config_errors(kwargs, match):
   with pytest.raises(accumjax.ConfigError, match=match):
     accumjax.LazyMultiSteps(optax.sgd(0.1), **kwargs)
+
+
+@pytest.mark.parametrize('hint', [None, True])
+def test_the_emitting_call_resets_the_accumulator_to_exact_positive_zeros(hint):
+  """By design (README): where optax computes `0 * acc` (NaN stays NaN, a negative sum gives
+  -0.0), the cycle's last call leaves exact +0.0, whatever the sums held."""
+  params = {'w': jnp.ones((4,))}
+  tx = accumjax.LazyMultiSteps(optax.sgd(0.1), every_k_schedule=2, use_grad_mean=False)
+  state = tx.init(params)
+  first = {'w': jnp.array([-1.0, jnp.nan, jnp.inf, 2.0])}
+  _, state = jax.jit(tx.update)(first, state, params)
+  np.testing.assert_array_equal(np.isnan(state.acc_grads['w']), [False, True, False, False])
+  if hint is None:
+    _, state = jax.jit(tx.update)({'w': jnp.full((4,), -3.0)}, state, params)
+  else:  # the train step's path: the hinted call
+    sums = accumjax.GradSums({'w': jnp.full((4,), -3.0)}, jnp.float32(0), jnp.float32(1),
+                             jnp.float32(0))
+    tx = accumjax.LazyMultiSteps(accumjax.normalized(optax.sgd(0.1)), 2, use_grad_mean=False)
+    state = tx.init(accumjax.optim.as_opt_params(params))
+    state = state._replace(mini_step=jnp.ones_like(state.mini_step),
+                           acc_grads=state.acc_grads._replace(grads=first))
+    state = jax.jit(lambda s: tx.apply(sums, s, params, last_call=True).opt_state)(state)
+    state = state._replace(acc_grads=state.acc_grads.grads)
+  assert int(state.mini_step) == 0
+  acc = np.asarray(state.acc_grads['w'])
+  np.testing.assert_array_equal(acc, np.zeros(4))
+  assert not np.signbit(acc).any()
