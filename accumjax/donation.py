@@ -15,6 +15,11 @@ leaves by what the program does with them:
 - neither read nor changed (e.g. Adam's moments in an interim call): not passed at all; the
   new state holds the caller's very array.
 
+A call on the state the last call returned (or one built from it) then walks only the parts it
+passes or changes: every subtree of unread leaves is folded into one leaf of a per-plan prefix
+structure and handed through as the very object given. Flattening and rebuilding the whole
+~200-leaf state was most of what was left of a small interim call's cost (see `jit_donating`).
+
 The plan is checked again inside every trace of the split program (one per signature jit sees),
 so it can never drop an output that the function computes: a leaf is treated as untouched only
 if the traced output *is* the input (same tracer), and as unread only if no equation reads it.
@@ -143,27 +148,30 @@ class _Entry(NamedTuple):
   take_read: object  # prefix leaves -> the read ones
   take_folded: object  # prefix leaves -> the folded (unread) subtrees
   take_kept: object  # prefix leaves -> the changed and read ones (array leaves)
+  kept_avals: tuple  # their avals in the signature this entry was made for
   merge: object  # (*prefix leaves, *new changed leaves) -> the new state's prefix leaves
 
 
-def _entry(plan: Plan, program) -> _Entry:
+def _entry(plan: Plan, program, avals) -> _Entry:
   prefix, where = _prefix(plan.treedef, set(plan.unread))
+  kept = tuple(p for p, i in enumerate(where) if i is not None)
   at = {i: p for p, i in enumerate(where) if i is not None}
   changed = tuple(at[i] for i in plan.changed)
   n = len(where)
   pos = {p: n + j for j, p in enumerate(changed)}
   return _Entry(plan, program, prefix, _taker(changed), _taker(tuple(at[i] for i in plan.read)),
                 _taker(tuple(p for p, i in enumerate(where) if i is None)),
-                _taker(tuple(p for p, i in enumerate(where) if i is not None)),
+                _taker(kept), tuple(avals[where[p]] for p in kept),
                 _taker(tuple(pos.get(p, p) for p in range(n))))
 
 
 class _Last(NamedTuple):
   """What the last call returned: the new state, its signature, and its prefix leaves under
-  the entries seen since (the parts a next call's state is checked against)."""
+  the plan that made it (what a next call's state is checked against)."""
   state: object
   sig: int
-  parts: dict  # id(entry) -> prefix leaves of `state` under that entry's prefix
+  entry: _Entry
+  parts: list
 
 
 class jit_donating:  # noqa: N801 (used like jax.jit)
@@ -234,21 +242,23 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
     entry = self._plans.get(self._key(last.sig, args, kwargs))
     if entry is None:
       return None
-    ref = last.parts.get(id(entry))
-    if ref is None:  # the last call ran another plan: its state under this one's prefix
-      ref = last.parts[id(entry)] = entry.prefix.flatten_up_to(last.state)
     try:
       parts = entry.prefix.flatten_up_to(state)
     except (ValueError, TypeError):
       return None
-    if all(map(operator.is_, parts, ref)):
-      return entry, parts
+    if last.entry is entry:  # the same plan as the last call: the parts it returned
+      ref = last.parts
+      if all(map(operator.is_, parts, ref)):
+        return entry, parts
+    else:  # another plan (e.g. the emitting one): the returned state under this one's prefix
+      # (taken now, so its array leaves are checked by type below, not trusted by identity)
+      ref = entry.prefix.flatten_up_to(last.state)
     if not all(map(operator.is_, entry.take_folded(parts), entry.take_folded(ref))):
       return None
     try:
-      if tuple(map(_AVAL, entry.take_kept(parts))) != tuple(map(_AVAL, entry.take_kept(ref))):
+      if tuple(map(_AVAL, entry.take_kept(parts))) != entry.kept_avals:
         return None
-    except AttributeError:  # not an array where the last state had one
+    except AttributeError:  # not an array where the signature has one
       return None
     return entry, parts
 
@@ -257,7 +267,8 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
     if found is not None:
       return (*found, self._last.sig)
     leaves, treedef = jax.tree.flatten(state)
-    sig = self._signature(treedef, tuple(map(_AVAL, leaves)))
+    avals = tuple(map(_AVAL, leaves))
+    sig = self._signature(treedef, avals)
     key = self._key(sig, args, kwargs)
     entry = self._plans.get(key)
     if entry is None:
@@ -266,7 +277,7 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
       # every call).
       program = jax.jit(functools.partial(self._program, plan=plan, kwargs=key[1]),
                         donate_argnums=0)
-      entry = self._plans[key] = _entry(plan, program)
+      entry = self._plans[key] = _entry(plan, program, avals)
     return entry, entry.prefix.flatten_up_to(state), sig
 
   def _signature(self, treedef, avals) -> int:
@@ -291,7 +302,7 @@ class jit_donating:  # noqa: N801 (used like jax.jit)
     if not entry.plan.keeps_avals:  # the call changed a dtype or shape (the next one retraces)
       leaves, treedef = jax.tree.flatten(new_state)
       sig = self._signature(treedef, tuple(map(_AVAL, leaves)))
-    self._last = _Last(new_state, sig, {id(entry): new_parts})
+    self._last = _Last(new_state, sig, entry, new_parts)
     return new_state, aux
 
   def split(self, state, *args, **kwargs):

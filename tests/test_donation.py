@@ -184,3 +184,23 @@ def test_a_state_rebuilt_from_the_returned_one_is_checked_part_by_part():
     plain(ref, g, last_call=False)
   with pytest.raises(TypeError):
     jd(state, g, last_call=False)
+
+
+def test_an_in_place_change_is_seen_across_a_switch_of_plan():
+  """The state a call returned, changed in place, then passed to a call of the other plan
+  (interim -> emitting): it is checked against the signature, not trusted by identity."""
+  g = {'w': jnp.ones((2, 3)), 'b': jnp.full((3,), 2.0)}
+  jd = donation.jit_donating(interim)
+  plain = jax.jit(interim, static_argnames=('last_call',))
+  state, ref = _state(), _state()
+  for last in (False, True, False):  # both plans exist for this signature
+    state, _ = jd(state, g, last_call=last)
+    ref, _ = plain(ref, g, last_call=last)
+  assert jd._from_last(state, (g,), {'last_call': True}) is not None
+  state['acc']['w'] = state['acc']['w'].astype(jnp.bfloat16)
+  ref['acc']['w'] = ref['acc']['w'].astype(jnp.bfloat16)
+  assert jd._from_last(state, (g,), {'last_call': True}) is None
+  state, metric = jd(state, g, last_call=True)
+  ref, ref_metric = plain(ref, g, last_call=True)
+  chex.assert_trees_all_equal(state, ref)
+  chex.assert_trees_all_equal_dtypes(state, ref)
