@@ -106,7 +106,7 @@ def _taker(idx):
   return operator.itemgetter(*idx)
 
 
-class _Collapsed:  # noqa: N801 (a leaf marker: a wholly unread subtree of the state)
+class _Collapsed:  # a leaf marker: a wholly unread subtree of the state
   pass
 
 
@@ -154,14 +154,14 @@ class _Entry(NamedTuple):
 
 def _entry(plan: Plan, program, avals) -> _Entry:
   prefix, where = _prefix(plan.treedef, set(plan.unread))
-  kept = tuple(p for p, i in enumerate(where) if i is not None)
-  at = {i: p for p, i in enumerate(where) if i is not None}
+  at = {i: p for p, i in enumerate(where) if i is not None}  # state leaf -> prefix leaf
+  kept = tuple(at.values())
   changed = tuple(at[i] for i in plan.changed)
   n = len(where)
   pos = {p: n + j for j, p in enumerate(changed)}
   return _Entry(plan, program, prefix, _taker(changed), _taker(tuple(at[i] for i in plan.read)),
                 _taker(tuple(p for p, i in enumerate(where) if i is None)),
-                _taker(kept), tuple(avals[where[p]] for p in kept),
+                _taker(kept), tuple(avals[i] for i in at),
                 _taker(tuple(pos.get(p, p) for p in range(n))))
 
 
