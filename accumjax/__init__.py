@@ -4,8 +4,8 @@ The accumulation library: importable from a notebook, no flags, no printing. The
 built on it lives in `accumjax.lm`.
 """
 
-from accumjax import loop, model_state
-from accumjax.config import AccumConfig, describe
+from accumjax import checkpoint, loop, model_state, parallel, planner, schedules
+from accumjax.config import AccumConfig
 from accumjax.core import (
     ConfigError,
     GradSums,
@@ -20,19 +20,14 @@ from accumjax.loop import run_update
 from accumjax.losses import per_example_loss, token_cross_entropy
 from accumjax.optim import LazyMultiSteps, accumulating_optimizer, as_opt_params, normalized
 from accumjax.precision import cast_floats, with_compute_dtype
-from accumjax.step import (
-    TrainState,
-    init_train_state,
-    jit_train_step,
-    make_flush,
-    make_train_step,
-)
+from accumjax.state import Cycle, TrainState, describe, init_train_state
+from accumjax.step import jit_train_step, make_flush, make_train_step
 
 __all__ = [
-    'AccumConfig', 'ConfigError', 'GradSums', 'LazyMultiSteps', 'NoiseSums', 'TrainState',
-    'accumulate_gradients', 'accumulate_sums', 'accumulating_optimizer', 'as_opt_params',
-    'cast_floats', 'describe', 'init_train_state', 'jit_train_step', 'loop', 'make_flush',
-    'make_train_step', 'model_state', 'noise_scale', 'normalize', 'normalized',
-    'per_example_loss', 'run_update',
-    'split_microbatches', 'token_cross_entropy', 'with_compute_dtype',
+    'AccumConfig', 'ConfigError', 'Cycle', 'GradSums', 'LazyMultiSteps', 'NoiseSums',
+    'TrainState', 'accumulate_gradients', 'accumulate_sums', 'accumulating_optimizer',
+    'as_opt_params', 'cast_floats', 'checkpoint', 'describe', 'init_train_state',
+    'jit_train_step', 'loop', 'make_flush', 'make_train_step', 'model_state', 'noise_scale',
+    'normalize', 'normalized', 'parallel', 'per_example_loss', 'planner', 'run_update',
+    'schedules', 'split_microbatches', 'token_cross_entropy', 'with_compute_dtype',
 ]

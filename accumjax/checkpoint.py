@@ -1,12 +1,12 @@
 """Orbax checkpoints of the whole training state, mid-cycle accumulation included.
 
-A checkpoint holds the `TrainState` (params, the whole optax state with MultiSteps' summed
+A checkpoint holds the `TrainState` (params, the optimizer state, the cycle's summed
 gradients, loss sum, weight and counters, the RNG key data, update/micro-step counters) and a
 JSON `meta` item: the run's config, the data iterator position, logging state, and our own
 fingerprint of the saved state. Orbax does not checksum array data, so `restore` recomputes the
 fingerprint and refuses a checkpoint whose bytes changed.
 
-- The Orbax step is `state.microbatch_step`, strictly increasing over micro-batches, so saves in
+- The Orbax step is `microbatches_seen(state)`, strictly increasing over micro-batches, so saves in
   the middle of a cycle are never dropped (Orbax silently refuses a step not newer than the
   latest; we turn that into an error).
 - Saving is asynchronous where Orbax offers it. What is saved is a private copy of the state,
@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from accumjax.state import microbatches_seen
 
 
 class CheckpointError(RuntimeError):
@@ -118,8 +120,9 @@ class Checkpointer:
     return sorted(p.name for p in self.directory.iterdir() if 'orbax-checkpoint-tmp' in p.name)
 
   def save(self, state, meta: dict) -> int:
-    """Starts saving `state` with `meta` under step `state.microbatch_step`; returns the step."""
-    step = int(state.microbatch_step)
+    """Starts saving `state` with `meta` under step `microbatches_seen(state)` (micro-batches
+    done, mid-cycle ones included); returns the step."""
+    step = microbatches_seen(state)
     snapshot = jax.tree.map(jnp.copy, state)  # the train step may donate `state` next
     meta = dict(meta, step=step, fingerprint=fingerprint(snapshot),
                 dtypes=[str(x.dtype) for x in jax.tree.leaves(snapshot)])
@@ -224,7 +227,6 @@ class Checkpointer:
       for s, where in moved:
         shutil.move(str(self.path(s)), where)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices('accumjax checkpoints moved aside')
     self._manager.close()  # it caches the steps it has seen; start afresh without them
     self._manager = ocp.CheckpointManager(self.directory, item_names=('state', 'meta'),

@@ -210,12 +210,9 @@ class AccumConfig:
     return jnp.dtype(self.accum_dtype)
 
 
-def describe(config: AccumConfig, state=None) -> dict:
-  """A plain dict of the accumulation setup, for banners, config.json and metrics.
-
-  With the (placed or abstract) train `state`, also the bytes one device holds of it:
-  `{params,opt_state,accumulator,call_accumulator}_bytes_per_device` (see
-  `parallel.state_bytes_per_device`; sharded over fsdp, they shrink with F)."""
+def describe(config: AccumConfig) -> dict:
+  """A plain dict of the accumulation setup, for banners, config.json and metrics (with the
+  state's bytes per device: `accumjax.describe(config, state)`)."""
   tokens = None if config.seq_len is None else config.effective_batch * config.seq_len
   if config.clip_norm is None:
     clipping = 'none'
@@ -250,8 +247,4 @@ def describe(config: AccumConfig, state=None) -> dict:
       'lr_batch_scaling': (f'{config.lr_batch_scaling} (x (K / {config.base_k}) ** '
                            f'{config.lr_power:g})' if config.lr_power else 'none'),
   }
-  if state is not None:
-    from accumjax import parallel  # noqa: PLC0415 (parallel imports this module)
-    out.update({f'{name}_bytes_per_device': n
-                for name, n in parallel.state_bytes_per_device(state, config).items()})
   return out

@@ -25,11 +25,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from accumjax import model_state as ms
+from accumjax.errors import ConfigError
+
+__all__ = ['ConfigError', 'GradSums', 'NoiseSums', 'accumulate_gradients', 'accumulate_sums',
+           'noise_scale', 'normalize', 'scan_microbatches', 'split_microbatches']
+
 PyTree = Any
-
-
-class ConfigError(ValueError):
-  """A bad accumulation setting or input, detected before any computation."""
 
 
 class NoiseSums(NamedTuple):
@@ -272,8 +274,6 @@ def scan_microbatches(
   gradient after the non-finite check, before it is added; the sums then take the shapes of
   `sums_like` (e.g. each device's shard of the params).
   """
-  from accumjax import model_state as ms  # noqa: PLC0415 (model_state imports ConfigError)
-
   check_float_params(params)
   _bool_arg('noise_stats', noise_stats)
   microbatches = split_microbatches(batch, num_microbatches)
@@ -365,7 +365,6 @@ def accumulate_gradients(
   state and returns `(losses, new_state)`), metrics add `model_state`: the new state from the
   K micro-batches combined by the rules.
   """
-  from accumjax import model_state as ms  # noqa: PLC0415
   if noise_stats is True and isinstance(num_microbatches, int) and num_microbatches < 2:
     raise ConfigError(
         f'noise_stats=True needs num_microbatches >= 2; got {num_microbatches}: with one '

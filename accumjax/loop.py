@@ -3,8 +3,10 @@
 A jitted train step (`step.make_train_step` + `step.jit_train_step`) takes one *call*: K
 micro-batches in scan mode, one in multisteps mode, c in hybrid mode. `run_update` makes the
 calls of one update: it knows from the state where the cycle stands (a run resumed mid-cycle
-continues it), passes the static `last_call` hint on each call, lets the caller act after every
-call (log, save mid-cycle, stop for a preemption), and flushes a cycle that the data cut short.
+continues it), says on each call whether it completes the update (`last_call`: the step then
+runs its completing program, else the interim one that only adds into the cycle), lets the
+caller act after every call (log, save mid-cycle, stop for a preemption), and flushes a cycle
+that the data cut short.
 The trainer, the experiments, the notebooks and the tests all train through it.
 
 The number of micro-batches may differ from one update to the next (`num_microbatches`), as
@@ -20,7 +22,8 @@ from typing import Any
 import jax
 
 from accumjax.config import AccumConfig
-from accumjax.core import ConfigError
+from accumjax.errors import ConfigError
+from accumjax.state import cycle_microbatches
 
 
 @dataclasses.dataclass
@@ -66,11 +69,13 @@ def calls_per_update(config: AccumConfig, num_microbatches: int | None = None) -
 
 
 def calls_done(state, config: AccumConfig) -> int:
-  """Calls already made in the state's current cycle (0 at a cycle boundary)."""
-  done, rest = divmod(int(state.cycle_microbatch), config.per_call)
+  """Calls already made in the state's current cycle (0 at a cycle boundary; one device
+  read)."""
+  position = cycle_microbatches(state)
+  done, rest = divmod(position, config.per_call)
   if rest:
     raise ConfigError(
-        f'the state is {int(state.cycle_microbatch)} micro-batches into its cycle, not a whole '
+        f'the state is {position} micro-batches into its cycle, not a whole '
         f'number of {config.mode} calls of {config.per_call}; finish the cycle with the setup '
         'that started it, or flush it.')
   return done
@@ -91,7 +96,7 @@ def run_update(
 
   Args:
     step: the jitted train step, `step(state, batch, last_call=bool) -> (state, metrics)`.
-    state: the train state; its `cycle_microbatch` says how much of the cycle is done.
+    state: the train state; its cycle says how much of the update is done.
     calls: an iterator of call batches (each `config.per_call` micro-batches, global rows);
       exactly the calls this update still needs are taken from it.
     config: the accumulation setup.

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from accumjax.core import ConfigError
+from accumjax.errors import ConfigError
 
 RULES = ('last', 'sum', 'max', 'mean')
 

@@ -1,7 +1,8 @@
 """Optimizers that consume `GradSums` and divide once, inside the optimizer chain.
 
-`accumulating_optimizer(inner, config)` turns any optax optimizer into one whose "gradient"
-input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`:
+`accumulating_optimizer(optimizer, config)` turns a plain optax optimizer into one whose
+"gradient" input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`; the
+train step calls it itself, so a user passes the plain optimizer:
 
 - `normalized(inner, policy)` divides the gradient sum by the weight sum, then runs `inner`.
   An update whose total weight is zero is skipped: zero updates, and the inner state (schedule
@@ -12,20 +13,17 @@ input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`:
   'skip_microbatch' the rest is applied (the division by the remaining weight renormalises
   it). The decision travels out in the `weight` field of the updates (1.0: applied), so
   nothing downstream decides it again.
-- `apply_sums` is the one entry point of the train step: one call's sums in, and out the new
-  params and state plus an `Applied` record: whether this call completed an update, whether
-  that update was applied, and the cycle's totals. Nothing else re-derives these.
-- For `multisteps` and `hybrid` the result is wrapped in `optax.MultiSteps(...,
-  use_grad_mean=False)`. MultiSteps then *sums* the GradSums of its calls (gradient sums,
-  loss sums and weights alike), so the normalisation sees the cycle's totals: the update is
-  the gradient of total loss_sum / total weight however the tokens were spread across calls.
-  (MultiSteps' default running mean would weigh every call equally instead.) It sums the
-  non-finite counts too, and since the core never lets a NaN into the sums, MultiSteps' reset
-  of its accumulator (`(1 - emit) * acc`, where 0 * NaN would stay NaN) always clears it.
+- The train step keeps the sums of an update's calls in its own cycle (`state.Cycle`) and
+  runs `normalized` once, on the call that completes the update. Under
+  `multisteps_impl='optax'` it wraps `normalized` in `optax.MultiSteps(...,
+  use_grad_mean=False)` as shipped instead, which runs the optimizer on every call (the
+  reference the own cycle is compared with). MultiSteps then *sums* the GradSums of its calls
+  (its default running mean would weigh every call equally instead).
+- `LazyMultiSteps` is an `optax.MultiSteps` drop-in for your own optax code: the same state
+  and results, but an interim call only adds.
 """
 
 import operator
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,24 +56,6 @@ def _updates(grads, like: GradSums, applied=None) -> GradSums:
                   jax.tree.map(zero, like.noise))
 
 
-class Applied(NamedTuple):
-  """What one call did to the optimizer, decided once (by `normalized` and the cycle count).
-
-  Attributes:
-    params: the new params.
-    opt_state: the new optimizer state.
-    updated: bool scalar, this call completed an update (always true in scan mode).
-    applied: bool scalar, that update was applied (false: skipped, params and inner state
-      unchanged; always false on calls that complete no update).
-    totals: the cycle's sums including this call (the whole update's when `updated`).
-  """
-  params: Any
-  opt_state: Any
-  updated: jax.Array
-  applied: jax.Array
-  totals: GradSums
-
-
 def normalized(inner: optax.GradientTransformation,
                policy: str = 'skip_update') -> optax.GradientTransformation:
   """Runs `inner` on sums.grads / sums.weight; skips updates that `applies` refuses.
@@ -86,7 +66,8 @@ def normalized(inner: optax.GradientTransformation,
   def init_fn(params: GradSums):
     return inner.init(params.grads)
 
-  def update_fn(sums: GradSums, state, params: GradSums | None = None):
+  def update_fn(sums: GradSums, state, params: GradSums | None = None, **extra_args):
+    del extra_args  # (optax.MultiSteps passes its own; the inner optimizer takes none)
     keep = applies(sums, policy)
 
     def run(state):
@@ -99,28 +80,68 @@ def normalized(inner: optax.GradientTransformation,
               jax.tree.map(lambda s, x: x.astype(s.dtype), shapes[1], state))
 
     # A cond, not `where(keep, new, old)` over the state: with the state donated, the select
-    # reads the old buffers after the new ones are written, and XLA copies every one of them
-    # (313 copies at 3.3M params, where the step cost 6.9x a plain AdamW step; now 1.6x).
+    # reads the old buffers after the new ones are written, and XLA copies every one of them.
     updates, new_state = jax.lax.cond(keep, run, hold, state)
     return _updates(updates, sums, keep), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return Normalized(init_fn, update_fn)
 
 
-def accumulating_optimizer(inner: optax.GradientTransformation, config: AccumConfig):
-  """`inner` (plus clipping after accumulation, if configured) fed with GradSums.
+class Normalized(optax.GradientTransformationExtraArgs):
+  """What `normalized` returns: an optax transformation over `GradSums` (so the train step can
+  tell it from a plain optimizer, which it wraps itself). `accum_config` is the `AccumConfig`
+  `accumulating_optimizer` built it for (None if none), so `init_train_state` can follow it."""
+  accum_config = None
 
-  Returns an object with optax's `init(params_as_gradsums)` / `update(sums, state,
-  params_as_gradsums)`; in multisteps/hybrid modes it is an `optax.MultiSteps`.
+
+def is_accumulating(tx) -> bool:
+  """Whether `tx` already consumes GradSums (built by `accumulating_optimizer`)."""
+  return isinstance(tx, Normalized) or (isinstance(tx, optax.MultiSteps)
+                                        and isinstance(tx.inner_opt, Normalized))
+
+
+def accumulating_optimizer(optimizer, config: AccumConfig | None = None):
+  """The plain optax `optimizer` fed with GradSums: clipped after accumulation (if `config`
+  says so), divided once (`normalized`), and under `multisteps_impl='optax'` with several calls
+  per update wrapped in `optax.MultiSteps` as shipped. The train step and `init_train_state`
+  call this themselves; an optimizer it returned passes through unchanged (checked against
+  `config`).
   """
-  if config.clip_norm is not None and not config.clip_before_accumulation:
+  if is_accumulating(optimizer):
+    if config is not None and isinstance(optimizer, optax.MultiSteps) != _wraps_multisteps(config):
+      raise ConfigError(
+          f'the optimizer was built for another setup than mode={config.mode!r}, '
+          f'multisteps_impl={config.multisteps_impl!r}: pass the plain optax optimizer and '
+          'let make_train_step wrap it.')
+    return optimizer
+  if isinstance(optimizer, optax.MultiSteps):
+    raise ConfigError(
+        'optimizer is an optax.MultiSteps: pass the plain optimizer (e.g. optax.adamw(...)); '
+        'accumjax accumulates across calls itself (multisteps_impl=\'optax\' uses '
+        'optax.MultiSteps for you).')
+  if not (callable(getattr(optimizer, 'init', None)) and
+          callable(getattr(optimizer, 'update', None))):
+    raise ConfigError(f'optimizer={optimizer!r}; allowed: an optax GradientTransformation '
+                      '(e.g. optax.adamw(1e-3)).')
+  inner = optimizer
+  if config is not None and config.clip_norm is not None and not config.clip_before_accumulation:
     inner = optax.chain(optax.clip_by_global_norm(config.clip_norm), inner)
-  tx = normalized(inner, config.nonfinite)
-  if config.calls_per_update == 1:
+  tx = normalized(inner, 'skip_update' if config is None else config.nonfinite)
+  tx.accum_config = config
+  if config is None or not _wraps_multisteps(config):
     return tx
-  wrapper = LazyMultiSteps if config.multisteps_impl == 'lazy' else optax.MultiSteps
-  return wrapper(tx, every_k_schedule=config.calls_per_update, use_grad_mean=False,
-                 accumulator_dtype=config.accum_jnp_dtype)
+  return optax.MultiSteps(tx, every_k_schedule=config.calls_per_update, use_grad_mean=False,
+                          accumulator_dtype=config.accum_jnp_dtype)
+
+
+def config_of(tx) -> AccumConfig | None:
+  """The `AccumConfig` an accumulating optimizer was built for, or None."""
+  base = tx.inner_opt if isinstance(tx, optax.MultiSteps) else tx
+  return getattr(base, 'accum_config', None)
+
+
+def _wraps_multisteps(config: AccumConfig) -> bool:
+  return config.calls_per_update > 1 and config.multisteps_impl == 'optax'
 
 
 class LazyMultiSteps(optax.MultiSteps):
@@ -142,8 +163,8 @@ class LazyMultiSteps(optax.MultiSteps):
   `0 * acc` (so a NaN accumulator is cleared instead of kept); bad settings (K < 1, a float K)
   raise `ConfigError` where optax silently never updates or fails deep inside.
 
-  accumjax's train step uses it through `apply` (sums of `GradSums`, a static `last_call`
-  hint, the params updated inside the branch).
+  accumjax's train step does not need it: it keeps an update's sums in its own cycle (see
+  `state.Cycle`), which is this lazy add with the cycle's end decided by the call driver.
   """
 
   def __init__(self, opt, every_k_schedule, use_grad_mean: bool = True,
@@ -168,44 +189,35 @@ class LazyMultiSteps(optax.MultiSteps):
                      accumulator_dtype)
     self._has_skip_fn = should_skip_update_fn is not None
 
-  def _cycle(self, updates, state, params, extra_args, last_call, finish, hold):
+  def _cycle(self, updates, state, params, extra_args, zero_updates):
     """The lazy core: adds `updates` into the accumulator; on the cycle's last call runs the
-    inner optimizer on the accumulated gradients and returns `finish(inner updates)`, on
-    other calls `hold()`. Returns (result, new state with the old skip_state, emit, the
-    cycle's accumulated sums including this call)."""
+    inner optimizer on the accumulated gradients (inside a `lax.cond` that only that call
+    takes). Returns (updates, new state with the old skip_state)."""
     k_steps = self._every_k_schedule(state.gradient_step)
     acc = jax.tree.map(lambda g, a: self._acc_update(g, a, n_acc=state.mini_step),
                        updates, state.acc_grads)
     acc_dtype = self._accumulator_dtype
     emit = state.mini_step == k_steps - 1
-    if last_call is not None:
-      emit = jnp.asarray(last_call)
 
     def fire(acc, inner_state):
       inner_updates, new_inner = self._opt.update(
           optax.tree.cast_like(acc, updates), inner_state, params=params, **extra_args)
       new_inner = jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), new_inner,
                                inner_state)
-      zeros = jax.tree.map(lambda a: _zeros_from(a).astype(acc_dtype or a.dtype), acc)
-      return finish(inner_updates), new_inner, zeros
+      zeros = jax.tree.map(lambda a: zeros_from(a).astype(acc_dtype or a.dtype), acc)
+      return inner_updates, new_inner, zeros
 
     def keep(acc, inner_state):
-      return hold(), inner_state, jax.tree.map(lambda a: a.astype(acc_dtype or a.dtype), acc)
+      return zero_updates(), inner_state, jax.tree.map(
+          lambda a: a.astype(acc_dtype or a.dtype), acc)
 
-    if last_call is None:
-      result, inner_state, new_acc = jax.lax.cond(emit, fire, keep, acc, state.inner_opt_state)
-    else:
-      result, inner_state, new_acc = (fire if last_call else keep)(acc, state.inner_opt_state)
-    # Hinted, the cycle ends where the caller says (K may change from cycle to cycle: the
-    # driver counts each one); unhinted, every k_steps calls.
-    mini_step = optax.safe_increment(state.mini_step) % k_steps if last_call is None else \
-        jnp.where(emit, jnp.zeros_like(state.mini_step), optax.safe_increment(state.mini_step))
+    result, inner_state, new_acc = jax.lax.cond(emit, fire, keep, acc, state.inner_opt_state)
     new_state = optax.MultiStepsState(
-        mini_step=mini_step,
+        mini_step=optax.safe_increment(state.mini_step) % k_steps,
         gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step),
                                 state.gradient_step),
         inner_opt_state=inner_state, acc_grads=new_acc, skip_state=state.skip_state)
-    return result, new_state, emit, acc
+    return result, new_state
 
   def update(self, updates, state, params=None, **extra_args):
     """optax's interface: (updates, new state); updates are zeros except on the last call."""
@@ -217,8 +229,7 @@ class LazyMultiSteps(optax.MultiSteps):
       return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def do_update(updates, state, params, skip_state):
-      result, new_state, _, _ = self._cycle(updates, state, params, extra_args, None,
-                                            lambda u: u, zero_updates)
+      result, new_state = self._cycle(updates, state, params, extra_args, zero_updates)
       return result, new_state._replace(skip_state=skip_state)
 
     if not self._has_skip_fn:
@@ -234,43 +245,18 @@ class LazyMultiSteps(optax.MultiSteps):
 
     return jax.lax.cond(should_skip, skip, do_update, updates, state, params, skip_state)
 
-  def apply(self, sums: GradSums, state: optax.MultiStepsState, params,
-            last_call: bool | None = None, update_scale=None) -> Applied:
-    """accumjax's path: one call's `GradSums` into the cycle; the new params and state and
-    what happened (`Applied`), the params updated inside the branch.
 
-    `last_call` (static) says whether this call completes the cycle, when the caller knows
-    (a training loop counts its calls): then there is no branch at all, and an interim call's
-    program only adds into the accumulator (params and optimizer state pass through, aliased
-    when donated). None decides on device with `lax.cond`, which is correct without the hint
-    but makes XLA copy the operands. A wrong hint would break the cycle: only pass what you
-    counted. `update_scale` (a scalar, or None) multiplies the parameter update.
-    """
-    if self._use_grad_mean or self._has_skip_fn:
-      raise ConfigError('apply() sums GradSums: build LazyMultiSteps with use_grad_mean=False '
-                        'and no should_skip_update_fn (accumjax decides skips itself).')
-
-    def finish(updates):
-      return _apply(params, updates.grads, update_scale), updates.weight > 0
-
-    (new_params, applied), new_state, emit, acc = self._cycle(
-        sums, state, as_opt_params(params), {}, last_call, finish,
-        lambda: (params, jnp.zeros((), bool)))
-    return Applied(new_params, new_state, emit, applied, acc)
-
-
-def _zeros_from(a):
+def zeros_from(a):
   """Exact +0.0 in `a`'s shape, computed from `a` (NaN and inf entries too).
 
-  Not `jnp.zeros`: a broadcast constant written over the donated accumulator made XLA copy
-  both the accumulator and the broadcast (2 copies per leaf, 108 at 3.3M params; the emitting
-  call cost 1.64-1.72x the normalized step, 1.45-1.47x with this). Not `0 * a` as optax: that
-  keeps NaN and gives -0.0 for negative sums."""
+  Not `jnp.zeros`: a broadcast constant written over a donated accumulator makes XLA copy
+  both the accumulator and the broadcast (benchmarks/lazy_multisteps.md). Not `0 * a` as
+  optax: that keeps NaN and gives -0.0 for negative sums."""
   z = jnp.abs(a) * 0
   return jnp.where(z == z, z, jnp.zeros_like(z))
 
 
-def _apply(params, updates, scale=None):
+def apply_updates(params, updates, scale=None):
   """params + scale * updates (optax.apply_updates, the updates scaled first when scale is
   given)."""
   if scale is not None:
@@ -278,34 +264,10 @@ def _apply(params, updates, scale=None):
   return optax.apply_updates(params, updates)
 
 
-def apply_sums(tx, sums: GradSums, opt_state, params, last_call: bool | None = None,
-               update_scale=None) -> Applied:
-  """One call's sums into the accumulating optimizer `tx`: see `Applied`.
-
-  `last_call` is a static hint used by LazyMultiSteps (see there); others ignore it. Noise
-  statistics (`sums.noise`) do not enter the optimizer: the train step keeps them.
-  `update_scale` (a scalar, or None) multiplies the parameter update (lr batch scaling).
-  """
-  sums = sums._replace(noise=None)
-  if isinstance(tx, LazyMultiSteps):
-    return tx.apply(sums, opt_state, params, last_call, update_scale)
-  if isinstance(opt_state, optax.MultiStepsState):
-    totals = jax.tree.map(lambda a, g: (a + g).astype(a.dtype), opt_state.acc_grads, sums)
-  else:
-    totals = sums
-  updates, opt_state = tx.update(sums, opt_state, as_opt_params(params))
-  if isinstance(opt_state, optax.MultiStepsState):
-    updated = opt_state.mini_step == 0
-  else:
-    updated = jnp.ones((), bool)
-  return Applied(_apply(params, updates.grads, update_scale), opt_state, updated,
-                 updated & (updates.weight > 0), totals)
-
-
-def flush_multisteps(tx, opt_state, params, update_scale=None) -> Applied:
-  """Applies a partial cycle's sums as one update (no-op if nothing is pending); the new
-  MultiSteps state starts a fresh cycle."""
-  pending = opt_state.mini_step > 0
+def flush_multisteps(tx: optax.MultiSteps, opt_state: optax.MultiStepsState, params, pending):
+  """optax.MultiSteps' partial cycle applied as one update (its inner optimizer on what it
+  accumulated), a fresh cycle after it. Returns (updates as GradSums, new state); the updates
+  are zeros and the state as it was, but for a fresh cycle, unless `pending`."""
   updates, inner_state = tx.inner_opt.update(
       opt_state.acc_grads, opt_state.inner_opt_state, params=as_opt_params(params))
   where = lambda new, old: jax.tree.map(lambda n, o: jnp.where(pending, n, o), new, old)
@@ -313,11 +275,10 @@ def flush_multisteps(tx, opt_state, params, update_scale=None) -> Applied:
       mini_step=jnp.zeros_like(opt_state.mini_step),
       gradient_step=opt_state.gradient_step + pending.astype(opt_state.gradient_step.dtype),
       inner_opt_state=where(inner_state, opt_state.inner_opt_state),
-      acc_grads=jax.tree.map(jnp.zeros_like, opt_state.acc_grads),
+      acc_grads=jax.tree.map(lambda a: zeros_from(a), opt_state.acc_grads),
       skip_state=opt_state.skip_state)
-  deltas = jax.tree.map(lambda u: jnp.where(pending, u, jnp.zeros_like(u)), updates.grads)
-  return Applied(_apply(params, deltas, update_scale), new_state, pending,
-                 pending & (updates.weight > 0), opt_state.acc_grads)
+  zero = jax.tree.map(jnp.zeros_like, updates)
+  return where(updates, zero), new_state
 
 
 def schedule_count(opt_state) -> jax.Array | None:

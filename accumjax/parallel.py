@@ -1,9 +1,10 @@
-"""Data parallelism on JAX's own runtime: a 1-D `data` mesh, one reduction per call.
+"""Data parallelism and sharded state on JAX's own runtime: a `data` x `fsdp` mesh, one
+reduction per call.
 
 The mesh is a `jax.sharding.Mesh` over every device of every process (`jax.distributed` joins
-the processes; see experiments/train.py). Batches are sharded along `data` (each process
-supplies the rows of its own devices), params and optimizer state are replicated
-(`PartitionSpec()`: a later FSDP-style layout only has to change `state_sharding`).
+the processes; see experiments/train.py). Batches are sharded along both axes (each process
+supplies the rows of its own devices); params, optimizer state and the cycle's gradient sums
+are replicated over `data` and split over `fsdp` (`state_shardings`).
 
 `reduced_sums` is how the train step uses the mesh: inside `shard_map`, every device runs the
 accumulation core (`core.scan_microbatches`, one `lax.scan`) over its own rows only, then a single
@@ -12,14 +13,13 @@ together, with the per-micro-batch non-finite flags). The
 division by the global weight happens once, afterwards, in the optimizer wrapper, so the update
 is the big-batch update whatever the devices' token counts. A plain `jit` over a sharded batch
 instead lets XLA reduce the gradient inside the scan, once per micro-batch
-(tests/test_parallel.py counts the all-reduces in both compiled programs with
-`collective_counts`; the naive step lives in experiments/naive_dp.py).
+(tests/test_parallel.py counts the all-reduces in both compiled programs; the naive step
+lives in experiments/naive_dp.py).
 
 Not here: choosing K or the micro-batch size (config.py), the call loop (loop.py).
 """
 
 import functools
-import re
 
 import jax
 import jax.flatten_util
@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from accumjax import model_state as ms
 from accumjax.config import FSDP_REDUCES
 from accumjax.core import ConfigError, GradSums, NoiseSums, scan_microbatches
+from accumjax.state import Cycle, TrainState
 
 DATA = 'data'
 FSDP = 'fsdp'
@@ -48,14 +49,14 @@ def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
   if isinstance(fsdp, bool) or not isinstance(fsdp, int) or not 1 <= fsdp <= total or (
       data is None and total % fsdp):
     raise ConfigError(
-        f'--mesh fsdp={fsdp}: fsdp must be an int from 1 to {total} dividing the device count '
+        f'fsdp={fsdp!r}: fsdp must be an int from 1 to {total} dividing the device count '
         f'({total}), allowed: {[f for f in range(1, total + 1) if total % f == 0]}.')
   n = total // fsdp if data is None else data
   if isinstance(n, bool) or not isinstance(n, int) or not (
       1 <= n * fsdp <= total and (n * fsdp == total or jax.process_count() == 1)):
     spec = f'data={data}' + (f',fsdp={fsdp}' if fsdp > 1 else '')
     raise ConfigError(
-        f'--mesh {spec} needs {n * fsdp if isinstance(n, int) else n} devices; this run has '
+        f'make_mesh({spec}) needs {n * fsdp if isinstance(n, int) else n} devices; this run has '
         f'{total} '
         f'({jax.process_count()} process(es) x {jax.local_device_count()} local devices). '
         f'Allowed: data x fsdp = {total}' + (
@@ -84,18 +85,23 @@ def tree_specs(tree, fsdp: int):
 
 
 def state_shardings(state, mesh: Mesh):
-  """Shardings of a TrainState on `mesh`: params and the optimizer state (the accumulator
-  included) in the FSDP layout of `leaf_spec`, everything else replicated. With fsdp=1 all
-  replicated (plain data parallel). A leaf in host memory (`AccumConfig.accumulator_memory`)
-  stays there."""
+  """Shardings of a TrainState (or a `Cycle`) on `mesh`: params, the optimizer state and the
+  cycle's gradient sums in the FSDP layout of `leaf_spec`, everything else replicated. With
+  fsdp=1 all replicated (plain data parallel). A leaf in host memory
+  (`AccumConfig.accumulator_memory`) stays there."""
   f = fsdp_size(mesh)
   shard = lambda tree: jax.tree.map(
       lambda x, spec: NamedSharding(mesh, spec, memory_kind=_host_kind(x)), tree,
       tree_specs(tree, f))
   rep = lambda tree: jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
-  if not hasattr(state, 'opt_state'):
+  shard_cycle = lambda cycle: None if cycle is None else rep(cycle)._replace(
+      sums=rep(cycle.sums)._replace(grads=shard(cycle.sums.grads)))
+  if isinstance(state, Cycle):
+    return shard_cycle(state)
+  if not isinstance(state, TrainState):
     return shard(state)
-  return rep(state)._replace(params=shard(state.params), opt_state=shard(state.opt_state))
+  return rep(state)._replace(params=shard(state.params), opt_state=shard(state.opt_state),
+                             cycle=shard_cycle(state.cycle))
 
 
 def _host_kind(x) -> str | None:
@@ -122,31 +128,6 @@ def constrain_state(state, mesh: Mesh):
   """Inside jit: pins the new state to `state_shardings` (so an FSDP step's outputs stay
   sharded whatever XLA's propagation would pick)."""
   return jax.lax.with_sharding_constraint(state, state_shardings(state, mesh))
-
-
-def state_bytes_per_device(state, config=None) -> dict:
-  """Bytes one device holds of a (placed or abstract) TrainState: params, optimizer state and
-  the accumulator kept in it between calls (multisteps/hybrid; 0 in scan mode). With the
-  `AccumConfig`, also `call_accumulator`: the gradient sums carried through a call's
-  micro-batch scan (full size, or a shard under fsdp_reduce='microbatch')."""
-
-  def nbytes(tree, shard=True):
-    total = 0
-    for x in jax.tree.leaves(tree):
-      sharding = getattr(x, 'sharding', None)
-      shape = sharding.shard_shape(x.shape) if shard and sharding is not None else np.shape(x)
-      total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-    return total
-
-  opt = state.opt_state
-  acc = getattr(opt, 'acc_grads', None)
-  out = {'params': nbytes(state.params), 'opt_state': nbytes(opt) - nbytes(acc),
-         'accumulator': nbytes(acc)}
-  if config is not None:
-    ratio = config.accum_jnp_dtype.itemsize / 4  # float32 params
-    mine = config.fsdp_reduce == 'microbatch'
-    out['call_accumulator'] = int(nbytes(state.params, shard=mine) * ratio)
-  return out
 
 
 def state_sharding(mesh: Mesh) -> NamedSharding:
@@ -335,46 +316,3 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
     return fn(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc)
 
   return run
-
-
-_COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.-]+) .*\{$')
-_CALLED = re.compile(r'(?:body|condition|calls|to_apply|branch_computations)=\{?([^,}\s]+'
-                     r'(?:, *%[\w.-]+)*)\}?')
-_COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
-
-
-def collective_counts(hlo_text: str) -> dict:
-  """Cross-device collectives in a compiled HLO module, inside vs outside while-loop bodies.
-
-  Returns {op: {'in_loop': n, 'outside': m}} for the collectives present (an async pair
-  `all-reduce-start`/`-done` counts once). Loop bodies include what they call.
-  """
-  computations, name = {}, None
-  for line in hlo_text.splitlines():
-    match = _COMPUTATION.match(line)
-    if match:
-      name = match.group(1)
-      computations[name] = []
-    elif name is not None and line.strip() and line.strip() != '}':
-      computations[name].append(line)
-
-  def called(lines):
-    return {c.strip().lstrip('%') for line in lines for group in _CALLED.findall(line)
-            for c in group.split(',')}
-
-  in_loop = set()
-  frontier = [b.lstrip('%') for lines in computations.values() for line in lines
-              for b in re.findall(r'body=(%?[\w.-]+)', line)]
-  while frontier:
-    c = frontier.pop()
-    if c in computations and c not in in_loop:
-      in_loop.add(c)
-      frontier.extend(called(computations[c]))
-  counts = {}
-  for c, lines in computations.items():
-    for line in lines:
-      for op in _COLLECTIVES:
-        if re.search(rf'\s{op}(?:-start)?\(', line):
-          where = 'in_loop' if c in in_loop else 'outside'
-          counts.setdefault(op, {'in_loop': 0, 'outside': 0})[where] += 1
-  return counts

@@ -1,159 +1,50 @@
-"""Training state and the one train step that every mode uses.
+"""The one train step that every mode uses, as two programs that say what they touch.
 
-`make_train_step(loss_fn, tx, config)` returns a pure function `(state, batch) -> (state,
-metrics)` to be jitted once. A call scans the micro-batches it is given through
-`accumulate_sums` and hands the sums to the accumulating optimizer of `optim.py`:
+`make_train_step(loss_fn, optimizer, config)` returns `train_step(state, batch, last_call)`, a
+pure function built from two programs:
 
-- scan: the call gets K micro-batches and the optimizer steps every call;
-- multisteps: the call gets 1 micro-batch, MultiSteps steps every K calls;
-- hybrid: the call gets c micro-batches, MultiSteps steps every K / c calls.
+- `train_step.accumulate(cycle, params, batch, rng, update_step, loss_scale, model_state) ->
+  (cycle, metrics)`: an interim call. It reads the params, the model state and the key, and
+  changes only the cycle (`state.Cycle`): the call's micro-batches are summed into it.
+- `train_step.update(state, batch) -> (state, metrics)`: the call that completes an update.
+  The call's micro-batches are summed into the cycle, the optimizer runs once on the cycle's
+  totals, and the counters, loss scale and model state follow; the cycle starts afresh.
+  `update(state, None)` applies the cycle as it stands (a cycle cut short by the end of the
+  data: see `make_flush`).
 
-The state also carries the fault counters (updates skipped for non-finite values, non-finite
-micro-batches, the current run of consecutive skips, the first bad micro-batch of the cycle)
-and, for float16, the dynamic loss scale; all of them are adjusted once per update, on the
-call that completes it, so they are checkpointed with everything else.
+`jit_train_step` jits each once, donating what it changes (the cycle; the state), so an
+interim call costs the gradient and the add, not the optimizer state's buffers. Which program
+a call runs is the caller's count (`loop.run_update` passes `last_call`), and neither can
+break the cycle: `update` applies whatever the cycle holds. Modes:
+
+- scan: the call gets K micro-batches and is always `update` (no cycle between calls);
+- multisteps: 1 micro-batch per call, `update` every K calls;
+- hybrid: c micro-batches per call, `update` every K / c calls.
+
+Under `multisteps_impl='optax'` every call runs `update` and `optax.MultiSteps`, as shipped,
+decides when its cycle ends (the reference the own cycle is checked against).
 """
-
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from accumjax import donation, optim, parallel
 from accumjax import model_state as ms
+from accumjax import optim, parallel
 from accumjax.config import AccumConfig
-from accumjax.core import (
-    ConfigError,
-    _sq_norm,
-    noise_scale,
-    normalize,
-    scan_microbatches,
-    zero_noise,
-)
+from accumjax.core import ConfigError, GradSums, _sq_norm, noise_scale, normalize, scan_microbatches
 from accumjax.precision import with_compute_dtype
+from accumjax.state import (
+  Cycle,
+  TrainState,
+  accumulator_to,
+  cycle_microbatches,
+  empty_cycle,
+  init_train_state,
+  needs_cycle,
+)
 
-
-class TrainState(NamedTuple):
-  """Everything a run needs to continue; a pytree of arrays (checkpointable).
-
-  Attributes:
-    params: float32 params.
-    opt_state: the accumulating optimizer's state (MultiStepsState outside scan mode).
-    rng: base key as raw uint32 key data (checkpointable); micro-batch j of update u uses
-      fold_in(fold_in(key, u), j).
-    update_step: optimizer updates done (skipped zero-weight updates included).
-    cycle_microbatch: micro-batches already summed into the current, unfinished update.
-    microbatch_step: micro-batches processed since the start, strictly increasing.
-    skipped_updates: updates skipped because a micro-batch was non-finite (under
-      'skip_microbatch', only those where no micro-batch was left). Zero-weight skips are not
-      faults and are not counted here (the `skipped` metric marks both).
-    consecutive_skips: such skips in a row, up to now (0 after any completed update that
-      was not one).
-    nonfinite_microbatches: micro-batches with a non-finite loss or gradient, since the start.
-    cycle_first_nonfinite: index within the current cycle of its first non-finite
-      micro-batch, -1 if none (kept across calls and checkpoints, for the 'raise' message).
-    loss_scale: float32 dynamic loss scale (float16 compute); 1.0 and unused otherwise.
-    loss_scale_good: updates applied without overflow since the scale last changed.
-    noise: with `noise_stats`, the current cycle's `core.NoiseSums` so far (zeros at a cycle
-      boundary), else None.
-    model_state: the model's state other than params (see `accumjax.model_state`) as of the
-      last applied update, or None.
-    model_acc: the current cycle's `model_state.StateAcc` so far, or None.
-  """
-  params: Any
-  opt_state: Any
-  rng: jax.Array
-  update_step: jax.Array
-  cycle_microbatch: jax.Array
-  microbatch_step: jax.Array
-  skipped_updates: jax.Array
-  consecutive_skips: jax.Array
-  nonfinite_microbatches: jax.Array
-  cycle_first_nonfinite: jax.Array
-  loss_scale: jax.Array
-  loss_scale_good: jax.Array
-  noise: Any = None
-  model_state: Any = None
-  model_acc: Any = None
-
-
-def init_train_state(params, tx, rng, config: AccumConfig | None = None, *,
-                     model_state=None, state_rules=None) -> TrainState:
-  """Fresh state; `rng` is a key (typed or raw) or an int seed.
-
-  Pass the `config` of a float16 run (the loss scale starts at its `initial_loss_scale`;
-  without it, at 1.0) and of a run with `noise_stats` (the state then holds their sums).
-  A model with state besides its params (BatchNorm statistics, counters) passes it as
-  `model_state` with its `state_rules` (see `accumjax.model_state`), the same rules as to
-  `make_train_step`.
-  """
-  if (model_state is None) != (state_rules is None):
-    raise ConfigError('init_train_state needs model_state and state_rules together '
-                      f'(got model_state={"None" if model_state is None else "a tree"}, '
-                      f'state_rules={state_rules!r}).')
-  if model_state is not None:
-    model_state = jax.tree.map(jnp.array, model_state)
-  if isinstance(rng, int):
-    rng = jax.random.key(rng)
-  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    rng = jax.random.key_data(rng)
-  # Distinct buffers (not one shared zero, not the caller's params): the jitted step donates
-  # its state, which must not delete arrays the caller still holds.
-  params = jax.tree.map(jnp.copy, params)
-  zero = lambda: jnp.zeros((), jnp.int32)
-  scale = config.initial_loss_scale if config is not None and config.loss_scaling else 1.0
-  state = TrainState(
-      params, tx.init(optim.as_opt_params(params)), rng, zero(), zero(), zero(),
-      skipped_updates=zero(), consecutive_skips=zero(), nonfinite_microbatches=zero(),
-      cycle_first_nonfinite=jnp.full((), -1, jnp.int32),
-      loss_scale=jnp.full((), scale, jnp.float32), loss_scale_good=zero(),
-      noise=zero_noise() if config is not None and config.noise_stats else None,
-      model_state=model_state,
-      model_acc=None if model_state is None else ms.init_acc(model_state, state_rules))
-  if config is not None and config.accumulator_memory == 'host':
-    state = accumulator_to(state, 'host')
-  return state
-
-
-def accumulator_to(state: TrainState, memory: str) -> TrainState:
-  """The state with the accumulator kept between calls (MultiSteps' `acc_grads`) moved to
-  'host' or 'device' memory (JAX memory kinds; also inside jit). No-op in scan mode."""
-  opt = state.opt_state
-  if not isinstance(opt, optax.MultiStepsState):
-    return state
-  space = jax.memory.Space.Host if memory == 'host' else jax.memory.Space.Device
-  return state._replace(opt_state=opt._replace(acc_grads=jax.device_put(opt.acc_grads, space)))
-
-
-def _global_norm(tree):
-  return jnp.sqrt(_sq_norm(tree))
-
-
-def _after_update(state: TrainState, config: AccumConfig, done: optim.Applied, first):
-  """The fault counters and loss scale, given what the optimizer did (`done`: whether this
-  call completed an update, whether it was applied, the cycle's totals). Returns field
-  updates."""
-  updated, applied = done.updated, done.applied
-  bad = done.totals.nonfinite > 0
-  fault_skip = updated & ~applied & bad
-  fields = dict(
-      skipped_updates=state.skipped_updates + fault_skip.astype(jnp.int32),
-      consecutive_skips=jnp.where(
-          fault_skip, state.consecutive_skips + 1,
-          jnp.where(updated, 0, state.consecutive_skips)),
-      cycle_first_nonfinite=jnp.where(updated, -1, first).astype(jnp.int32))
-  if config.loss_scaling:
-    # Once per update: an overflow anywhere in the cycle halves the scale; growth_interval
-    # applied updates in a row without one double it.
-    overflow = updated & bad
-    good = state.loss_scale_good + (applied & ~bad).astype(jnp.int32)
-    grow = good >= config.loss_scale_growth_interval
-    fields['loss_scale'] = jnp.where(
-        overflow, state.loss_scale * 0.5, jnp.where(grow, state.loss_scale * 2.0,
-                                                     state.loss_scale))
-    fields['loss_scale_good'] = jnp.where(overflow | grow, 0, good)
-  return fields
+__all__ = ['TrainState', 'init_train_state', 'jit_train_step', 'make_flush', 'make_train_step']
 
 
 def _call_sums_fn(loss_fn, config: AccumConfig, mesh, state_rules=None):
@@ -186,21 +77,46 @@ def _call_sums_fn(loss_fn, config: AccumConfig, mesh, state_rules=None):
   return call_sums
 
 
-def _noise_metrics(totals, cycle_noise, grad_norm):
-  """The update's noise statistics (NaN on an interim call, whose grad_norm is NaN)."""
-  stats = noise_scale(totals._replace(noise=cycle_noise), jnp.square(grad_norm))
-  return {name: jnp.where(jnp.isnan(grad_norm), jnp.nan, v) for name, v in stats.items()}
+def _microbatches_in(batch, config: AccumConfig) -> int:
+  """Micro-batches in a call's batch (static), or a ConfigError naming the rows."""
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  b, c, devices = config.microbatch_size, config.per_call, config.num_devices
+  if rows % (b * devices) or not 1 <= rows // (b * devices) <= c:
+    raise ConfigError(
+        f'a {config.mode} call takes {c} micro-batch(es) of {b} rows on each of {devices} '
+        f'device(s) ({c * b * devices} rows, or fewer whole micro-batches at the end of the '
+        f'data); got {rows} rows.')
+  return rows // (b * devices)
 
 
-def _cycle_noise(state, sums, config: AccumConfig):
-  """The cycle's noise sums including this call's (`sums`; None: the state's alone), or None
-  without noise_stats."""
-  if not config.noise_stats:
-    return None
-  if state.noise is None:
-    raise ConfigError('noise_stats=True needs a state that holds the noise sums: '
-                      'init_train_state(params, tx, rng, config=config).')
-  return state.noise if sums is None else jax.tree.map(jnp.add, state.noise, sums.noise)
+def _add_call(call_sums, config, state_rules, cycle: Cycle | None, params, batch, rng,
+              update_step, loss_scale, model_state):
+  """One call's micro-batches summed into `cycle` (None: an empty one). Returns (the call's
+  own sums, the cycle with them)."""
+  n = _microbatches_in(batch, config)
+  rng_data = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng), update_step))
+  start = jnp.zeros((), jnp.int32) if cycle is None else cycle.microbatches
+  start_acc = None
+  if model_state is not None:
+    start_acc = ms.init_acc(model_state, state_rules) if cycle is None else cycle.model_acc
+  sums, bad_N, call_acc = call_sums(params, batch, rng_data, start, n, loss_scale, model_state,
+                                    start_acc)
+  found = jnp.where(jnp.any(bad_N), start + jnp.argmax(bad_N), -1).astype(jnp.int32)
+  if cycle is None:  # scan mode: the call is the whole cycle (no add of zeros)
+    return sums, Cycle(sums, start + n, found, call_acc)
+  return sums, add_to_cycle(cycle, sums, n, found, call_acc, state_rules)
+
+
+def add_to_cycle(cycle: Cycle, sums: GradSums, n, first_nonfinite=-1, model_acc=None,
+                 state_rules=None) -> Cycle:
+  """The cycle with one call's sums of `n` micro-batches added (`first_nonfinite`: the
+  call's first non-finite micro-batch, as a cycle index, or -1; `model_acc`: the call's own
+  model-state accumulator). All an interim call does besides the gradients."""
+  first = jnp.where(cycle.first_nonfinite >= 0, cycle.first_nonfinite, first_nonfinite)
+  totals = jax.tree.map(lambda a, s: (a + s).astype(a.dtype), cycle.sums, sums)
+  if model_acc is not None:
+    model_acc = ms.merge(cycle.model_acc, model_acc, state_rules)
+  return Cycle(totals, cycle.microbatches + n, first.astype(jnp.int32), model_acc)
 
 
 def _update_scale(config: AccumConfig, microbatches):
@@ -212,53 +128,153 @@ def _update_scale(config: AccumConfig, microbatches):
   return ratio if config.lr_power == 1.0 else ratio ** jnp.float32(config.lr_power)
 
 
-def _metrics(state, new_state, sums, done: optim.Applied, first, last_call, cycle_noise):
-  _, loss = normalize(done.totals._replace(grads=None))
-  _, call_loss = normalize(sums._replace(grads=None))
-  # An interim call (last_call=False) skips the norm: summing the cycle's gradient tree for a
-  # number nobody reads would double the call's optimizer-side cost.
-  grad_norm = jnp.full((), jnp.nan) if last_call is False else _global_norm(
-      normalize(done.totals)[0])
+def _optimize(tx, call_sums: GradSums, cycle: Cycle, opt_state, params, flush: bool):
+  """The optimizer on the cycle's totals: (updates as GradSums, new opt_state, updated).
+
+  Own cycle: this call completes the update (a flush: if anything is pending). Under
+  `optax.MultiSteps` it sees this call's sums and decides itself whether its cycle ended."""
+  strip = lambda sums: sums._replace(noise=None)
+  if isinstance(opt_state, optax.MultiStepsState):
+    if flush:
+      pending = cycle.microbatches > 0
+      updates, opt_state = optim.flush_multisteps(tx, opt_state, params, pending)
+      return updates, opt_state, pending
+    updates, opt_state = tx.update(strip(call_sums), opt_state, optim.as_opt_params(params))
+    return updates, opt_state, opt_state.mini_step == 0
+  if isinstance(tx, optax.MultiSteps):
+    raise ConfigError('the state holds no optax.MultiStepsState but the train step was built '
+                      "for multisteps_impl='optax': init_train_state(..., config=config).")
+  updates, new_state = tx.update(strip(cycle.sums), opt_state, optim.as_opt_params(params))
+  # the state keeps its dtypes (e.g. bf16 moments of bf16 params), so the step compiles once
+  new_state = jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), new_state, opt_state)
+  updated = cycle.microbatches > 0 if flush else jnp.ones((), bool)
+  return updates, new_state, updated
+
+
+def _counters(state: TrainState, config: AccumConfig, cycle: Cycle, updated, applied) -> dict:
+  """The update count, fault counters and loss scale after this call (field updates)."""
+  bad = cycle.sums.nonfinite > 0
+  fault_skip = updated & ~applied & bad
+  done = lambda x: jnp.where(updated, x, 0).astype(jnp.int32)
+  fields = dict(
+      update_step=state.update_step + updated.astype(jnp.int32),
+      microbatch_step=state.microbatch_step + done(cycle.microbatches),
+      nonfinite_microbatches=state.nonfinite_microbatches + done(cycle.sums.nonfinite),
+      skipped_updates=state.skipped_updates + fault_skip.astype(jnp.int32),
+      consecutive_skips=jnp.where(
+          fault_skip, state.consecutive_skips + 1,
+          jnp.where(updated, 0, state.consecutive_skips)))
+  if config.loss_scaling:
+    # Once per update: an overflow anywhere in the cycle halves the scale; growth_interval
+    # applied updates in a row without one double it.
+    overflow = updated & bad
+    good = state.loss_scale_good + (applied & ~bad).astype(jnp.int32)
+    grow = good >= config.loss_scale_growth_interval
+    fields['loss_scale'] = jnp.where(
+        overflow, state.loss_scale * 0.5, jnp.where(grow, state.loss_scale * 2.0,
+                                                     state.loss_scale))
+    fields['loss_scale_good'] = jnp.where(overflow | grow, 0, good)
+  return fields
+
+
+def _next_cycle(cycle: Cycle, updated, state_rules, model_state):
+  """The cycle after an emitting call: afresh where the update completed (exact +0 computed
+  from the sums, not a broadcast over the donated buffers), else as it stands."""
+  fresh = Cycle(
+      jax.tree.map(optim.zeros_from, cycle.sums), jnp.zeros_like(cycle.microbatches),
+      jnp.full_like(cycle.first_nonfinite, -1),
+      None if model_state is None else ms.init_acc(model_state, state_rules))
+  return jax.tree.map(lambda f, c: jnp.where(updated, f, c), fresh, cycle)
+
+
+def _committed_model_state(state: TrainState, cycle: Cycle, state_rules, commit):
+  """The model state from the cycle's accumulator, where the update was applied (else the
+  cycle's starting state stays, like the params)."""
+  new = ms.finalize(state.model_state, cycle.model_acc, state_rules)
+  return jax.tree.map(lambda n, o: jnp.where(commit, n, o), new, state.model_state)
+
+
+def _cycle_metrics(call_sums: GradSums, cycle: Cycle) -> dict:
+  """What every call reports: the cycle's loss and weight so far, this call's alone, and the
+  cycle's non-finite micro-batches."""
+  _, loss = normalize(cycle.sums._replace(grads=None))
+  _, call_loss = normalize(call_sums._replace(grads=None))
+  return {'loss': loss, 'weight': cycle.sums.weight, 'call_loss': call_loss,
+          'call_weight': call_sums.weight, 'nonfinite': cycle.sums.nonfinite,
+          'first_nonfinite': cycle.first_nonfinite}
+
+
+def _update_metrics(state, new_state, call_sums, cycle, updated, applied, config) -> dict:
+  """The emitting call's metrics (see make_train_step)."""
+  grad_norm = jnp.sqrt(_sq_norm(normalize(cycle.sums)[0]))
+  grad_norm = jnp.where(updated, grad_norm, jnp.nan)
   count = optim.schedule_count(state.opt_state)
-  noise = {} if cycle_noise is None else _noise_metrics(done.totals, cycle_noise, grad_norm)
-  return noise | {
-      'loss': loss, 'weight': done.totals.weight,
-      'call_loss': call_loss, 'call_weight': sums.weight,
-      'grad_norm': grad_norm,
-      'updated': done.updated, 'skipped': done.updated & ~done.applied,
-      'nonfinite': done.totals.nonfinite, 'first_nonfinite': first,
+  noise = {}
+  if config.noise_stats:
+    stats = noise_scale(cycle.sums, jnp.square(grad_norm))
+    noise = {name: jnp.where(updated, v, jnp.nan) for name, v in stats.items()}
+  return noise | _cycle_metrics(call_sums, cycle) | {
+      'grad_norm': grad_norm, 'updated': updated, 'skipped': updated & ~applied,
       'skipped_updates': new_state.skipped_updates,
       'consecutive_skips': new_state.consecutive_skips,
-      'nonfinite_microbatches': new_state.nonfinite_microbatches,
+      'nonfinite_microbatches': state.nonfinite_microbatches + cycle.sums.nonfinite.astype(
+          jnp.int32),
       'loss_scale': state.loss_scale,
       'schedule_count': jnp.full((), -1, jnp.int32) if count is None else count,
   }
 
 
-def _model_state_fields(state: TrainState, state_rules, call_acc, done: optim.Applied):
-  """The model state after this call: the cycle's accumulator grows; at the end of an update
-  the rules' result is committed if the update was applied (else the cycle's starting state
-  stays, like the params) and the accumulator restarts."""
-  acc = ms.merge(state.model_acc, call_acc, state_rules)
-  new = ms.finalize(state.model_state, acc, state_rules)
-  commit = done.updated & done.applied
-  model_state = jax.tree.map(lambda n, o: jnp.where(commit, n, o), new, state.model_state)
-  fresh = ms.init_acc(model_state, state_rules)
-  return dict(model_state=model_state,
-              model_acc=jax.tree.map(lambda f, a: jnp.where(done.updated, f, a), fresh, acc))
+def apply_cycle(tx, config: AccumConfig, state: TrainState, call_sums: GradSums, cycle: Cycle,
+                state_rules=None, flush: bool = False):
+  """What a completing call does after summing its micro-batches into `cycle`: the
+  optimizer (`tx`, an `optim.accumulating_optimizer`) once on the cycle's totals, the params,
+  counters, loss scale and model state that follow, and a fresh cycle. Returns (new state,
+  metrics). `flush`: `call_sums` are zeros and nothing may be pending."""
+  updates, opt_state, updated = _optimize(tx, call_sums, cycle, state.opt_state, state.params,
+                                          flush)
+  applied = updated & (updates.weight > 0)
+  params = optim.apply_updates(state.params, updates.grads,
+                               _update_scale(config, cycle.microbatches))
+  new_state = state._replace(params=params, opt_state=opt_state,
+                             **_counters(state, config, cycle, updated, applied))
+  if state_rules is not None:
+    new_state = new_state._replace(
+        model_state=_committed_model_state(state, cycle, state_rules, applied))
+  if state.cycle is not None:
+    new_state = new_state._replace(
+        cycle=_next_cycle(cycle, updated, state_rules, new_state.model_state))
+  return new_state, _update_metrics(state, new_state, call_sums, cycle, updated, applied,
+                                    config)
 
 
-def _check_model_state(state: TrainState, state_rules):
+def _check_state(state: TrainState, state_rules, config: AccumConfig):
+  if not isinstance(state, TrainState):
+    raise ConfigError(f'state is a {type(state).__name__}; the train step takes the TrainState '
+                      'of init_train_state(params, optimizer, rng, config).')
   if (state.model_state is None) != (state_rules is None):
     raise ConfigError(
         'the train step and the state disagree about the model state: '
         f'make_train_step(..., state_rules={state_rules!r}) but the state '
         f'{"holds none" if state.model_state is None else "holds one"} '
         '(init_train_state(..., model_state=..., state_rules=...)).')
+  if state.cycle is not None and (state.cycle.sums.noise is not None) != config.noise_stats:
+    raise ConfigError(
+        f'the state\'s cycle {"holds" if state.cycle.sums.noise is not None else "lacks"} '
+        f'noise sums but noise_stats={config.noise_stats}: build the state with the step\'s '
+        'config (init_train_state(..., config=config)).')
 
 
-def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None, state_rules=None):
-  """The train step for `config.mode`; jit it once (donating the state is safe).
+def make_train_step(loss_fn, optimizer, config: AccumConfig, mesh=None, state_rules=None):
+  """The train step for `config.mode`: `train_step(state, batch, last_call=None) -> (state,
+  metrics)`; jit it once with `jit_train_step` (see the module docstring for its two programs,
+  `train_step.accumulate` and `train_step.update`).
+
+  `optimizer` is a plain optax optimizer (e.g. `optax.adamw(3e-4)`): the step divides the
+  summed gradients once and runs it once per update (`optim.accumulating_optimizer`).
+
+  `last_call` says whether this call completes its update (the call driver counts calls and
+  passes it); None reads the cycle's position from the state (one device read per call) and
+  compares it with `config.num_microbatches`.
 
   `state_rules` (with a state from `init_train_state(..., model_state=...)`): the model has
   state besides its params; `loss_fn(params, batch, rng, model_state)` returns `((loss_sum,
@@ -269,148 +285,178 @@ def make_train_step(loss_fn, tx, config: AccumConfig, mesh=None, state_rules=Non
   parallel: the batch is sharded along `data`, each device accumulates its own rows and the
   devices' sums meet in one `psum` per call (see parallel.py); params and optimizer state are
   replicated on a mesh `make_mesh(data=D)`, and sharded over the `fsdp` axis of a
-  `make_mesh(data=D, fsdp=F)` (place the state with `parallel.place_state`; the gradient sums
-  are reduce-scattered into each device's shard as `config.fsdp_reduce` says). Without a mesh
+  `make_mesh(data=D, fsdp=F)` (place the state with `parallel.place_state`). Without a mesh
   the step runs on one device and `config.num_devices` must be 1.
 
-  `last_call` (static; `jit_train_step` jits it so) tells whether this call
-  completes its cycle, when the caller counts calls: LazyMultiSteps then compiles an interim
-  program that only adds (see optim.LazyMultiSteps). None decides on device.
-
   The batch of a call holds `config.per_call * config.microbatch_size * config.num_devices`
-  rows (the global batch; `microbatch_size` is per device). Fewer whole
-  micro-batches are accepted too (the end of the data); the weights keep the math exact, and
-  in multisteps/hybrid modes `make_flush` then applies a cycle cut short.
+  rows (the global batch; `microbatch_size` is per device). Fewer whole micro-batches are
+  accepted too (the end of the data); the weights keep the math exact.
 
-  Metrics: `loss` and `weight` are the cycle's token-weighted loss and total weight so far
-  (the whole update's when `updated`); `call_loss`/`call_weight` are this call's alone;
-  `grad_norm` is the norm of the cycle's mean gradient before clipping (NaN on calls passed
-  `last_call=False`, where it is not computed); `skipped` marks an update not applied (zero
-  total weight, or a non-finite micro-batch under 'skip_update'/'raise': params and optimizer
-  state left unchanged). `nonfinite` counts the cycle's non-finite micro-batches so far and
-  `first_nonfinite` is the cycle index of the first (-1: none); `skipped_updates`,
-  `consecutive_skips`, `nonfinite_microbatches` are the state's counters after the call, and
-  `loss_scale` the scale this call used (1.0 without float16); `schedule_count` the inner
-  optimizer's count of applied updates before this call (the learning-rate schedule's step;
-  -1 if the optimizer keeps none). With `config.noise_stats`: `g_sq`, `trace_sigma` and
-  `b_simple`, the update's gradient noise statistics (`core.noise_scale` over all its
-  micro-batches, calls and devices; NaN where `grad_norm` is, and with < 2 samples).
+  Metrics of every call: `loss` and `weight` are the cycle's token-weighted loss and total
+  weight so far (the whole update's when `updated`); `call_loss`/`call_weight` are this call's
+  alone; `nonfinite` counts the cycle's non-finite micro-batches and `first_nonfinite` is the
+  cycle index of the first (-1: none); `updated` says whether this call completed an update.
+  The completing call adds: `grad_norm`, the norm of the update's mean gradient before
+  clipping; `skipped`, an update not applied (zero total weight, or a non-finite micro-batch
+  under 'skip_update'/'raise': params and optimizer state left unchanged);
+  `skipped_updates`, `consecutive_skips`, `nonfinite_microbatches`, the state's counters after
+  the call; `loss_scale`, the scale this update used (1.0 without float16); `schedule_count`,
+  the optimizer's count of applied updates before this one (-1 if it keeps none); with
+  `config.noise_stats`, `g_sq`, `trace_sigma` and `b_simple` (see `core.noise_scale`; NaN with
+  < 2 samples). An interim call reports these as NaN, false or -1.
   """
   if state_rules is not None:
     if isinstance(state_rules, str) and state_rules not in ms.RULES:
       raise ConfigError(f'state_rules={state_rules!r}; allowed: {ms.RULES} or a pytree of them.')
-  call_sums = _call_sums_fn(loss_fn, config, mesh, state_rules)
-  devices = config.num_devices
+  tx = optim.accumulating_optimizer(optimizer, config)
+  # (make_flush's step sums no batch: no loss, no core)
+  call_sums = None if loss_fn is None else _call_sums_fn(loss_fn, config, mesh, state_rules)
   host_acc = config.accumulator_memory == 'host'
+  sharded = parallel.fsdp_size(mesh) > 1
+  loss_scale_of = lambda scale: scale if config.loss_scaling else None
 
-  def train_step(state: TrainState, batch, last_call: bool | None = None):
-    rows = jax.tree.leaves(batch)[0].shape[0]
-    b, c = config.microbatch_size, config.per_call
-    if rows % (b * devices) or not 1 <= rows // (b * devices) <= c:
-      raise ConfigError(
-          f'a {config.mode} call takes {c} micro-batch(es) of {b} rows on each of {devices} '
-          f'device(s) ({c * b * devices} rows, or fewer whole micro-batches at the end of the '
-          f'data); got {rows} rows.')
-    n = rows // (b * devices)
-    rng_data = jax.random.key_data(
-        jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.update_step))
-    loss_scale = state.loss_scale if config.loss_scaling else None
-    _check_model_state(state, state_rules)
+  def accumulate(cycle, params, batch, rng, update_step, loss_scale, model_state=None):
+    if host_acc:
+      cycle = accumulator_to(cycle, 'device')
+    sums, cycle = _add_call(call_sums, config, state_rules, cycle, params, batch, rng,
+                            update_step, loss_scale_of(loss_scale), model_state)
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    metrics = _cycle_metrics(sums, cycle) | {'updated': jnp.zeros((), bool), 'grad_norm': nan}
+    if config.noise_stats:
+      metrics |= {name: nan for name in ('g_sq', 'trace_sigma', 'b_simple')}
+    if sharded:
+      cycle = parallel.constrain_state(cycle, mesh)
+    if host_acc:
+      cycle = accumulator_to(cycle, 'host')
+    return cycle, metrics
+
+  def update(state: TrainState, batch=None):
+    _check_state(state, state_rules, config)
     if host_acc:
       state = accumulator_to(state, 'device')
-    sums, bad_N, call_acc = call_sums(state.params, batch, rng_data, state.cycle_microbatch, n,
-                                      loss_scale, state.model_state, state.model_acc)
-    first = jnp.where(
-        state.cycle_first_nonfinite >= 0, state.cycle_first_nonfinite,
-        jnp.where(jnp.any(bad_N), state.cycle_microbatch + jnp.argmax(bad_N), -1))
-    cycle_noise = _cycle_noise(state, sums, config)
-    done = optim.apply_sums(tx, sums, state.opt_state, state.params, last_call,
-                            _update_scale(config, state.cycle_microbatch + n))
-    updated = done.updated
-    if cycle_noise is not None:
-      state_noise = dict(noise=jax.tree.map(lambda x: jnp.where(updated, 0.0, x), cycle_noise))
+    flush = batch is None
+    if flush:
+      if state.cycle is None:
+        raise ConfigError('make_flush: the state has no cycle to flush (scan mode, or a state '
+                          'built without config).')
+      cycle, sums = state.cycle, jax.tree.map(jnp.zeros_like, state.cycle.sums)
     else:
-      state_noise = {}
-    new_state = state._replace(
-        params=done.params, opt_state=done.opt_state,
-        update_step=state.update_step + updated.astype(jnp.int32),
-        cycle_microbatch=jnp.where(updated, 0, state.cycle_microbatch + n),
-        microbatch_step=state.microbatch_step + n,
-        nonfinite_microbatches=state.nonfinite_microbatches + sums.nonfinite.astype(jnp.int32),
-        **_after_update(state, config, done, first), **state_noise)
-    if state_rules is not None:
-      new_state = new_state._replace(**_model_state_fields(state, state_rules, call_acc, done))
-    if parallel.fsdp_size(mesh) > 1:
+      sums, cycle = _add_call(call_sums, config, state_rules, state.cycle, state.params, batch,
+                              state.rng, state.update_step, loss_scale_of(state.loss_scale),
+                              state.model_state)
+    new_state, metrics = apply_cycle(tx, config, state, sums, cycle, state_rules, flush)
+    if sharded:
       new_state = parallel.constrain_state(new_state, mesh)
-    metrics = _metrics(state, new_state, sums, done, first, last_call, cycle_noise)
     if host_acc:
       new_state = accumulator_to(new_state, 'host')
     return new_state, metrics
 
+  def train_step(state: TrainState, batch, last_call: bool | None = None):
+    return _dispatch(train_step, state, batch, last_call)
+
+  train_step.accumulate, train_step.update = accumulate, update
+  train_step.config, train_step.own_cycle = config, config.multisteps_impl != 'optax'
+  train_step.state_rules = state_rules
   return train_step
 
 
-def make_flush(tx, config: AccumConfig, state_rules=None):
-  """`flush(state) -> (state, metrics)`: applies a partially accumulated cycle as one update.
+def _with_cycle(step, state: TrainState) -> TrainState:
+  """The state with an empty cycle where the step needs one and the state (built without a
+  config) has none."""
+  if state.cycle is not None or not needs_cycle(step.config):
+    return state
+  cycle = empty_cycle(state.params, step.config, state.model_state, step.state_rules)
+  if step.config.accumulator_memory == 'host':
+    cycle = accumulator_to(cycle, 'host')
+  return state._replace(cycle=cycle)
 
-  For a cycle cut short (the data ends after j < K micro-batches) in multisteps/hybrid modes;
-  the update is exactly the big-batch update on those j micro-batches (and follows
-  `config.nonfinite` like any update). No-op when nothing is pending and in scan mode (a scan
-  call is always a whole update). Metrics: `loss`, `weight`, `updated` (false if nothing was
-  pending), `skipped`, `nonfinite`; with `config.noise_stats` also the partial update's
-  `g_sq`, `trace_sigma`, `b_simple` (NaN if nothing was pending). A model state (pass the
-  train step's `state_rules`) is committed from the partial cycle's micro-batches.
-  """
 
-  def flush(state: TrainState):
-    nan = jnp.full((), jnp.nan, jnp.float32)
-    noise = {k: nan for k in ('g_sq', 'trace_sigma', 'b_simple')} if config.noise_stats else {}
-    if not isinstance(state.opt_state, optax.MultiStepsState):
-      zero = jnp.zeros((), jnp.float32)
-      return state, noise | {'loss': zero, 'weight': zero, 'updated': jnp.zeros((), bool),
-                             'skipped': jnp.zeros((), bool), 'nonfinite': zero}
-    host_acc = config.accumulator_memory == 'host'
-    if host_acc:
-      state = accumulator_to(state, 'device')
-    done = optim.flush_multisteps(tx, state.opt_state, state.params,
-                                  _update_scale(config, state.cycle_microbatch))
-    fields = _after_update(state, config, done, state.cycle_first_nonfinite)
-    if config.noise_stats:
-      cycle_noise = _cycle_noise(state, None, config)
-      grad_norm = jnp.where(done.updated, _global_norm(normalize(done.totals)[0]), jnp.nan)
-      noise = _noise_metrics(done.totals, cycle_noise, grad_norm)
-      fields['noise'] = zero_noise()
-    new_state = state._replace(
-        params=done.params, opt_state=done.opt_state,
-        update_step=state.update_step + done.updated.astype(jnp.int32),
-        cycle_microbatch=jnp.zeros_like(state.cycle_microbatch), **fields)
-    if state_rules is not None:
-      _check_model_state(state, state_rules)
-      empty = ms.restart(state.model_acc, state_rules)
-      new_state = new_state._replace(**_model_state_fields(state, state_rules, empty, done))
-    _, loss = normalize(done.totals._replace(grads=None))
-    if host_acc:
-      new_state = accumulator_to(new_state, 'host')
-    return new_state, noise | {'loss': loss, 'weight': done.totals.weight,
-                               'updated': done.updated, 'skipped': done.updated & ~done.applied,
-                               'nonfinite': done.totals.nonfinite}
+def _is_last(step, state: TrainState, batch, last_call) -> bool:
+  """Whether this call completes its update: `last_call` as given, or from the position."""
+  if not isinstance(state, TrainState):
+    raise ConfigError(f'state is a {type(state).__name__}; the train step takes the TrainState '
+                      'of init_train_state(params, optimizer, rng, config).')
+  config = step.config
+  if last_call is not None:
+    if not isinstance(last_call, bool):
+      raise ConfigError(f'last_call={last_call!r}; allowed: True, False or None.')
+    return last_call
+  if state.cycle is None:
+    return True
+  if isinstance(state.cycle.microbatches, jax.core.Tracer):
+    raise ConfigError('under jax.jit pass last_call (True or False): the position in the '
+                      'cycle is a traced value (or use jit_train_step).')
+  n = _microbatches_in(batch, config)
+  return cycle_microbatches(state) + n >= config.num_microbatches
 
-  return flush
+
+def _dispatch(step, state: TrainState, batch, last_call):
+  """One call: `step.update` if it completes the update (or the optimizer is optax.MultiSteps,
+  which sees every call), else `step.accumulate` on the cycle alone."""
+  state = _with_cycle(step, state)
+  if not step.own_cycle or _is_last(step, state, batch, last_call):
+    return step.update(state, batch)
+  cycle, metrics = step.accumulate(state.cycle, state.params, batch, state.rng,
+                                   state.update_step, state.loss_scale, state.model_state)
+  return state._replace(cycle=cycle), metrics
+
+
+class _Jitted:
+  """A train step's two programs jitted once each (see `jit_train_step`)."""
+
+  def __init__(self, train_step, donate: bool, jit_kwargs: dict):
+    self.config, self.own_cycle = train_step.config, train_step.own_cycle
+    self.state_rules = train_step.state_rules
+    self.accumulate = jax.jit(train_step.accumulate, donate_argnames='cycle' if donate else (),
+                              **jit_kwargs)
+    self.update = jax.jit(train_step.update, donate_argnames='state' if donate else (),
+                          **jit_kwargs)
+
+  def __call__(self, state: TrainState, batch, last_call: bool | None = None):
+    return _dispatch(self, state, batch, last_call)
+
+  def lower(self, state: TrainState, batch, last_call: bool | None = None):
+    """The lowered program this call would run (for memory analysis and HLO checks)."""
+    state = _with_cycle(self, state)
+    if not self.own_cycle or _is_last(self, state, batch, last_call):
+      return self.update.lower(state, batch)
+    return self.accumulate.lower(state.cycle, state.params, batch, state.rng, state.update_step,
+                                 state.loss_scale, state.model_state)
+
+  def _cache_size(self) -> int:
+    """Programs compiled (interim and completing, per signature seen)."""
+    return self.accumulate._cache_size() + self.update._cache_size()
 
 
 def jit_train_step(train_step, *, donate: bool = True, **jit_kwargs):
-  """Jits a train step with the options every train step needs, in one place: `last_call` is
-  static (one program per value; see make_train_step) and the state (argument 0) is donated, so
-  it is updated in place.
+  """Jits a train step's two programs once each: an interim call donates the cycle (the only
+  part it changes; it reads the params, model state and key without taking them), the
+  completing call donates the state. Call the result like the train step.
 
-  With donation (and no `jit_kwargs`), `donation.jit_donating` compiles each call's program to
-  take only the state leaves that the call changes (donated) or reads; leaves an interim call
-  leaves untouched (params, inner optimizer state) are neither donated nor returned, because
-  XLA charges a fixed cost per donated buffer on every call. The new state holds the caller's
-  very arrays for those. `donate=False` keeps the input state alive, e.g. to compare states;
-  `jit_kwargs` go to `jax.jit` (e.g. shardings), which then donates the whole state.
+  `donate=False` keeps the input state alive (e.g. to compare states); `jit_kwargs` go to
+  `jax.jit` for both programs.
   """
-  if donate and not jit_kwargs:
-    return donation.jit_donating(train_step)
-  return jax.jit(train_step, donate_argnums=0 if donate else (), static_argnames='last_call',
-                 **jit_kwargs)
+  if not hasattr(train_step, 'update'):
+    raise ConfigError('jit_train_step takes the function make_train_step returned.')
+  return _Jitted(train_step, donate, jit_kwargs)
+
+
+def make_flush(optimizer, config: AccumConfig, state_rules=None, mesh=None):
+  """`flush(state) -> (state, metrics)`: the cycle as it stands applied as one update.
+
+  For a cycle cut short (the data ends after j < K micro-batches) in multisteps/hybrid modes:
+  the update is exactly the big-batch update on those j micro-batches (and follows
+  `config.nonfinite` like any update). Nothing pending: no update (`updated` false). In scan
+  mode a call is always a whole update: nothing to flush, the state comes back unchanged.
+  A model state (pass the train step's `state_rules`) is committed from the partial cycle's
+  micro-batches. Metrics as the completing call's (`call_*` are zero).
+  """
+  if not needs_cycle(config):
+    def flush_nothing(state):
+      zero, false = jnp.zeros((), jnp.float32), jnp.zeros((), bool)
+      noise = {k: jnp.full((), jnp.nan) for k in ('g_sq', 'trace_sigma', 'b_simple')}
+      return state, (noise if config.noise_stats else {}) | {
+          'loss': zero, 'weight': zero, 'updated': false, 'skipped': false, 'nonfinite': zero}
+    return flush_nothing
+  step = make_train_step(None, optimizer, config, mesh=mesh, state_rules=state_rules)
+  return lambda state: step.update(_with_cycle(step, state), None)

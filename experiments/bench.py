@@ -2,7 +2,7 @@
 
     python -m experiments.bench            # ~15 minutes on 2 CPU cores (3.3M-param LM, fp32)
     python -m experiments.bench --quick    # ~2 minutes, a tiny model (CI smoke)
-    python -m experiments.bench --lazy     # ~2 minutes: LazyMultiSteps vs optax.MultiSteps
+    python -m experiments.bench --lazy     # ~2 minutes: one call's optimizer side, per path
     python -m experiments.bench --noise    # ~3 minutes: the cost of noise statistics at K=8
 
 Each (variant, K) cell runs in its own subprocess (so peak process memory is its own), on the
@@ -80,7 +80,8 @@ def run_cell(variant: str, k: int, size: str) -> dict:
   import optax
 
   import accumjax
-  from accumjax import donation, optim, planner
+  from accumjax import optim, planner
+  from accumjax import step as step_lib
   from accumjax.lm import data, model
   from accumjax.lm.build import make_loss_fn
 
@@ -143,29 +144,26 @@ def run_cell(variant: str, k: int, size: str) -> dict:
       grad_one = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
       out['microbatch_grad_s'] = _median_time(lambda: grad_one(params, mb0), s['reps'])
       sums, _ = accumjax.accumulate_sums(loss_fn, params, mb0, num_microbatches=1)
-      opt_state = tx.init(optim.as_opt_params(params))
-      opt_step = jax.jit(lambda sm, st, p: optim.apply_sums(tx, sm, st, p)[:2])
-      out['optimizer_step_s'] = _median_time(lambda: opt_step(sums, opt_state, params),
-                                             s['reps'])
+      cycle = accumjax.Cycle(sums, jnp.ones((), jnp.int32), jnp.full((), -1, jnp.int32))
+      opt_step = jax.jit(lambda sm, st: step_lib.apply_cycle(tx, config, st, sm, cycle)[0])
+      out['optimizer_step_s'] = _median_time(lambda: opt_step(sums, holder[0]), s['reps'])
     if variant in ('multisteps_optax', 'multisteps_lazy') and k > 1:
       # The optimizer side of an interim call (sums given), chained with donation as in
-      # training, vs a bare float32 add of a gradient-sized tree into a donated accumulator.
-      # A cycle longer than the measurement keeps every call interim.
-      long = accumjax.AccumConfig(
-          num_microbatches=10**6, microbatch_size=1, mode='multisteps',
-          multisteps_impl=config.multisteps_impl)
-      long_tx = accumjax.accumulating_optimizer(inner, long)
+      # training, vs a bare float32 add of a gradient-sized tree into a donated accumulator:
+      # the own cycle's add (lazy) or optax.MultiSteps' update (optax).
       sums, _ = accumjax.accumulate_sums(loss_fn, params, call_batches[0], num_microbatches=1)
-      # As jit_train_step runs it: the state donated, but only the leaves the call changes
-      # (donation.jit_donating).
-      interim = donation.jit_donating(
-          lambda st, sm: (optim.apply_sums(long_tx, sm, st[0], st[1], False)[1::-1], None))
+      if config.multisteps_impl == 'lazy':
+        interim = jax.jit(lambda c, sm: step_lib.add_to_cycle(c, sm, 1), donate_argnums=0)
+        chain = [jax.tree.map(jnp.zeros_like, holder[0].cycle)]
+      else:
+        interim = jax.jit(lambda st, sm: tx.update(sm, st, optim.as_opt_params(params))[1],
+                          donate_argnums=0)
+        chain = [jax.tree.map(jnp.copy, holder[0].opt_state)]
       add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
-      chain = [(long_tx.init(optim.as_opt_params(params)), jax.tree.map(jnp.copy, params))]
       acc = [jax.tree.map(jnp.zeros_like, sums.grads)]
 
       def interim_call():
-        chain[0], _ = interim(chain[0], sums)
+        chain[0] = interim(chain[0], sums)
         return chain[0]
 
       def add_call():
@@ -201,16 +199,26 @@ LAZY_SIZES = {
 
 
 def multisteps_costs(size: str) -> list[dict]:
-  """Optimizer-side cost of one call, LazyMultiSteps vs optax.MultiSteps, per model size.
+  """Optimizer-side cost of one call, per model size: the train step's own cycle,
+  LazyMultiSteps (optax interface) and optax.MultiSteps.
 
-  Interim: a call that completes no update (K = 10**6 keeps every call interim), chained with
-  donation as in training, against a bare float32 add of a gradient-sized tree into a donated
-  accumulator. Emitting: K = 1 (every call completes its update) against the plain optax
-  AdamW step on the mean gradient (update + apply, donated); accumjax's normalized wrapper
-  (divide once, skip decision) alone is a row too. Timed in interleaved rounds: medians of
-  the times, and of the per-round ratios.
+  Interim: a call that completes no update, chained with donation as in training, against a
+  bare float32 add of a gradient-sized tree into a donated accumulator. Emitting: the call that
+  completes an update against the plain optax AdamW step on the mean gradient (update + apply,
+  donated); accumjax's normalized wrapper (divide once, skip decision) alone is a row too.
+  Timed in interleaved rounds: medians of the times, and of the per-round ratios.
   """
   return [_lazy_costs(label, dims, rounds, reps) for label, dims, rounds, reps in LAZY_SIZES[size]]
+
+
+def _chained(fn, state):
+  """A call of `fn(state) -> state` (jitted, donating), each on the last one's result."""
+  holder = [state]
+
+  def call():
+    holder[0] = fn(holder[0])
+    return holder[0]
+  return call
 
 
 def _lazy_costs(label, dims, rounds, reps) -> dict:
@@ -219,7 +227,8 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
   import optax
 
   import accumjax
-  from accumjax import donation, optim
+  from accumjax import optim
+  from accumjax import step as step_lib
   from accumjax.lm import model
   _, params = model.make_lm(model.ModelConfig(max_len=64, **dims))
   rng = jax.random.key(0)
@@ -227,79 +236,45 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
       jax.tree.map(lambda p: jax.random.normal(rng, p.shape, jnp.float32) * 1e-3, params),
       jnp.float32(100.0), jnp.float32(50.0), jnp.float32(0.0))
   inner = optax.adamw(1e-3)
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=1, mode='multisteps')
+  tx = accumjax.accumulating_optimizer(inner, config)
+  state = accumjax.init_train_state(params, inner, 0, config)
 
-  def tx_for(impl, k):
-    config = accumjax.AccumConfig(num_microbatches=k, microbatch_size=1,
-                                  mode='multisteps' if k > 1 else 'scan',
-                                  multisteps_impl=impl)
-    if k == 1:  # a MultiSteps that emits on every call
-      wrapper = optim.LazyMultiSteps if impl == 'lazy' else optax.MultiSteps
-      return wrapper(accumjax.normalized(inner), 1, use_grad_mean=False)
-    return accumjax.accumulating_optimizer(inner, config)
+  # the train step's two programs without the gradient (the sums given): the interim call
+  # donates the cycle and adds; the completing call donates the state and runs the optimizer
+  own_interim = jax.jit(lambda c: step_lib.add_to_cycle(c, sums, 1), donate_argnums=0)
+  own_emit = jax.jit(lambda st: step_lib.apply_cycle(
+      tx, config, st, sums, step_lib.add_to_cycle(st.cycle, sums, 1))[0], donate_argnums=0)
 
-  def chained(tx, hint):
-    # as jit_train_step runs it: state donated, but only the leaves the call changes
-    fn = donation.jit_donating(
-        lambda st, sm: (optim.apply_sums(tx, sm, st[0], st[1], hint)[1::-1], None))
-    holder = [(tx.init(optim.as_opt_params(params)), jax.tree.map(jnp.copy, params))]
+  def multisteps(wrapper, k):  # an optax user's loop: the whole MultiSteps state donated
+    ms_tx = wrapper(accumjax.normalized(inner), k, use_grad_mean=False)
+    fn = jax.jit(lambda st: (lambda u, s: (s, optax.apply_updates(st[1], u.grads)))(
+        *ms_tx.update(sums, st[0], optim.as_opt_params(st[1]))), donate_argnums=0)
+    return _chained(fn, (ms_tx.init(optim.as_opt_params(params)), copy(params)))
 
-    def call():
-      holder[0], _ = fn(holder[0], sums)
-      return holder[0]
-    return call
-
-  def program_only(tx):
-    """The hinted interim call's compiled program, fed its own changed leaves directly: the
-    device-side cost, without jit_donating's per-call Python (flatten, split, reassemble)."""
-    fn = donation.jit_donating(
-        lambda st, sm: (optim.apply_sums(tx, sm, st[0], st[1], False)[1::-1], None))
-    state = (tx.init(optim.as_opt_params(params)), jax.tree.map(jnp.copy, params))
-    program, (changed, read, args) = fn.split(state, sums)
-    holder = [[jnp.copy(x) for x in changed]]
-
-    def call():
-      holder[0], _ = program(holder[0], read, args)
-      return holder[0]
-    return call
-
-  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
-  acc = [jax.tree.map(jnp.zeros_like, sums.grads)]
-
-  def bare_add():
-    acc[0] = add(acc[0], sums.grads)
-    return acc[0]
-
-  plain = jax.jit(lambda g, st, p: (lambda u, s: (s, optax.apply_updates(p, u)))(
-      *inner.update(g, st, p)), donate_argnums=(1, 2))
-  plain_state = [inner.init(params), jax.tree.map(jnp.copy, params)]
+  add = jax.jit(lambda a: jax.tree.map(jnp.add, a, sums.grads), donate_argnums=0)
+  plain = jax.jit(lambda st: (lambda u, s: (s, optax.apply_updates(st[1], u)))(
+      *inner.update(jax.tree.map(lambda g: g / sums.weight, sums.grads), st[0], st[1])),
+      donate_argnums=0)
   mean_grads = jax.tree.map(lambda g: g / sums.weight, sums.grads)
-
-  def plain_step():
-    plain_state[0], plain_state[1] = plain(mean_grads, *plain_state)
-    return plain_state[0]
-
-  # the same step dividing the sums inside the program, as accumjax must (the (sum, weight) form)
-  dividing = jax.jit(lambda sm, st, p: (lambda u, s: (s, optax.apply_updates(p, u)))(
-      *inner.update(jax.tree.map(lambda g: g / sm.weight, sm.grads), st, p)),
-      donate_argnums=(1, 2))
-  dividing_state = [inner.init(params), jax.tree.map(jnp.copy, params)]
-
-  def dividing_step():
-    dividing_state[0], dividing_state[1] = dividing(sums, *dividing_state)
-    return dividing_state[0]
-
+  plain_mean = jax.jit(lambda st, g: (lambda u, s: (s, optax.apply_updates(st[1], u)))(
+      *inner.update(g, st[0], st[1])), donate_argnums=0)
+  normalized = accumjax.normalized(inner)
+  norm = jax.jit(lambda st: (lambda u, s: (s, optax.apply_updates(st[1], u.grads)))(
+      *normalized.update(sums, st[0], optim.as_opt_params(st[1]))), donate_argnums=0)
   variants = {
-      'bare float32 add': bare_add,
-      'plain optax step': plain_step,
-      'plain step dividing the sums': dividing_step,
-      'accumjax normalized step': chained(accumjax.normalized(inner), None),
-      'lazy interim, last_call hint': chained(tx_for('lazy', 10**6), False),
-      'lazy interim, its program alone': program_only(tx_for('lazy', 10**6)),
-      'lazy interim, lax.cond': chained(tx_for('lazy', 10**6), None),
-      'optax.MultiSteps interim': chained(tx_for('optax', 10**6), None),
-      'lazy emitting, last_call hint': chained(tx_for('lazy', 1), True),
-      'lazy emitting, lax.cond': chained(tx_for('lazy', 1), None),
-      'optax.MultiSteps emitting': chained(tx_for('optax', 1), None),
+      'bare float32 add': _chained(add, jax.tree.map(jnp.zeros_like, sums.grads)),
+      'plain optax step': _chained(lambda st: plain_mean(st, mean_grads),
+                                   (inner.init(params), copy(params))),
+      'plain step dividing the sums': _chained(plain, (inner.init(params), copy(params))),
+      'accumjax normalized step': _chained(norm, (inner.init(params), copy(params))),
+      'own cycle interim': _chained(own_interim, copy(state.cycle)),
+      'LazyMultiSteps interim': multisteps(optim.LazyMultiSteps, 10**6),
+      'optax.MultiSteps interim': multisteps(optax.MultiSteps, 10**6),
+      'own cycle emitting': _chained(own_emit, copy(state)),
+      'LazyMultiSteps emitting': multisteps(optim.LazyMultiSteps, 1),
+      'optax.MultiSteps emitting': multisteps(optax.MultiSteps, 1),
   }
   times = _interleaved_times(variants, rounds, reps, warmup=3)
   med = {v: statistics.median(t) for v, t in times.items()}
@@ -449,40 +424,38 @@ def main(argv=None):
 
 def lazy_report(results, seconds, quick) -> str:
   lines = [
-      '# LazyMultiSteps vs optax.MultiSteps: the optimizer side of one call', '',
+      '# The optimizer side of one call: the own cycle, LazyMultiSteps, optax.MultiSteps', '',
       f'Command: `python -m experiments.bench --lazy{" --quick" if quick else ""}` '
       f'({seconds / 60:.1f} min, {os.cpu_count()} CPU cores, JAX on CPU, fp32). The main job\'s '
       'transformer at three sizes; the sums of one call are given (no gradient computed), '
-      'AdamW inside accumjax\'s normalized wrapper (plain optax step: AdamW update + apply '
-      'on the mean gradient, donated), every call chained with the optimizer '
-      'state and params donated as in training. Interim = a call that completes no update '
-      '(K = 10**6); emitting = K = 1. Every variant is timed once per round, in turn (rounds x '
-      'calls per round below); a ratio is the median over rounds of the two variants\' times in '
-      'the same round (the target column also gives the 25th-75th percentiles of those '
-      'ratios: this host is shared and noisy), a time the median over rounds.', '',
-      '| params | leaves | rounds x calls | bare add ms | lazy interim, hint / add (target <= 1.2) '
-      '| its program alone / add | lazy '
-      'interim, lax.cond / add | optax.MultiSteps interim / add | plain optax step ms | '
-      'plain step dividing the sums / plain step | accumjax normalized step / plain step | '
-      'accumjax normalized step / plain step dividing | lazy emitting, hint / plain step | '
-      'lazy emitting, lax.cond / plain step | '
+      'AdamW. Own cycle: the train step\'s programs without the gradient '
+      '(`step.add_to_cycle` with the cycle donated; `step.apply_cycle` with the state '
+      'donated). LazyMultiSteps and optax.MultiSteps: an optax user\'s loop, `update` + '
+      'apply with the whole state donated under plain `jax.jit`. Interim = a call that '
+      'completes no update (K = 10**6); emitting = K = 1. Plain optax step: AdamW update + '
+      'apply on the mean gradient, donated. Every variant is timed once per round, in turn '
+      '(rounds x calls per round below); a ratio is the median over rounds of the two '
+      'variants\' times in the same round (the target column also gives the 25th-75th '
+      'percentiles of those ratios: this host is shared and noisy), a time the median over '
+      'rounds.', '',
+      '| params | leaves | rounds x calls | bare add ms | own cycle interim / add (target <= '
+      '1.2) | LazyMultiSteps interim / add | optax.MultiSteps interim / add | plain optax step '
+      'ms | plain step dividing the sums / plain step | accumjax normalized step / plain step '
+      '| own cycle emitting / plain step | LazyMultiSteps emitting / plain step | '
       'optax.MultiSteps emitting / plain step |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+      '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   add, plain = 'bare float32 add', 'plain optax step'
   for r in results:
     ms = r['ms']
     lines.append(
         f'| {r["size"]} ({r["num_params"]:,}) | {r["leaves"]} | {r["rounds"]} x {r["reps"]} | '
-        f'{ms[add]:.2f} | '
-        f'{_paired(r, "lazy interim, last_call hint", add, quartiles=True)} | '
-        f'{_paired(r, "lazy interim, its program alone", add)} | '
-        f'{_paired(r, "lazy interim, lax.cond", add)}'
-        f' | {_paired(r, "optax.MultiSteps interim", add)} | {ms[plain]:.2f} | '
+        f'{ms[add]:.2f} | {_paired(r, "own cycle interim", add, quartiles=True)} | '
+        f'{_paired(r, "LazyMultiSteps interim", add)} | '
+        f'{_paired(r, "optax.MultiSteps interim", add)} | {ms[plain]:.2f} | '
         f'{_paired(r, "plain step dividing the sums", plain)} | '
         f'{_paired(r, "accumjax normalized step", plain)} | '
-        f'{_paired(r, "accumjax normalized step", "plain step dividing the sums")} | '
-        f'{_paired(r, "lazy emitting, last_call hint", plain)} | '
-        f'{_paired(r, "lazy emitting, lax.cond", plain)} | '
+        f'{_paired(r, "own cycle emitting", plain)} | '
+        f'{_paired(r, "LazyMultiSteps emitting", plain)} | '
         f'{_paired(r, "optax.MultiSteps emitting", plain)} |')
   lines += ['', 'Milliseconds per call:', '',
             '| params | ' + ' | '.join(results[0]['ms']) + ' |',

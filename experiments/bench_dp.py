@@ -41,8 +41,10 @@ from jax.sharding import PartitionSpec  # noqa: E402
 
 import accumjax  # noqa: E402
 from accumjax import parallel  # noqa: E402
+from accumjax import state as state_lib  # noqa: E402
 from accumjax.lm import data, model  # noqa: E402
 from accumjax.lm.build import make_loss_fn  # noqa: E402
+from experiments import hlo  # noqa: E402
 from experiments.naive_dp import plain_jit_step  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -81,7 +83,7 @@ def build(variant, k, s, params, loss_fn, batch):
   else:
     step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config, mesh=mesh))
   lowered = step.lower(state, calls[0], last_call=len(calls) == 1)
-  counts = parallel.collective_counts(lowered.compile().as_text())
+  counts = hlo.collective_counts(lowered.compile().as_text())
   holder = [state]
 
   def one_update():
@@ -125,7 +127,7 @@ def memory_rows(params, loss_fn, s, k) -> list[dict]:
       memory = accumjax.planner.compiled_memory(step, state, batch, last_call=True)
       batch_bytes = sum(x.sharding.shard_shape(x.shape)[0] * s['seq_len'] * 4
                         for x in batch.values())
-      parts = parallel.state_bytes_per_device(state, config)
+      parts = state_lib.state_bytes_per_device(state, config)
       rows.append({'mode': mode, 'mesh': f'data={d},fsdp={f}', 'fsdp': f, 'policy': policy,
                    **parts, 'state_and_accumulators': sum(parts.values()),
                    'xla_state_arguments': memory['argument'] - batch_bytes,
@@ -224,7 +226,8 @@ def memory_report(rows, size, seconds, first) -> str:
   lines = [
       '# FSDP: state and accumulator bytes per device (4 CPU devices)', '',
       _header(size, seconds, first) + f' K={SIZES[size]["ks"][0]}.', '',
-      'Per device, from the shardings of the state (`parallel.state_bytes_per_device`): params, '
+      'Per device, from the shardings of the state (`accumjax.state.state_bytes_per_device`): '
+      'params, '
       'optimizer state (AdamW mu and nu), the accumulator kept in the state between calls '
       '(multisteps/hybrid) and the accumulator carried through a call\'s scan (full size under '
       '`call`, a shard under `microbatch`). `ratio` = their sum / the data=4 sum (ideal 1/F). '

@@ -14,27 +14,31 @@ The logic lives in accumjax.lm.train, importable from a notebook.
 """
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
 import time
 
 from accumjax.checkpoint import CheckpointError
-from accumjax.config import (
-    ACCUMULATOR_MEMORIES,
-    DP_REDUCTIONS,
-    FSDP_REDUCES,
-    LR_BATCH_SCALING,
-    MODES,
-    MULTISTEPS_IMPLS,
-    NONFINITE_POLICIES,
-)
 from accumjax.core import ConfigError
-from accumjax.lm.config import ON_CONFIG_CHANGE, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+from accumjax.lm.config import ON_CONFIG_CHANGE, TrainConfig
 from accumjax.lm.data import DataError
 from accumjax.lm.logs import Logger
-from accumjax.lm.model import POSITIONS, ModelConfig
+from accumjax.lm.model import ModelConfig
+from accumjax.lm.settings import flag_of, settings_of
 from accumjax.lm.train import NonFiniteError, train_and_evaluate
+
+# The --help sections, in order, of the settings' groups (and of the run's own flags).
+GROUPS = {
+    'data': 'data', 'accumulation': 'accumulation',
+    'parallel': "data parallel / multi-host (JAX's own runtime: a Mesh, jax.distributed)",
+    'logging': 'logging',
+    'nonfinite': 'non-finite values (NaN/Inf in a micro-batch loss or gradient)',
+    'optimization': 'optimization', 'model': 'model', 'run': 'run',
+    'checkpoints': 'checkpoints (Orbax, in OUT/checkpoints)',
+}
+_MODEL = 'model__'  # the dest prefix of the model's settings
 
 
 def _env_int(name):
@@ -48,66 +52,35 @@ class _Parser(argparse.ArgumentParser):
     sys.exit(2)
 
 
-def parse_args(argv=None):
-  d, dm = TrainConfig(), ModelConfig()
-  p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  g = p.add_argument_group('data')
-  g.add_argument('--data', default=None, help='text file or directory of text files, or a '
-                 'built-in corpus: builtin:stdlib (the default: the Python standard library '
-                 'sources) or builtin:prose (the English documentation in pydoc_data/topics.py)')
-  g.add_argument('--seq-len', type=int, default=d.seq_len, help='tokens per example')
-  g.add_argument('--pack', action='store_true', help='pack examples into full rows (no padding)')
-  g = p.add_argument_group('accumulation')
-  g.add_argument('--batch-size', type=int, default=d.microbatch_size,
-                 help='micro-batch size (sequences per micro-batch, per device)')
-  g.add_argument('--grad-accum-steps', type=_k_arg, default=None, metavar='K|auto',
-                 help='K, micro-batches per optimizer update (default 4); "auto": K follows '
-                      'the measured gradient noise scale (B_simple, smoothed), a power of two '
-                      'from 2 to --max-grad-accum-steps, changed at most every 10 updates')
-  g.add_argument('--grad-accum-schedule', default=None, metavar='U:K,...',
-                 help='K per update as a ramp, e.g. "0:2,200:4,400:8" (from update U on, K)')
-  g.add_argument('--max-grad-accum-steps', type=int, default=d.max_grad_accum_steps,
-                 help='the largest K of --grad-accum-steps auto')
-  g.add_argument('--lr-batch-scaling', default=d.lr_batch_scaling,
-                 choices=list(LR_BATCH_SCALING),
-                 help='when K changes (schedule, auto), scale the learning rate by (K / first '
-                      'K) ** 1 (linear, SGD) or ** 0.5 (sqrt, Adam)')
-  g.add_argument('--tokens-per-update', type=int, default=None,
-                 help='sets K = N / (batch size x seq len x devices); must divide')
-  g.add_argument('--accum-mode', default=d.accum_mode, choices=list(MODES),
-                 help='scan: one call per update; multisteps: one call per micro-batch '
-                      '(optax.MultiSteps); hybrid: c micro-batches per call')
-  g.add_argument('--microbatches-per-call', type=int, default=None,
-                 help='c for hybrid mode (default K/2 for even K, else 1)')
-  g.add_argument('--multisteps-impl', default=d.multisteps_impl, choices=list(MULTISTEPS_IMPLS),
-                 help='lazy: optimizer runs only on the last call of a cycle; optax: '
-                      'optax.MultiSteps as shipped (same state and results)')
-  g.add_argument('--memory-budget', default=None, metavar='SIZE',
-                 help='e.g. 2GiB: pick the largest micro-batch whose compiled step fits (XLA '
-                      'memory analysis), then K from --tokens-per-update')
-  g.add_argument('--precision', default=d.precision, choices=list(PRECISIONS),
-                 help='compute precision; params and accumulation stay float32. fp16 uses '
-                      'dynamic loss scaling; bf16 needs none (float32 exponent range)')
-  g = p.add_argument_group(
-      'data parallel / multi-host (JAX\'s own runtime: a Mesh, jax.distributed)')
-  g.add_argument('--mesh', default=None, metavar='data=D,fsdp=F',
-                 help='device mesh; default: all devices of all processes, data parallel. '
-                      'fsdp=F shards params, optimizer state and accumulator over F devices '
-                      '(data=D,fsdp=F: D groups of F). The batch size is per device: '
-                      'effective batch = batch x K x D x F')
-  g.add_argument('--fsdp-reduce', default=d.fsdp_reduce, choices=list(FSDP_REDUCES),
-                 help='with fsdp: reduce-scatter the gradients into each device\'s shard once '
-                      'per call (full-size accumulator inside the call, one collective) or '
-                      'after every micro-batch (accumulator a shard, one collective each)')
-  g.add_argument('--accumulator-memory', default=d.accumulator_memory,
-                 choices=list(ACCUMULATOR_MEMORIES),
-                 help='multisteps/hybrid: keep the float32 gradient sums between calls in '
-                      'device or host memory (pinned_host; moved in and out every call). On a '
-                      'CPU backend both are the same RAM')
-  g.add_argument('--dp-reduction', default=d.dp_reduction, choices=list(DP_REDUCTIONS),
-                 help='how devices\' gradient sums meet, once per call: psum (one all-reduce) '
-                      'or ordered (all-gather + sum in device order: bitwise the same on any '
-                      'process layout, N x gradient memory)')
+def _flag_type(parse):
+  """An argparse type from a setting's parser: its ValueError message is the error."""
+  def convert(text):
+    try:
+      return parse(text)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+  convert.__name__ = getattr(parse, '__name__', 'value')
+  return convert
+
+
+def _add_setting(group, field, meta, dest):
+  """The flag of one declared setting (lm/settings.py)."""
+  kwargs = dict(dest=dest, default=field.default, help=meta['help'])
+  if isinstance(field.default, bool):
+    kwargs['action'] = 'store_true' if not field.default else argparse.BooleanOptionalAction
+  else:
+    kwargs['type'] = _flag_type(meta['parse'] or (str if field.default is None
+                                                  else type(field.default)))
+    if meta['choices'] is not None:
+      kwargs['choices'] = list(meta['choices'])
+    if meta['metavar'] is not None:
+      kwargs['metavar'] = meta['metavar']
+  group.add_argument(flag_of(field), **kwargs)
+
+
+def _run_flags(groups):
+  """The flags that are not settings of the run's config: where it runs and writes."""
+  g = groups['parallel']
   g.add_argument('--coordinator-address', default=os.environ.get('JAX_COORDINATOR_ADDRESS'),
                  metavar='HOST:PORT', help='multi-process: process 0\'s address '
                  '(env JAX_COORDINATOR_ADDRESS)')
@@ -117,61 +90,11 @@ def parse_args(argv=None):
                  help='multi-process: this one, 0..N-1 (env JAX_PROCESS_ID)')
   g.add_argument('--distributed', action='store_true',
                  help='jax.distributed.initialize() with cluster auto-detection (SLURM, ...)')
-  g = p.add_argument_group('logging')
-  g.add_argument('--log-microbatches', action='store_true',
-                 help='also log every call (per-micro-batch view: accum 3/4)')
-  g.add_argument('--noise-stats', action=argparse.BooleanOptionalAction, default=d.noise_stats,
-                 help='estimate the gradient noise scale B_simple of every update from its '
-                      'micro-batches (logged, in metrics.jsonl and noise_scale.png; needs '
-                      'K x devices >= 2, else off)'),
-  g = p.add_argument_group('non-finite values (NaN/Inf in a micro-batch loss or gradient)')
-  g.add_argument('--nonfinite-policy', default=d.nonfinite_policy, choices=list(
-      NONFINITE_POLICIES), help='skip_update: skip the whole update (params and optimizer '
-                      'state unchanged, cycle stays aligned); skip_microbatch: drop the bad '
-                      'micro-batches, renormalise by the remaining weight; raise: stop (exit '
-                      '1) naming the update and micro-batch')
-  g.add_argument('--max-consecutive-skips', type=int, default=d.max_consecutive_skips,
-                 help='stop (exit 1) after N skipped updates in a row (0: never)')
-  g.add_argument('--inject-faults', default=None, metavar='U:J[:V],...',
-                 help='fault drill: multiply the loss of micro-batch J (from 0) of update U '
-                      '(from 1) by V (nan default, inf, or a factor such as 1e6)')
-  g = p.add_argument_group('optimization')
-  g.add_argument('--optimizer', default=d.optimizer, choices=list(OPTIMIZERS))
-  g.add_argument('--lr', type=float, default=d.lr, help='peak learning rate')
-  g.add_argument('--weight-decay', type=float, default=d.weight_decay,
-                 help='decoupled weight decay (adamw, lion)')
-  g.add_argument('--warmup-steps', type=int, default=d.warmup_steps,
-                 help='linear warmup, in optimizer updates')
-  g.add_argument('--schedule', default=d.schedule, choices=list(SCHEDULES),
-                 help='cosine decays to lr/10 at --steps')
-  g.add_argument('--clip-norm', type=float, default=d.clip_norm,
-                 help='global-norm clip of the accumulated mean gradient; 0 disables')
-  g.add_argument('--clip-before-accumulation', action='store_true',
-                 help='clip each micro-batch mean gradient instead (a different estimator)')
-  g.add_argument('--steps', type=int, default=d.steps, help='optimizer updates')
-  g = p.add_argument_group('model')
-  g.add_argument('--d-model', type=int, default=dm.d_model)
-  g.add_argument('--layers', type=int, default=dm.num_layers)
-  g.add_argument('--heads', type=int, default=dm.num_heads)
-  g.add_argument('--mlp-ratio', type=int, default=dm.mlp_ratio)
-  g.add_argument('--max-len', type=int, default=dm.max_len, help='longest sequence allowed')
-  g.add_argument('--positions', default=dm.positions, choices=list(POSITIONS))
-  g.add_argument('--dropout', type=float, default=dm.dropout)
-  g = p.add_argument_group('run')
-  g.add_argument('--seed', type=int, default=d.seed)
-  g.add_argument('--eval-every', type=int, default=d.eval_every, help='in optimizer updates')
-  g.add_argument('--eval-batches', type=int, default=d.eval_batches,
-                 help='eval set size, in micro-batches of the eval split')
-  g.add_argument('--log-every', type=int, default=d.log_every, help='in optimizer updates')
+  g = groups['run']
   g.add_argument('--out', default=None, help='output directory (default runs/train-<time>)')
   g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
                  help='progress bar (default: only on a terminal)')
-  g = p.add_argument_group('checkpoints (Orbax, in OUT/checkpoints)')
-  g.add_argument('--save-every', type=int, default=d.save_every,
-                 help='save every N optimizer updates, and at the end (0: never)')
-  g.add_argument('--save-every-micro', type=int, default=d.save_every_micro,
-                 help='multisteps/hybrid: also save every M calls, inside a cycle (0: never)')
-  g.add_argument('--keep', type=int, default=d.keep, help='checkpoints to keep')
+  g = groups['checkpoints']
   g.add_argument('--resume', nargs='?', const='latest', default=None, metavar='STEP',
                  help='continue the run in --out from its newest good checkpoint (or STEP, an '
                       'Orbax step = micro-batches done); final params are bit-identical to an '
@@ -179,42 +102,25 @@ def parse_args(argv=None):
   g.add_argument('--on-config-change', default='refuse', choices=list(ON_CONFIG_CHANGE),
                  help='when resuming mid-cycle with another batch size/K/mode: refuse '
                       '(default), or flush the partial cycle as its own update first')
+
+
+def parse_args(argv=None):
+  """The flags: one per declared setting of TrainConfig and ModelConfig, then the run's own."""
+  p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
+  for field, meta in settings_of(TrainConfig):
+    _add_setting(groups[meta['group']], field, meta, field.name)
+  for field, meta in settings_of(ModelConfig):
+    _add_setting(groups[meta['group']], field, meta, _MODEL + field.name)
+  _run_flags(groups)
   return p.parse_args(argv)
 
 
-def _k_arg(text: str):
-  """--grad-accum-steps: an int, or 'auto'."""
-  if text == 'auto':
-    return 'auto'
-  try:
-    return int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r}: an integer >= 1, or auto') from None
-
-
 def config_from_args(a) -> TrainConfig:
-  model = ModelConfig(d_model=a.d_model, num_layers=a.layers, num_heads=a.heads,
-                      mlp_ratio=a.mlp_ratio, max_len=a.max_len, positions=a.positions,
-                      dropout=a.dropout)
-  return TrainConfig(
-      data=a.data, seq_len=a.seq_len, pack=a.pack, microbatch_size=a.batch_size,
-      grad_accum_steps=a.grad_accum_steps, tokens_per_update=a.tokens_per_update,
-      grad_accum_schedule=a.grad_accum_schedule, max_grad_accum_steps=a.max_grad_accum_steps,
-      lr_batch_scaling=a.lr_batch_scaling,
-      accum_mode=a.accum_mode, microbatches_per_call=a.microbatches_per_call,
-      multisteps_impl=a.multisteps_impl, memory_budget=a.memory_budget, mesh=a.mesh,
-      dp_reduction=a.dp_reduction, fsdp_reduce=a.fsdp_reduce,
-      accumulator_memory=a.accumulator_memory,
-      precision=a.precision, nonfinite_policy=a.nonfinite_policy,
-      max_consecutive_skips=a.max_consecutive_skips, inject_faults=a.inject_faults,
-      optimizer=a.optimizer, lr=a.lr, weight_decay=a.weight_decay,
-      warmup_steps=a.warmup_steps, schedule=a.schedule,
-      clip_norm=a.clip_norm if a.clip_norm else None,
-      clip_before_accumulation=a.clip_before_accumulation, steps=a.steps, model=model,
-      seed=a.seed, eval_every=a.eval_every, eval_batches=a.eval_batches,
-      log_every=a.log_every, log_microbatches=a.log_microbatches,
-      noise_stats=a.noise_stats, save_every=a.save_every,
-      save_every_micro=a.save_every_micro, keep=a.keep)
+  """The TrainConfig of parsed flags (every declared setting read back by its field)."""
+  model = ModelConfig(**{f.name: getattr(a, _MODEL + f.name) for f, _ in settings_of(ModelConfig)})
+  return dataclasses.replace(
+      TrainConfig(model=model), **{f.name: getattr(a, f.name) for f, _ in settings_of(TrainConfig)})
 
 
 class _Preemption:

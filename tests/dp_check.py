@@ -15,6 +15,7 @@ import numpy as np
 
 import accumjax
 from accumjax import parallel
+from experiments import hlo
 from experiments.naive_dp import plain_jit_step
 from tests import reference
 from tests.helpers import calls_of, lm_loss
@@ -75,7 +76,7 @@ def collectives(mode, devices, **kw):
   config, mesh, state, step = build(mode, devices, 'adamw', **kw)
   call = parallel.shard_batch(calls_of(reference.make_batches(1, ROWS)[0], config)[0], mesh)
   compiled = step.lower(state, call, last_call=config.calls_per_update == 1).compile()
-  return {'per_call': parallel.collective_counts(compiled.as_text()),
+  return {'per_call': hlo.collective_counts(compiled.as_text()),
           'calls_per_update': config.calls_per_update}
 
 
@@ -136,7 +137,7 @@ def naive_collectives(devices):
   state = parallel.replicate(accumjax.init_train_state(reference.init_params(), tx, 0), mesh)
   step = plain_jit_step(lm_loss, tx, config, mesh)
   batches = reference.make_batches(STEPS, ROWS)
-  counts = parallel.collective_counts(
+  counts = hlo.collective_counts(
       step.lower(state, parallel.shard_batch(batches[0], mesh)).compile().as_text())
   for batch in batches:
     state, _ = step(state, parallel.shard_batch(batch, mesh))

@@ -15,6 +15,8 @@ import numpy as np
 
 import accumjax
 from accumjax import checkpoint, parallel
+from accumjax import state as state_lib
+from experiments import hlo
 from tests import reference
 from tests.helpers import calls_of, lm_loss
 from tests.test_equivalence import OPTIMIZERS, ROWS, STEPS
@@ -54,7 +56,7 @@ def train(mode, mesh_name, policy='call', **kw):
   shard_shapes = {name: list(leaf.addressable_shards[0].data.shape)
                   for name, leaf in state.params.items()}
   kinds = sorted({str(x.sharding.memory_kind) for x in jax.tree.leaves(
-      getattr(state.opt_state, 'acc_grads', None))})
+      state.cycle)})
   return jax.device_get(state.params), {'specs': specs, 'shard_shapes': shard_shapes,
                                         'accumulator_memory': kinds}
 
@@ -71,10 +73,10 @@ def compiled(mode, mesh_name, policy):
     memory = program.memory_analysis()
     batch_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(call))
     out['last' if last else 'interim'] = {
-        'collectives': parallel.collective_counts(program.as_text()),
+        'collectives': hlo.collective_counts(program.as_text()),
         'state_argument_bytes': memory.argument_size_in_bytes - batch_bytes,
         'temp_bytes': memory.temp_size_in_bytes}
-  out['state_bytes'] = parallel.state_bytes_per_device(state)
+  out['state_bytes'] = state_lib.state_bytes_per_device(state)
   return out
 
 
@@ -95,12 +97,12 @@ def restore_across_meshes(directory):
   saved = ckpt.save(state, {})
   ckpt.wait()
   out['saved'] = {'step': saved, 'fingerprint': checkpoint.fingerprint(state),
-                  'cycle_microbatch': int(state.cycle_microbatch)}
+                  'cycle_microbatch': int(state.cycle.microbatches)}
 
   config, mesh, fresh, step = build('multisteps', 'data=2,fsdp=2')
   restored = ckpt.restore(lambda meta: parallel.abstract_state(fresh, mesh))
   state = restored.state
-  acc = state.opt_state.acc_grads.grads['w1']
+  acc = state.cycle.sums.grads['w1']
   out['data=2,fsdp=2'] = {
       'fingerprint': checkpoint.fingerprint(state),
       'params_spec': str(state.params['w1'].sharding.spec),
@@ -113,7 +115,7 @@ def restore_across_meshes(directory):
 
   config, mesh, fresh, step = build('multisteps', '1 device', microbatch_size=ROWS // K)
   state = ckpt.restore(lambda meta: parallel.abstract_state(fresh, mesh)).state
-  out['1 device'] = {'cycle_microbatch': int(state.cycle_microbatch),
+  out['1 device'] = {'cycle_microbatch': int(state.cycle.microbatches),
                      'devices': len(state.params['w1'].sharding.device_set)}
   state = step(state, calls(batches[1], config, mesh)[3], last_call=True)[0]
   state = accumjax.run_update(step, state, calls(batches[2], config, mesh), config).state

@@ -26,14 +26,15 @@ def run_accumjax(params, batches, opt, config, loss_fn=lm_loss, seed=0, hint=Tru
   """Trains with accumjax through the call driver; returns the final state, per-update losses
   and (state, metrics) after every call.
 
-  `hint`: pass the static last_call hint as the driver does (False: decide on device).
+  `hint`: pass `last_call` as the driver does (False: None, the step reads the cycle's
+  position from the state).
   """
   tx = accumjax.accumulating_optimizer(opt, config)
   state = accumjax.init_train_state(params, tx, jax.random.key(seed))
   # Not donated: the states after every call are kept for comparison.
   step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config), donate=False)
   if not hint:
-    hinted, step = step, lambda state, batch, last_call: hinted(state, batch)
+    counted, step = step, lambda state, batch, last_call: counted(state, batch)
   losses, calls = [], []
   for batch in batches:
     done = loop.run_update(step, state, calls_of(batch, config), config,

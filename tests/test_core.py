@@ -154,7 +154,7 @@ def test_partial_final_cycle_flushes_as_one_update(mode):
   chex.assert_trees_all_close(state.params, ref, rtol=TOL, atol=1e-6)
   np.testing.assert_allclose(float(done.metrics['loss']), reference.full_batch_loss(
       params, partial), rtol=TOL)
-  assert int(state.update_step) == 1 and int(state.opt_state.mini_step) == 0
+  assert int(state.update_step) == 1 and int(state.cycle.microbatches) == 0
   # Flushing again changes nothing.
   again, metrics = flush(state)
   assert not bool(metrics['updated'])
@@ -254,4 +254,4 @@ def test_describe():
   state = accumjax.init_train_state({'w': jnp.ones((4, 8))}, tx, 0)
   d = accumjax.describe(config, state)
   assert (d['params_bytes_per_device'], d['accumulator_bytes_per_device'],
-          d['call_accumulator_bytes_per_device']) == (128, 128 + 12, 128)
+          d['call_accumulator_bytes_per_device']) == (128, 128 + 12 + 8, 128)  # + 2 counters

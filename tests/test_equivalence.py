@@ -134,7 +134,7 @@ def test_bf16_compute_float32_accumulation(mode):
   assert reference.rel_err(state.params, ref_params) < 1e-2
   chex.assert_trees_all_equal_dtypes(state.params, reference.init_params())
   if mode != 'scan':
-    acc = state.opt_state.acc_grads
+    acc = state.cycle.sums
     chex.assert_trees_all_equal_dtypes(acc.grads, reference.init_params())
     assert acc.weight.dtype == jnp.float32 and acc.loss_sum.dtype == jnp.float32
   # And the bf16 run really did compute in bf16: it is not bitwise the fp32 run.

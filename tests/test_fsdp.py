@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import accumjax
 from accumjax import checkpoint, parallel
+from accumjax import state as state_lib
 from accumjax.core import ConfigError
 from accumjax.lm import config as lm_config
 from tests import reference
@@ -164,10 +165,10 @@ def test_state_bytes_per_device_counts_what_one_device_holds():
   config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=1, mode='multisteps')
   tx = accumjax.accumulating_optimizer(optax.adam(0.1), config)
   state = accumjax.init_train_state({'w': np.ones((4, 8), np.float32)}, tx, 0)
-  # params 32 floats; adam's mu and nu 2 x 32 floats, its count and MultiSteps' two counters;
-  # the accumulator 32 floats + its 3 scalars (loss sum, weight, non-finite count).
-  assert parallel.state_bytes_per_device(state) == {
-      'params': 128, 'opt_state': 256 + 3 * 4, 'accumulator': 128 + 12}
+  # params 32 floats; adam's mu and nu 2 x 32 floats and its count; the cycle 32 floats + its 3
+  # scalar sums (loss sum, weight, non-finite count) + its 2 counters (position, first bad).
+  assert state_lib.state_bytes_per_device(state) == {
+      'params': 128, 'opt_state': 256 + 4, 'accumulator': 128 + 12 + 8}
 
 
 def _host_run(mode, memory, directory=None):
@@ -202,9 +203,9 @@ def test_host_memory_accumulator_is_the_same_math(mode, tmp_path):
   (on this CPU backend both kinds are the same RAM: this tests the mechanism, not a saving)."""
   device = _host_run(mode, 'device')
   host = _host_run(mode, 'host', tmp_path / 'ckpt')
-  kinds = {x.sharding.memory_kind for x in jax.tree.leaves(host.opt_state.acc_grads)}
+  kinds = {x.sharding.memory_kind for x in jax.tree.leaves(host.cycle.sums.grads)}
   assert kinds == {'pinned_host'}, kinds
-  assert {x.sharding.memory_kind for x in jax.tree.leaves(device.opt_state.acc_grads)} == \
+  assert {x.sharding.memory_kind for x in jax.tree.leaves(device.cycle.sums.grads)} == \
       {'device'}
   assert checkpoint.fingerprint(host.params) == checkpoint.fingerprint(device.params)
 

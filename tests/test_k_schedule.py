@@ -44,8 +44,7 @@ def test_each_update_is_the_big_batch_of_its_own_k(mode, c, scaling):
     grads = jax.grad(reference.full_batch_loss)(params, batch)
     params = jax.tree.map(lambda p, g, k=k: p - 0.3 * (k / 2) ** power * g, params, grads)
     chex.assert_trees_all_close(state.params, params, rtol=TOL, atol=1e-6)
-    assert int(state.cycle_microbatch) == 0 and int(state.opt_state.mini_step
-                                                    if mode != 'scan' else 0) == 0
+    assert (0 if state.cycle is None else int(state.cycle.microbatches)) == 0
   if mode == 'scan':
     assert step._cache_size() == len(set(KS))  # one program per distinct K
 
@@ -59,23 +58,27 @@ def test_mean_of_k_changes_would_be_caught():
   assert reference.rel_err(g1, g8) > 100 * TOL
 
 
-def test_unhinted_lazy_multisteps_follows_a_schedule_function():
+def test_lazy_multisteps_on_its_own_follows_a_schedule_function():
+  """LazyMultiSteps in a user's own optax loop (no train step): a callable every_k_schedule
+  from `KSchedule.every_k` ends each cycle after that update's K calls, and each update is the
+  big batch of its own micro-batches."""
   sched = schedules.parse_k_schedule('0:2,1:4,2:1')
-  config = accumjax.AccumConfig(num_microbatches=4, microbatch_size=ROWS_PER_MB,
-                                mode='multisteps')
-  inner = accumjax.normalized(optax.sgd(0.3))
-  tx = accumjax.LazyMultiSteps(inner, every_k_schedule=sched.every_k(1), use_grad_mean=False)
-  step = accumjax.jit_train_step(accumjax.make_train_step(lm_loss, tx, config))
-  state = accumjax.init_train_state(reference.init_params(), tx, 0, config)
-  params = reference.init_params()
+  tx = accumjax.LazyMultiSteps(accumjax.normalized(optax.sgd(0.3)),
+                               every_k_schedule=sched.every_k(1), use_grad_mean=False)
+  params = ref = reference.init_params()
+  opt_state = tx.init(accumjax.as_opt_params(params))
+  update = jax.jit(lambda g, s, p: tx.update(g, s, accumjax.as_opt_params(p)))
   for u, k in enumerate((2, 4, 1)):
     batch = reference.make_batches(1, k * ROWS_PER_MB, seed=u)[0]
-    for i, call in enumerate(calls_of(batch, config)):
-      state, m = step(state, call)  # no hint: the optimizer's schedule decides
-      assert bool(m['updated']) == (i == k - 1)
-    grads = jax.grad(reference.full_batch_loss)(params, batch)
-    params = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
-    chex.assert_trees_all_close(state.params, params, rtol=TOL, atol=1e-6)
+    for i in range(k):
+      mb = jax.tree.map(lambda x, i=i: x[i * ROWS_PER_MB:(i + 1) * ROWS_PER_MB], batch)
+      sums, _ = accumjax.accumulate_sums(lm_loss, params, mb, num_microbatches=1)
+      updates, opt_state = update(sums, opt_state, params)
+      assert bool(tx.has_updated(opt_state)) == (i == k - 1)
+      params = optax.apply_updates(params, updates.grads)
+    grads = jax.grad(reference.full_batch_loss)(ref, batch)
+    ref = jax.tree.map(lambda p, g: p - 0.3 * g, ref, grads)
+    chex.assert_trees_all_close(params, ref, rtol=TOL, atol=1e-6)
 
 
 def test_schedule_parsing_and_errors():

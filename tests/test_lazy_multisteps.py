@@ -112,7 +112,7 @@ def test_bf16_params_keep_their_dtypes_and_compile_once():
 
 
 @pytest.mark.parametrize('mode', ['multisteps', 'hybrid'])
-@pytest.mark.parametrize('hint', [True, False])
+@pytest.mark.parametrize('hint', [True, False], ids=['driver_counts', 'read_from_the_cycle'])
 def test_bf16_params_in_the_train_step(mode, hint):
   config = config_for(mode, 4)
   params = accumjax.cast_floats(reference.init_params(), jnp.bfloat16)
@@ -120,12 +120,12 @@ def test_bf16_params_in_the_train_step(mode, hint):
   step = accumjax.jit_train_step(accumjax.make_train_step(lm_loss, tx, config))
   state = accumjax.init_train_state(params, tx, 0)
   dtypes = jax.tree.map(lambda x: x.dtype, state)
-  run_step = step if hint else (lambda s, b, last_call: step(s, b))
+  run_step = step if hint else (lambda s, b, last_call: step(s, b))  # None: from the cycle
   for batch in reference.make_batches(2, ROWS):
     state = loop.run_update(run_step, state, calls_of(batch, config), config).state
     assert jax.tree.map(lambda x: x.dtype, state) == dtypes
   assert int(state.update_step) == 2
-  assert step._cache_size() == (2 if hint and config.calls_per_update > 1 else 1)
+  assert step._cache_size() == 2  # the interim program and the completing one
   assert not all(np.array_equal(a, b) for a, b in zip(
       jax.tree.leaves(state.params), jax.tree.leaves(params), strict=True))
 
@@ -145,28 +145,28 @@ def test_bad_settings_are_config_errors(kwargs, match):
     accumjax.LazyMultiSteps(optax.sgd(0.1), **kwargs)
 
 
-@pytest.mark.parametrize('hint', [None, True])
-def test_the_emitting_call_resets_the_accumulator_to_exact_positive_zeros(hint):
-  """By design (README): where optax computes `0 * acc` (NaN stays NaN, a negative sum gives
-  -0.0), the cycle's last call leaves exact +0.0, whatever the sums held."""
+@pytest.mark.parametrize('path', ['lazy_multisteps', 'train_step_cycle'])
+def test_the_emitting_call_resets_the_accumulator_to_exact_positive_zeros(path):
+  """By design (docs/api.md): where optax computes `0 * acc` (NaN stays NaN, a negative sum
+  gives -0.0), the cycle's last call leaves exact +0.0, whatever the sums held: in
+  LazyMultiSteps, and in the train step's own cycle."""
   params = {'w': jnp.ones((4,))}
   tx = accumjax.LazyMultiSteps(optax.sgd(0.1), every_k_schedule=2, use_grad_mean=False)
   state = tx.init(params)
   first = {'w': jnp.array([-1.0, jnp.nan, jnp.inf, 2.0])}
   _, state = jax.jit(tx.update)(first, state, params)
   np.testing.assert_array_equal(np.isnan(state.acc_grads['w']), [False, True, False, False])
-  if hint is None:
+  if path == 'lazy_multisteps':
     _, state = jax.jit(tx.update)({'w': jnp.full((4,), -3.0)}, state, params)
-  else:  # the train step's path: the hinted call
-    sums = accumjax.GradSums({'w': jnp.full((4,), -3.0)}, jnp.float32(0), jnp.float32(1),
-                             jnp.float32(0))
-    tx = accumjax.LazyMultiSteps(accumjax.normalized(optax.sgd(0.1)), 2, use_grad_mean=False)
-    state = tx.init(accumjax.optim.as_opt_params(params))
-    state = state._replace(mini_step=jnp.ones_like(state.mini_step),
-                           acc_grads=state.acc_grads._replace(grads=first))
-    state = jax.jit(lambda s: tx.apply(sums, s, params, last_call=True).opt_state)(state)
-    state = state._replace(acc_grads=state.acc_grads.grads)
-  assert int(state.mini_step) == 0
-  acc = np.asarray(state.acc_grads['w'])
+    assert int(state.mini_step) == 0
+    acc = np.asarray(state.acc_grads['w'])
+  else:  # the train step's completing program (here a flush) on a cycle holding those sums
+    config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=1, mode='multisteps')
+    ts = accumjax.init_train_state(params, optax.sgd(0.1), 0, config)
+    sums = ts.cycle.sums._replace(grads={'w': first['w'] - 3.0}, weight=jnp.float32(1))
+    ts = ts._replace(cycle=ts.cycle._replace(sums=sums, microbatches=jnp.ones((), jnp.int32)))
+    ts, m = jax.jit(accumjax.make_flush(optax.sgd(0.1), config))(ts)
+    assert bool(m['updated']) and int(ts.cycle.microbatches) == 0
+    acc = np.asarray(ts.cycle.sums.grads['w'])
   np.testing.assert_array_equal(acc, np.zeros(4))
   assert not np.signbit(acc).any()

@@ -33,7 +33,7 @@ def test_stop_mid_cycle_and_continue_from_the_state(mode):
   cut = loop.run_update(step, state, iter(calls), config,
                         after_call=lambda s, m, p: positions.append(p) or p == 1)
   assert cut.stopped and not cut.complete and cut.calls == 1 and positions == [1]
-  assert int(cut.state.cycle_microbatch) == config.per_call
+  assert int(cut.state.cycle.microbatches) == config.per_call
   rest = loop.run_update(step, cut.state, calls[1:], config,
                          after_call=lambda s, m, p: positions.append(p))
   assert rest.complete and rest.calls == len(calls) - 1
@@ -70,6 +70,6 @@ def test_end_of_data_and_misaligned_state():
   nothing = loop.run_update(step, state, [], config)
   assert nothing.exhausted and not nothing.complete and nothing.calls == 0
   assert nothing.metrics is None
-  odd = state._replace(cycle_microbatch=state.cycle_microbatch + 1)
+  odd = state._replace(cycle=state.cycle._replace(microbatches=state.cycle.microbatches + 1))
   with pytest.raises(accumjax.ConfigError, match='not a whole number of hybrid calls of 2'):
     loop.run_update(step, odd, calls_of(reference.make_batches(1, ROWS)[0], config), config)

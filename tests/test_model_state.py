@@ -217,7 +217,7 @@ def test_modes_agree_and_interim_calls_do_not_commit():
   first = loop.split_calls(make_batch(), config)[0]
   mid, _ = step(state, first)
   chex.assert_trees_all_equal(mid.model_state, state.model_state)
-  assert float(mid.model_acc.weight) == 8.0 and float(mid.model_acc.count) == 1.0
+  assert float(mid.cycle.model_acc.weight) == 8.0 and float(mid.cycle.model_acc.count) == 1.0
 
 
 def test_flush_commits_a_cycle_cut_short():

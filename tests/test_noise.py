@@ -130,7 +130,9 @@ def test_train_step_statistics_equal_a_per_microbatch_reference(mode):
     state = done.state
     got = {key: float(done.metrics[key]) for key in expected}
     chex.assert_trees_all_close(got, expected, rtol=2e-4)
-    chex.assert_trees_all_equal(jax.device_get(state.noise), jax.device_get(core.zero_noise()))
+    if state.cycle is not None:  # scan mode keeps no cycle between calls
+      chex.assert_trees_all_equal(jax.device_get(state.cycle.sums.noise),
+                                  jax.device_get(core.zero_noise()))
 
 
 def test_interim_calls_report_nan_and_the_flush_reports_the_partial_update():
@@ -151,16 +153,21 @@ def test_interim_calls_report_nan_and_the_flush_reports_the_partial_update():
   assert bool(metrics['updated'])
   chex.assert_trees_all_close({key: float(metrics[key]) for key in expected}, expected,
                               rtol=2e-4)
-  assert float(state.noise.samples) == 0.0
+  assert float(state.cycle.sums.noise.samples) == 0.0
 
 
-def test_a_state_without_noise_sums_is_refused():
-  config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=4, noise_stats=True)
-  tx = accumjax.accumulating_optimizer(optax.sgd(0.5), config)
-  state = accumjax.init_train_state(reference.init_params(), tx, 0)  # config not passed
-  step = accumjax.make_train_step(lm_loss, tx, config)
-  with pytest.raises(accumjax.ConfigError, match='init_train_state'):
-    step(state, reference.make_batches(1, 8)[0])
+def test_a_state_whose_cycle_lacks_noise_sums_is_refused():
+  config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=4, mode='multisteps',
+                                noise_stats=True)
+  off = dataclasses_replace(config, noise_stats=False)
+  state = accumjax.init_train_state(reference.init_params(), optax.sgd(0.5), 0, off)
+  step = accumjax.make_train_step(lm_loss, optax.sgd(0.5), config)
+  with pytest.raises(accumjax.ConfigError, match='noise_stats=True.*init_train_state'):
+    step(state, reference.make_batches(1, 4)[0], last_call=True)
+  # A state built without any config gets the step's cycle (noise sums included).
+  bare = accumjax.init_train_state(reference.init_params(), optax.sgd(0.5), 0)
+  state, m = step(bare, reference.make_batches(1, 4)[0], last_call=False)
+  assert float(state.cycle.sums.noise.samples) == 1.0 and not bool(m['updated'])
 
 
 def test_trainer_logs_records_and_plots_b_simple(tmp_path, corpus, capsys):
@@ -214,8 +221,8 @@ def test_switching_noise_stats_on_mid_cycle_reports_nan_for_that_update():
   tx = accumjax.accumulating_optimizer(optax.sgd(0.5), config)
   step = accumjax.jit_train_step(accumjax.make_train_step(lm_loss, tx, config))
   calls = calls_of(reference.make_batches(1, 48)[0], config)
-  plain = accumjax.init_train_state(reference.init_params(), tx, 0)  # saved without noise
   off = dataclasses_replace(config, noise_stats=False)
+  plain = accumjax.init_train_state(reference.init_params(), optax.sgd(0.5), 0, off)
   plain, _ = accumjax.jit_train_step(accumjax.make_train_step(
       lm_loss, accumjax.accumulating_optimizer(optax.sgd(0.5), off), off))(plain, calls[0],
                                                                           last_call=False)
@@ -225,7 +232,7 @@ def test_switching_noise_stats_on_mid_cycle_reports_nan_for_that_update():
     state, _ = step(state, call, last_call=False)
   state, m = step(state, calls[3], last_call=True)
   assert np.isnan(float(m['b_simple'])) and np.isnan(float(m['trace_sigma']))
-  assert float(state.noise.samples) == 0.0  # the next update counts again
+  assert float(state.cycle.sums.noise.samples) == 0.0  # the next update counts again
 
 
 def dataclasses_replace(config, **kw):

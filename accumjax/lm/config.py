@@ -1,16 +1,18 @@
 """The settings of one LM training run: one nested `TrainConfig`, validated with clear errors.
 
-The model's settings live inside it (`cfg.model`, an `lm.model.ModelConfig`), not mirrored.
-The CLI (`experiments/train.py`) takes its choices from the constants here. Checkpoints and
-config.json store the settings *flat* under their historical names (`batch_size`, `d_model`,
-`num_layers`, ...: `to_flat` / `from_flat`), so runs saved before this layout still resume, and
-every refusal on resume names the command-line flag (`flag`).
+Each setting is declared once, as a field with its flag, help, choices and check
+(`lm/settings.py`); the model's settings live inside it (`cfg.model`, an
+`lm.model.ModelConfig`), not mirrored, and the CLI (`experiments/train.py`) is generated from
+the fields. Checkpoints and config.json store the settings *flat* under their historical names
+(`batch_size`, `d_model`, `num_layers`, ...: `to_flat` / `from_flat`), and every refusal on
+resume names the command-line flag (`flag`).
 
 Not here: what is built from the settings (build.py), the training loop (train.py).
 """
 
 import dataclasses
 import math
+import re
 
 import jax
 
@@ -25,9 +27,10 @@ from accumjax.config import (
   AccumConfig,
 )
 from accumjax.core import ConfigError
-from accumjax.lm import faults
+from accumjax.lm import faults, settings
 from accumjax.lm.data import VOCAB_SIZE
-from accumjax.lm.model import POSITIONS, ModelConfig
+from accumjax.lm.model import ModelConfig
+from accumjax.lm.settings import finite_number, is_int, setting
 from accumjax.schedules import KSchedule, parse_k_schedule
 
 PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
@@ -35,83 +38,155 @@ OPTIMIZERS = ('adamw', 'sgd', 'lion')
 SCHEDULES = ('cosine', 'constant')
 ON_CONFIG_CHANGE = ('refuse', 'flush')
 DEFAULT_NUM_MICROBATCHES = 4
-# What may change when a run is resumed (flat names). Settings that only change what is
-# logged or saved, and the fault policy (it changes nothing while values are finite; a run
-# stopped by 'raise' is meant to be resumed with 'skip_update'):
-HARMLESS = ('eval_every', 'eval_batches', 'log_every', 'log_microbatches', 'save_every',
-            'save_every_micro', 'keep', 'steps', 'multisteps_impl', 'memory_budget',
-            'nonfinite_policy', 'max_consecutive_skips', 'noise_stats', 'fsdp_reduce',
-            'accumulator_memory')
-# The shape of an update: safe to change between cycles, never inside one without a policy.
-# (`mesh` and `dp_reduction` too: the device count is compared as resolved, see resume.py.)
-ACCUMULATION = ('batch_size', 'grad_accum_steps', 'tokens_per_update', 'accum_mode',
-                'microbatches_per_call', 'mesh', 'dp_reduction', 'grad_accum_schedule',
-                'max_grad_accum_steps')
 # --grad-accum-steps auto: K starts here and moves at most this often (in updates).
 AUTO_START_K = 2
 AUTO_MIN_DWELL = 10
-# Flat names that differ from the field names, and flags that differ from --flat-name.
-_FLAT_NAMES = {'microbatch_size': 'batch_size'}
-_FLAGS = {'num_layers': '--layers', 'num_heads': '--heads'}
+
+_POSITIVE = (finite_number(lambda v: v > 0), 'must be a positive finite number.')
+_HARMLESS, _ACCUM = 'harmless', 'accumulation'
+
+
+def _k_arg(text: str):
+  """--grad-accum-steps: an int, or 'auto'."""
+  if text == 'auto':
+    return 'auto'
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f'{text!r}: an integer >= 1, or auto') from None
+
+
+def _k_value(value) -> bool:
+  return value == 'auto' or (is_int(value) and value >= 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Every setting of a run; `python -m experiments.train --help` documents each flag.
+  """Every setting of a run, each declared once (`lm/settings.py`): `python -m experiments.train
+  --help` is generated from these fields.
 
   `microbatch_size` is per device (`--batch-size`): effective batch = microbatch_size x K x
   devices. K comes from `grad_accum_steps` (an int, or 'auto'), `grad_accum_schedule`, or
   `tokens_per_update`, or is 4; see `k_plan`.
   """
-  # data
-  data: str | None = None
-  seq_len: int = 128
-  pack: bool = False
-  # accumulation
-  microbatch_size: int = 8
-  grad_accum_steps: int | str | None = None
-  tokens_per_update: int | None = None
-  grad_accum_schedule: str | None = None
-  max_grad_accum_steps: int = 32
-  lr_batch_scaling: str = 'none'
-  accum_mode: str = 'scan'
-  microbatches_per_call: int | None = None
-  multisteps_impl: str = 'lazy'
-  memory_budget: str | None = None
-  precision: str = 'fp32'
-  # non-finite values
-  nonfinite_policy: str = 'skip_update'
-  max_consecutive_skips: int = 10
-  inject_faults: str | None = None
-  # data parallelism and sharded state: 'data=D', 'fsdp=F', 'data=D,fsdp=F' or None (all
-  # devices, data parallel); how the devices' sums meet; where FSDP reduce-scatters
-  mesh: str | None = None
-  dp_reduction: str = 'psum'
-  fsdp_reduce: str = 'call'
-  # where multisteps/hybrid keep the gradient sums between calls: 'device' or 'host' memory
-  accumulator_memory: str = 'device'
-  # optimization
-  optimizer: str = 'adamw'
-  lr: float = 3e-3
-  weight_decay: float = 0.1
-  warmup_steps: int = 20
-  schedule: str = 'cosine'
-  clip_norm: float | None = 1.0
-  clip_before_accumulation: bool = False
-  steps: int = 300
-  # model
+  data: str | None = setting(
+      None, 'text file or directory of text files, or a built-in corpus: builtin:stdlib (the '
+      'default: the Python standard library sources) or builtin:prose (the English '
+      'documentation in pydoc_data/topics.py)', group='data')
+  seq_len: int = setting(128, 'tokens per example', group='data', minimum=1)
+  pack: bool = setting(False, 'pack examples into full rows (no padding)', group='data')
+  microbatch_size: int = setting(
+      8, 'micro-batch size (sequences per micro-batch, per device)', group='accumulation',
+      flag='--batch-size', flat='batch_size', minimum=1, on_resume=_ACCUM)
+  grad_accum_steps: int | str | None = setting(
+      None, 'K, micro-batches per optimizer update (default 4); "auto": K follows the '
+      'measured gradient noise scale (B_simple, smoothed), a power of two from 2 to '
+      '--max-grad-accum-steps, changed at most every 10 updates', group='accumulation',
+      check=(_k_value, 'must be an integer >= 1, or auto.'), on_resume=_ACCUM, parse=_k_arg,
+      metavar='K|auto')
+  grad_accum_schedule: str | None = setting(
+      None, 'K per update as a ramp, e.g. "0:2,200:4,400:8" (from update U on, K)',
+      group='accumulation', on_resume=_ACCUM, metavar='U:K,...')
+  max_grad_accum_steps: int = setting(32, 'the largest K of --grad-accum-steps auto',
+                                      group='accumulation', on_resume=_ACCUM)
+  lr_batch_scaling: str = setting(
+      'none', 'when K changes (schedule, auto), scale the learning rate by (K / first K) ** 1 '
+      '(linear, SGD) or ** 0.5 (sqrt, Adam)', group='accumulation',
+      choices=tuple(LR_BATCH_SCALING))
+  tokens_per_update: int | None = setting(
+      None, 'sets K = N / (batch size x seq len x devices); must divide', group='accumulation',
+      on_resume=_ACCUM, parse=int)
+  accum_mode: str = setting(
+      'scan', 'scan: one call per update; multisteps: one call per micro-batch; hybrid: c '
+      'micro-batches per call', group='accumulation', choices=MODES, on_resume=_ACCUM)
+  microbatches_per_call: int | None = setting(
+      None, 'c for hybrid mode (default K/2 for even K, else 1)', group='accumulation',
+      on_resume=_ACCUM, parse=int)
+  multisteps_impl: str = setting(
+      'lazy', "lazy: the train step's own cycle, the optimizer runs once per update; optax: "
+      'optax.MultiSteps as shipped, the optimizer runs on every call (same results)',
+      group='accumulation', choices=MULTISTEPS_IMPLS, on_resume=_HARMLESS)
+  memory_budget: str | None = setting(
+      None, 'e.g. 2GiB: pick the largest micro-batch whose compiled step fits (XLA memory '
+      'analysis), then K from --tokens-per-update', group='accumulation', on_resume=_HARMLESS,
+      metavar='SIZE')
+  precision: str = setting(
+      'fp32', 'compute precision; params and accumulation stay float32. fp16 uses dynamic loss '
+      'scaling; bf16 needs none (float32 exponent range)', group='accumulation',
+      choices=tuple(PRECISIONS))
+  mesh: str | None = setting(
+      None, 'device mesh; default: all devices of all processes, data parallel. fsdp=F shards '
+      'params, optimizer state and accumulator over F devices (data=D,fsdp=F: D groups of F). '
+      'The batch size is per device: effective batch = batch x K x D x F', group='parallel',
+      on_resume=_ACCUM, metavar='data=D,fsdp=F')
+  fsdp_reduce: str = setting(
+      'call', "with fsdp: reduce-scatter the gradients into each device's shard once per call "
+      '(full-size accumulator inside the call, one collective) or after every micro-batch '
+      '(accumulator a shard, one collective each)', group='parallel', choices=FSDP_REDUCES,
+      on_resume=_HARMLESS)
+  accumulator_memory: str = setting(
+      'device', 'multisteps/hybrid: keep the float32 gradient sums between calls in device or '
+      'host memory (pinned_host; moved in and out every call). On a CPU backend both are the '
+      'same RAM', group='parallel', choices=ACCUMULATOR_MEMORIES, on_resume=_HARMLESS)
+  dp_reduction: str = setting(
+      'psum', "how devices' gradient sums meet, once per call: psum (one all-reduce) or "
+      'ordered (all-gather + sum in device order: bitwise the same on any process layout, N x '
+      'gradient memory)', group='parallel', choices=DP_REDUCTIONS, on_resume=_ACCUM)
+  log_microbatches: bool = setting(
+      False, 'also log every call (per-micro-batch view: accum 3/4)', group='logging',
+      on_resume=_HARMLESS)
+  noise_stats: bool = setting(
+      True, 'estimate the gradient noise scale B_simple of every update from its '
+      'micro-batches (logged, in metrics.jsonl and noise_scale.png; needs K x devices >= 2, '
+      'else off)', group='logging', on_resume=_HARMLESS)
+  nonfinite_policy: str = setting(
+      'skip_update', 'skip_update: skip the whole update (params and optimizer state '
+      'unchanged, cycle stays aligned); skip_microbatch: drop the bad micro-batches, '
+      'renormalise by the remaining weight; raise: stop (exit 1) naming the update and '
+      'micro-batch', group='nonfinite', choices=NONFINITE_POLICIES, on_resume=_HARMLESS)
+  max_consecutive_skips: int = setting(
+      10, 'stop (exit 1) after N skipped updates in a row (0: never)', group='nonfinite',
+      minimum=0, on_resume=_HARMLESS)
+  inject_faults: str | None = setting(
+      None, 'fault drill: multiply the loss of micro-batch J (from 0) of update U (from 1) by '
+      'V (nan default, inf, or a factor such as 1e6)', group='nonfinite', metavar='U:J[:V],...')
+  optimizer: str = setting('adamw', 'the optax optimizer', group='optimization',
+                           choices=OPTIMIZERS)
+  lr: float = setting(3e-3, 'peak learning rate', group='optimization', check=_POSITIVE)
+  weight_decay: float = setting(
+      0.1, 'decoupled weight decay (adamw, lion)', group='optimization',
+      check=(finite_number(lambda v: v >= 0), 'must be a finite number >= 0.'))
+  warmup_steps: int = setting(20, 'linear warmup, in optimizer updates', group='optimization',
+                              minimum=0)
+  schedule: str = setting('cosine', 'cosine decays to lr/10 at --steps', group='optimization',
+                          choices=SCHEDULES)
+  clip_norm: float | None = setting(
+      1.0, 'global-norm clip of the accumulated mean gradient; 0 disables',
+      group='optimization', parse=lambda text: float(text) or None,
+      check=(finite_number(lambda v: v > 0), 'must be a positive finite number (0 disables '
+             'clipping).'))
+  clip_before_accumulation: bool = setting(
+      False, 'clip each micro-batch mean gradient instead (a different estimator)',
+      group='optimization')
+  steps: int = setting(300, 'optimizer updates', group='optimization', minimum=1,
+                       on_resume=_HARMLESS)
   model: ModelConfig = ModelConfig()
-  # run
-  seed: int = 0
-  eval_every: int = 50
-  eval_batches: int = 8
-  log_every: int = 10
-  log_microbatches: bool = False
-  noise_stats: bool = True  # on where K x devices >= 2 (see validate)
-  # checkpoints (0 disables)
-  save_every: int = 100
-  save_every_micro: int = 0
-  keep: int = 3
+  seed: int = setting(0, 'seed of the params, the data order and dropout', group='run',
+                      check=(lambda v: is_int(v) and 0 <= v < 2**32,
+                             'must be an integer in [0, 2**32).'))
+  eval_every: int = setting(50, 'in optimizer updates', group='run', minimum=1,
+                            on_resume=_HARMLESS)
+  eval_batches: int = setting(8, 'eval set size, in micro-batches of the eval split',
+                              group='run', minimum=1, on_resume=_HARMLESS)
+  log_every: int = setting(10, 'in optimizer updates', group='run', minimum=1,
+                           on_resume=_HARMLESS)
+  save_every: int = setting(100, 'save every N optimizer updates, and at the end (0: never)',
+                            group='checkpoints', minimum=0, on_resume=_HARMLESS)
+  save_every_micro: int = setting(
+      0, 'multisteps/hybrid: also save every M calls, inside a cycle (0: never)',
+      group='checkpoints', minimum=0, on_resume=_HARMLESS)
+  keep: int = setting(3, 'checkpoints to keep', group='checkpoints', minimum=1,
+                      on_resume=_HARMLESS)
 
   def num_microbatches(self, num_devices: int = 1) -> int:
     """K, from --grad-accum-steps or --tokens-per-update (default 4); with a schedule or
@@ -166,7 +241,9 @@ def k_plan(cfg: TrainConfig) -> KPlan | None:
   if cfg.grad_accum_schedule is not None:
     return KPlan(schedule=parse_k_schedule(cfg.grad_accum_schedule))
   if cfg.grad_accum_steps == 'auto':
-    _int_at_least('max_grad_accum_steps', cfg.max_grad_accum_steps, minimum=AUTO_START_K)
+    if not settings.is_int(cfg.max_grad_accum_steps) or cfg.max_grad_accum_steps < AUTO_START_K:
+      raise ConfigError(f'--max-grad-accum-steps {cfg.max_grad_accum_steps!r} must be an '
+                        f'integer >= {AUTO_START_K}.')
     return KPlan(auto_max=cfg.max_grad_accum_steps)
   return None
 
@@ -176,33 +253,41 @@ def replace(cfg: TrainConfig, **flat) -> TrainConfig:
   return from_flat({**to_flat(cfg), **flat})
 
 
+def _flat_fields() -> dict:
+  """flat name -> (field, 'model' or None) for every setting of a run."""
+  out = {settings.flat_name(f): (f, None) for f in dataclasses.fields(TrainConfig)
+         if f.name != 'model'}
+  out.update({f.name: (f, 'model') for f in dataclasses.fields(ModelConfig)
+              if f.name != 'vocab_size'})
+  return out
+
+
 def to_flat(cfg: TrainConfig) -> dict:
   """The settings as one flat dict under their historical names (checkpoints, config.json)."""
-  out = {}
-  for field in dataclasses.fields(cfg):
-    value = getattr(cfg, field.name)
-    if field.name == 'model':
-      out.update({k: v for k, v in dataclasses.asdict(value).items() if k != 'vocab_size'})
-    else:
-      out[_FLAT_NAMES.get(field.name, field.name)] = value
-  return out
+  return {name: getattr(cfg.model if where else cfg, f.name)
+          for name, (f, where) in _flat_fields().items()}
 
 
 def from_flat(flat: dict) -> TrainConfig:
   """The inverse of `to_flat`; unknown names are a ConfigError naming them."""
-  model_names = {f.name for f in dataclasses.fields(ModelConfig)} - {'vocab_size'}
-  top = {_FLAT_NAMES.get(f.name, f.name): f.name for f in dataclasses.fields(TrainConfig)
-         if f.name != 'model'}
-  unknown = sorted(set(flat) - model_names - set(top))
+  known = _flat_fields()
+  unknown = sorted(set(flat) - set(known))
   if unknown:
-    raise ConfigError(f'unknown settings {unknown}; known: {sorted(model_names | set(top))}.')
-  model = ModelConfig(**{k: v for k, v in flat.items() if k in model_names})
-  return TrainConfig(model=model, **{top[k]: v for k, v in flat.items() if k in top})
+    raise ConfigError(f'unknown settings {unknown}; known: {sorted(known)}.')
+  model = ModelConfig(**{known[k][0].name: v for k, v in flat.items() if known[k][1]})
+  return TrainConfig(model=model,
+                     **{known[k][0].name: v for k, v in flat.items() if not known[k][1]})
 
 
 def flag(name: str) -> str:
   """The command-line flag of a flat setting name."""
-  return _FLAGS.get(name, '--' + name.replace('_', '-'))
+  found = _flat_fields().get(name)
+  return settings.flag_of(found[0]) if found else '--' + name.replace('_', '-')
+
+
+def on_resume(name: str) -> str | None:
+  """What a resumed run may do with a flat setting (see `settings.ON_RESUME`)."""
+  return _flat_fields()[name][0].metadata['setting']['on_resume']
 
 
 def parse_mesh(spec: str | None) -> tuple[int | None, int]:
@@ -222,15 +307,9 @@ def parse_mesh(spec: str | None) -> tuple[int | None, int]:
   return sizes.get('data'), sizes.get('fsdp', 1)
 
 
-def _int_at_least(name, value, minimum=1):
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ConfigError(f'{flag(name)} {value!r} must be an integer >= {minimum}.')
-
-
 def _check_model(cfg: TrainConfig):
+  """What the model's settings need of each other and of the data."""
   m = cfg.model
-  for name in ('d_model', 'num_layers', 'num_heads', 'mlp_ratio', 'max_len'):
-    _int_at_least(name, getattr(m, name))
   if m.vocab_size != VOCAB_SIZE:
     raise ConfigError(f'model vocab_size {m.vocab_size}; the byte-level data has {VOCAB_SIZE}.')
   if cfg.seq_len > m.max_len:
@@ -239,50 +318,45 @@ def _check_model(cfg: TrainConfig):
   if m.d_model % m.num_heads or (m.d_model // m.num_heads) % 2:
     raise ConfigError(f'--d-model {m.d_model} must split into --heads {m.num_heads} '
                       'heads of even size.')
-  if not 0.0 <= m.dropout < 1.0:
-    raise ConfigError(f'--dropout {m.dropout} must be in [0, 1).')
+
+
+# The flags of the library's AccumConfig arguments, for its errors (see `validate`).
+_ACCUM_FLAGS = {'num_microbatches': 'K', 'microbatch_size': '--batch-size',
+                'mode': '--accum-mode', 'microbatches_per_call': '--microbatches-per-call',
+                'nonfinite': '--nonfinite-policy', 'clip_norm': '--clip-norm',
+                'multisteps_impl': '--multisteps-impl', 'dp_reduction': '--dp-reduction',
+                'fsdp_reduce': '--fsdp-reduce', 'accumulator_memory': '--accumulator-memory',
+                'noise_stats': '--noise-stats', 'lr_batch_scaling': '--lr-batch-scaling',
+                'clip_before_accumulation': '--clip-before-accumulation'}
+
+
+def _as_flags(error: ConfigError) -> ConfigError:
+  """A library error with its argument names (`mode='x'`) said as the flags that set them."""
+  names = '|'.join(sorted(_ACCUM_FLAGS, key=len, reverse=True))
+  text = re.sub(rf'\b({names})=', lambda m: _ACCUM_FLAGS[m.group(1)] + '=', str(error))
+  # bare names too where they cannot be prose (`microbatches_per_call (c)`)
+  text = re.sub(rf'\b({names})\b', lambda m: _ACCUM_FLAGS[m.group(1)] if '_' in m.group(1)
+                else m.group(1), text)
+  return ConfigError(text)
 
 
 def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
-  """Checks every setting; returns the AccumConfig. Raises ConfigError before any work."""
+  """Checks every setting; returns the AccumConfig. Raises ConfigError before any work.
+
+  Each setting is checked once, from its declaration (`settings.check`); here only what
+  involves several settings. The library's own refusals name its arguments; they are said
+  here as the flags."""
   given = [name for name, v in (('--grad-accum-steps', cfg.grad_accum_steps),
                                  ('--tokens-per-update', cfg.tokens_per_update),
                                  ('--grad-accum-schedule', cfg.grad_accum_schedule))
            if v is not None]
   if len(given) > 1:
     raise ConfigError(f'give one of {", ".join(given)}, not several: each sets K.')
-  for name in ('seq_len', 'steps', 'eval_every', 'eval_batches', 'log_every', 'keep'):
-    _int_at_least(name, getattr(cfg, name))
-  _int_at_least('batch_size', cfg.microbatch_size)
-  for name in ('warmup_steps', 'save_every', 'save_every_micro', 'max_consecutive_skips'):
-    _int_at_least(name, getattr(cfg, name), minimum=0)
-  if cfg.grad_accum_steps is not None and cfg.grad_accum_steps != 'auto':
-    _int_at_least('grad_accum_steps', cfg.grad_accum_steps)
-  if cfg.lr_batch_scaling not in LR_BATCH_SCALING:
-    raise ConfigError(f'--lr-batch-scaling {cfg.lr_batch_scaling!r}; allowed: '
-                      f'{", ".join(LR_BATCH_SCALING)}.')
+  settings.check(cfg)
   plan = k_plan(cfg)
   if plan is not None:
     _check_k_plan(cfg, plan)
   _check_model(cfg)
-  if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-    raise ConfigError(f'--lr {cfg.lr} must be a positive finite number.')
-  if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-    raise ConfigError(f'--weight-decay {cfg.weight_decay} must be a finite number >= 0.')
-  if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
-    raise ConfigError(f'--seed {cfg.seed!r} must be an integer in [0, 2**32).')
-  choices = {'precision': tuple(PRECISIONS), 'optimizer': OPTIMIZERS, 'schedule': SCHEDULES,
-             'nonfinite_policy': NONFINITE_POLICIES, 'accum_mode': MODES,
-             'multisteps_impl': MULTISTEPS_IMPLS, 'dp_reduction': DP_REDUCTIONS,
-             'fsdp_reduce': FSDP_REDUCES, 'accumulator_memory': ACCUMULATOR_MEMORIES}
-  for name, allowed in choices.items():
-    if getattr(cfg, name) not in allowed:
-      raise ConfigError(f'{flag(name)} {getattr(cfg, name)!r}; allowed: {", ".join(allowed)}.')
-  if cfg.model.positions not in POSITIONS:
-    raise ConfigError(f'--positions {cfg.model.positions!r}; allowed: {", ".join(POSITIONS)}.')
-  if cfg.clip_norm is not None and not (math.isfinite(cfg.clip_norm) and cfg.clip_norm > 0):
-    raise ConfigError(f'--clip-norm {cfg.clip_norm} must be a positive finite number '
-                      '(0 disables clipping).')
   k = cfg.num_microbatches(num_devices)
   faults.parse(cfg.inject_faults, k)
   per_call = cfg.microbatches_per_call
@@ -296,15 +370,18 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
         f'--save-every-micro {cfg.save_every_micro} saves between the calls of an update, but '
         f'{cfg.accum_mode} mode with K={k} makes one call per update, so there is nothing '
         'between them; use --accum-mode multisteps or hybrid, or --save-every.')
-  return AccumConfig(
-      num_microbatches=k, microbatch_size=cfg.microbatch_size, mode=cfg.accum_mode,
-      microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
-      clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
-      seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
-      nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction,
-      fsdp_reduce=cfg.fsdp_reduce, accumulator_memory=cfg.accumulator_memory,
-      noise_stats=noise_stats_on(cfg, k, num_devices), lr_batch_scaling=cfg.lr_batch_scaling,
-      base_num_microbatches=plan.first_k if plan is not None else None)
+  try:
+    return AccumConfig(
+        num_microbatches=k, microbatch_size=cfg.microbatch_size, mode=cfg.accum_mode,
+        microbatches_per_call=per_call, compute_dtype=PRECISIONS[cfg.precision],
+        clip_norm=cfg.clip_norm, clip_before_accumulation=cfg.clip_before_accumulation,
+        seq_len=cfg.seq_len, num_devices=num_devices, multisteps_impl=cfg.multisteps_impl,
+        nonfinite=cfg.nonfinite_policy, dp_reduction=cfg.dp_reduction,
+        fsdp_reduce=cfg.fsdp_reduce, accumulator_memory=cfg.accumulator_memory,
+        noise_stats=noise_stats_on(cfg, k, num_devices), lr_batch_scaling=cfg.lr_batch_scaling,
+        base_num_microbatches=plan.first_k if plan is not None else None)
+  except ConfigError as e:
+    raise _as_flags(e) from None
 
 
 def _check_k_plan(cfg: TrainConfig, plan: KPlan):
@@ -329,6 +406,4 @@ def _divisors(n: int) -> list[int]:
 def noise_stats_on(cfg: TrainConfig, k: int, num_devices: int) -> bool:
   """--noise-stats is on where it can be: with one micro-batch per update (K x devices = 1)
   there is no small-batch sample, and the run trains without the statistics."""
-  if not isinstance(cfg.noise_stats, bool):
-    raise ConfigError(f'--noise-stats {cfg.noise_stats!r} must be true or false.')
   return cfg.noise_stats and k * num_devices >= 2

@@ -13,19 +13,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from accumjax.lm.settings import finite_number, setting
+
 POSITIONS = ('rope', 'learned')
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  """The transformer's shape: one declared setting per field (see lm/settings.py)."""
   vocab_size: int = 258
-  d_model: int = 128
-  num_layers: int = 4
-  num_heads: int = 4
-  mlp_ratio: int = 4
-  max_len: int = 256
-  positions: str = 'rope'  # 'rope' or 'learned'
-  dropout: float = 0.0
+  d_model: int = setting(128, 'width of the residual stream', group='model', minimum=1)
+  num_layers: int = setting(4, 'transformer blocks', group='model', flag='--layers', minimum=1)
+  num_heads: int = setting(4, 'attention heads', group='model', flag='--heads', minimum=1)
+  mlp_ratio: int = setting(4, 'MLP width / d_model', group='model', minimum=1)
+  max_len: int = setting(256, 'longest sequence allowed', group='model', minimum=1)
+  positions: str = setting('rope', 'rotary (rope) or learned position embeddings',
+                           group='model', choices=POSITIONS)
+  dropout: float = setting(0.0, 'dropout rate', group='model',
+                           check=(finite_number(lambda v: 0.0 <= v < 1.0), 'must be in [0, 1).'))
 
 
 def _dropout(x, rate, rng):

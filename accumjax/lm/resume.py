@@ -15,13 +15,19 @@ import jax.numpy as jnp
 import optax
 
 from accumjax import parallel
-from accumjax.checkpoint import Checkpointer
+from accumjax.checkpoint import Checkpointer, CheckpointError
 from accumjax.core import ConfigError, zero_noise
 from accumjax.lm import config as config_lib
 from accumjax.lm.build import build_optimizer, lr_schedule
-from accumjax.lm.config import ACCUMULATION, HARMLESS, TrainConfig
+from accumjax.lm.config import TrainConfig
 from accumjax.optim import as_opt_params
-from accumjax.step import init_train_state, make_flush
+from accumjax.state import cycle_microbatches, empty_cycle, init_train_state, needs_cycle
+from accumjax.step import make_flush
+
+# The TrainState's layout in checkpoints (meta 'state_layout'). 2: the update in progress is
+# `state.cycle`. Layout 1 (no 'state_layout' in the meta) kept the sums inside
+# optax.MultiStepsState in the optimizer state.
+STATE_LAYOUT = 2
 
 
 def compare_configs(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -35,9 +41,10 @@ def compare_configs(saved: dict, cfg: TrainConfig) -> tuple[list[str], list[str]
   unknown = sorted(set(saved) - set(new))
   if unknown:
     raise ConfigError(f'the checkpoint was written with unknown settings {unknown}.')
-  changed = [k for k in new if k in saved and saved[k] != new[k] and k not in HARMLESS]
-  return ([k for k in changed if k in ACCUMULATION],
-          [k for k in changed if k not in ACCUMULATION])
+  changed = [k for k in new if k in saved and saved[k] != new[k]
+             and config_lib.on_resume(k) != 'harmless']
+  return ([k for k in changed if config_lib.on_resume(k) == 'accumulation'],
+          [k for k in changed if config_lib.on_resume(k) is None])
 
 
 def _describe_change(saved: dict, cfg: TrainConfig, names) -> str:
@@ -60,9 +67,10 @@ class _Saved:
     return cls(meta['config'], accum, build_optimizer(cfg, accum)[0])
 
 
-def _convert_opt_state(state, tx, params):
-  """Moves a cycle-boundary optimizer state between accumulation setups (scan <-> MultiSteps,
-  other K): the inner optimizer state carries over, the (empty) accumulator is rebuilt."""
+def _convert_setup(state, tx, params, accum):
+  """Moves a cycle-boundary state between accumulation setups (scan <-> multisteps/hybrid,
+  other K, optax.MultiSteps <-> own cycle): the optimizer's own state carries over, the
+  (empty) cycle and any MultiSteps wrapper are rebuilt for `accum`."""
   old = state.opt_state
   inner = old.inner_opt_state if isinstance(old, optax.MultiStepsState) else old
   new = tx.init(as_opt_params(params))
@@ -70,7 +78,18 @@ def _convert_opt_state(state, tx, params):
     new = new._replace(inner_opt_state=inner, gradient_step=jnp.copy(state.update_step))
   else:
     new = inner
-  return state._replace(opt_state=new)
+  cycle = empty_cycle(params, accum) if needs_cycle(accum) else None
+  return state._replace(opt_state=new, cycle=cycle)
+
+
+def _check_layout(meta: dict):
+  if meta.get('state_layout', 1) != STATE_LAYOUT:
+    raise CheckpointError(
+        f'checkpoint {meta["step"]} was written by an accumjax whose train state kept the '
+        f'update in progress inside optax.MultiStepsState (state layout '
+        f'{meta.get("state_layout", 1)}); this one keeps it in the state\'s own cycle (layout '
+        f'{STATE_LAYOUT}) and cannot read it. Finish that run with the accumjax that wrote it '
+        '(commit fe729be or earlier), or start a new run in another --out.')
 
 
 def _check_unchanged(meta: dict, cfg: TrainConfig, data_fingerprint: str | None):
@@ -112,6 +131,7 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
   saved_runs = {}
 
   def target(meta):
+    _check_layout(meta)
     _check_unchanged(meta, cfg, data_fingerprint)
     _, math_names = compare_configs(meta['config'], cfg)
     if math_names:
@@ -131,7 +151,7 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
     log.info(f'resume: moved checkpoint {s} aside to {where} (newer than the one resumed; '
              'kept for inspection)')
   state, meta, saved = restored.state, restored.meta, saved_runs[restored.step]
-  where = (f'update {int(state.update_step)}, {int(state.cycle_microbatch)}/'
+  where = (f'update {int(state.update_step)}, {cycle_microbatches(state)}/'
            f'{saved.accum.num_microbatches} micro-batches into the next')
   log.info(f'resume: checkpoint {restored.step} ({where}) from {ckpt.path(restored.step)}')
   # What an update is made of: K micro-batches of the same global rows (micro-batch x devices)
@@ -150,7 +170,7 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
         [_describe_change(saved.flat, cfg, accum_names)] * bool(accum_names) +
         [f'devices {saved.accum.num_devices} -> {accum.num_devices}'] *
         (saved.accum.num_devices != accum.num_devices))
-    if int(state.cycle_microbatch) > 0:
+    if cycle_microbatches(state) > 0:
       if on_config_change != 'flush':
         raise ConfigError(
             f'checkpoint {restored.step} is mid-cycle ({where}); changing {change} now would '
@@ -159,25 +179,28 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
       state, _ = jax.jit(make_flush(saved.tx, saved.accum))(state)
       log.info(f'resume: flushed the partial cycle as update {int(state.update_step)} '
                f'(exact for the micro-batches it had) before changing {change}')
-    state = _convert_opt_state(state, tx, params)
+    state = _convert_setup(state, tx, params, accum)
     log.info(f'resume: accumulation changed at a cycle boundary: {change}')
   return _convert_noise(state, accum, log), meta
 
 
 def _convert_noise(state, accum, log):
-  """Adds or drops the noise sums when --noise-stats changed (a harmless setting: the params
-  do not depend on it). Switched on mid-cycle, the cycle's earlier micro-batches are not in
-  the sums: that update reports NaN (no samples counted), never a number from part of it."""
-  if accum.noise_stats == (state.noise is not None):
+  """Adds or drops the cycle's noise sums when --noise-stats changed (a harmless setting: the
+  params do not depend on it). Switched on mid-cycle, the cycle's earlier micro-batches are not
+  in the sums: that update reports NaN (no samples counted), never a number from part of it.
+  Scan mode keeps no cycle: nothing to convert."""
+  cycle = state.cycle
+  if cycle is None or accum.noise_stats == (cycle.sums.noise is not None):
     return state
   if not accum.noise_stats:
-    return state._replace(noise=None)
+    return state._replace(cycle=cycle._replace(sums=cycle.sums._replace(noise=None)))
   noise = zero_noise()
-  if int(state.cycle_microbatch) > 0:
+  if int(cycle.microbatches) > 0:
     noise = noise._replace(samples=jnp.full((), -jnp.inf, jnp.float32))
     log.info('resume: --noise-stats switched on mid-cycle: this update reports no noise '
              'statistics, the next ones do')
-  return state._replace(noise=noise)  # build_run places the state on the mesh
+  # build_run places the state on the mesh
+  return state._replace(cycle=cycle._replace(sums=cycle.sums._replace(noise=noise)))
 
 
 def _parse(line: str):
