@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from accumjax import model_state as ms
 from accumjax.errors import ConfigError
 
-__all__ = ['ConfigError', 'GradSums', 'NoiseSums', 'accumulate_gradients', 'accumulate_sums',
-           'noise_scale', 'normalize', 'scan_microbatches', 'split_microbatches']
+__all__ = ['ConfigError', 'GradSums', 'NoiseSums', 'Scanned', 'accumulate_gradients',
+           'accumulate_sums', 'noise_scale', 'normalize', 'scan_microbatches',
+           'split_microbatches']
 
 PyTree = Any
 
@@ -256,19 +257,82 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+class Scanned(NamedTuple):
+  """What `scan_microbatches` returns."""
+  sums: GradSums
+  aux: Any  # per-micro-batch aux stacked on a leading K axis, or None
+  bad: jax.Array  # bool[K]: which micro-batches were non-finite
+  state_acc: Any  # the model state's accumulator (`model_state.StateAcc`), or None
+
+
+def _microbatch_grads(loss_fn, params, mb, key, view, loss_scale, accum_dtype):
+  """One micro-batch's (loss_sum, weight, aux, new model state, gradient of loss_sum) in
+  float32 / `accum_dtype`, unscaled (see `accumulate_sums`' loss_scale)."""
+  with_state = view is not None
+
+  def grad_fn(p):
+    out = loss_fn(p, mb, key) if not with_state else loss_fn(p, mb, key, view)
+    new_state = None
+    if with_state:
+      if not isinstance(out, tuple) or len(out) != 2:
+        raise ConfigError('with a model state, loss_fn must return ((loss_sum, weight[, aux]), '
+                          f'new_state); got {type(out).__name__}.')
+      out, new_state = out
+    loss_sum, weight, aux = _unpack_loss(out)
+    loss_sum, weight = loss_sum.astype(jnp.float32), jnp.asarray(weight, jnp.float32)
+    scaled = loss_sum if loss_scale is None else loss_sum * (loss_scale / _loss_scale_unit(weight))
+    return scaled, (loss_sum, weight, aux, new_state)
+
+  (_, (loss_sum, weight, aux, new_state)), grads = jax.value_and_grad(grad_fn, has_aux=True)(
+      params)
+  grads = jax.tree.map(lambda g: g.astype(accum_dtype), grads)
+  if loss_scale is not None:
+    unscale = (_loss_scale_unit(weight) / loss_scale).astype(accum_dtype)
+    grads = jax.tree.map(lambda g: g * unscale, grads)
+  return loss_sum, weight, aux, new_state, grads
+
+
+def _add_microbatch(carry: GradSums, grads, loss_sum, weight, clip_norm, noise_stats,
+                    reduce_microbatch):
+  """`carry` plus one micro-batch, or plus zeros (counted as non-finite) where its loss,
+  weight or gradient is not finite or its weight is negative. Returns (sums, finite)."""
+  finite = (_all_finite(grads) & jnp.isfinite(loss_sum) & jnp.isfinite(weight)
+            & (weight >= 0))
+  if clip_norm is not None:
+    grads = _clip_weighted(grads, weight, clip_norm)
+  # jnp.where, not a multiplication by 0: 0 * NaN is NaN.
+  keep = lambda x: jnp.where(finite, x, jnp.zeros_like(x))
+  noise = None
+  if noise_stats:  # this micro-batch as a small-batch sample: |S_j|^2 / w_j
+    sample = finite & (weight > 0)
+    sq = jnp.where(sample, _sq_norm(grads), 0.0) / jnp.where(sample, weight, 1.0)
+    noise = NoiseSums(carry.noise.sq_over_weight + sq,
+                      carry.noise.samples + sample.astype(jnp.float32))
+  kept = jax.tree.map(keep, grads)
+  if reduce_microbatch is not None:
+    kept = reduce_microbatch(kept)
+  return GradSums(
+      grads=jax.tree.map(jnp.add, carry.grads, kept),
+      loss_sum=carry.loss_sum + keep(loss_sum),
+      weight=carry.weight + keep(weight),
+      nonfinite=carry.nonfinite + (~finite).astype(jnp.float32),
+      noise=noise), finite
+
+
 def scan_microbatches(
     loss_fn, params, batch, *, num_microbatches, rng=None, index_offset=0,
     accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None, noise_stats=False,
-    model_state=None, state_rules=None, state_acc=None, reduce_microbatch=None, sums_like=None):
-  """`accumulate_sums` (same arguments), plus a bool[K]: which micro-batches were non-finite,
-  and the model state's accumulator.
+    model_state=None, state_rules=None, state_acc=None, reduce_microbatch=None,
+    sums_like=None) -> Scanned:
+  """`accumulate_sums` (same arguments), plus which micro-batches were non-finite and the
+  model state's accumulator (a `Scanned`).
 
   The one accumulation core: `accumulate_sums` and every train-step mode call this.
 
   With `model_state` (see `accumjax.model_state`), `loss_fn(params, microbatch, rng,
   model_state)` returns `((loss_sum, weight[, aux]), new_state)`; `state_rules` (required) say
   how the micro-batches' new states combine, and `state_acc` is the accumulator to continue
-  (default: an empty one). Returns `(GradSums, aux, bad_K, StateAcc or None)`.
+  (default: an empty one).
 
   `reduce_microbatch` (FSDP, see `parallel.reduced_sums`): applied to every micro-batch's
   gradient after the non-finite check, before it is added; the sums then take the shapes of
@@ -285,60 +349,23 @@ def scan_microbatches(
     if state_acc is None:
       state_acc = ms.init_acc(model_state, state_rules)
 
-  def grad_fn(p, mb, key, view):
-    out = loss_fn(p, mb, key) if not with_state else loss_fn(p, mb, key, view)
-    new_state = None
-    if with_state:
-      if not isinstance(out, tuple) or len(out) != 2:
-        raise ConfigError('with a model state, loss_fn must return ((loss_sum, weight[, aux]), '
-                          f'new_state); got {type(out).__name__}.')
-      out, new_state = out
-    loss_sum, weight, aux = _unpack_loss(out)
-    loss_sum, weight = loss_sum.astype(jnp.float32), jnp.asarray(weight, jnp.float32)
-    scaled = loss_sum if loss_scale is None else loss_sum * (loss_scale / _loss_scale_unit(weight))
-    return scaled, (loss_sum, weight, aux, new_state)
-
   def body(carry, xs):
     carry, acc = carry
     mb, index = xs
     key = None if rng is None else jax.random.fold_in(rng, index_offset + index)
     view = ms.view(model_state, acc, state_rules) if with_state else None
-    (_, (loss_sum, weight, aux, new_state)), grads = jax.value_and_grad(
-        grad_fn, has_aux=True)(params, mb, key, view)
-    grads = jax.tree.map(lambda g: g.astype(accum_dtype), grads)
-    if loss_scale is not None:
-      unscale = (_loss_scale_unit(weight) / loss_scale).astype(accum_dtype)
-      grads = jax.tree.map(lambda g: g * unscale, grads)
-    finite = (_all_finite(grads) & jnp.isfinite(loss_sum) & jnp.isfinite(weight)
-              & (weight >= 0))
-    if clip_microbatch_norm is not None:
-      grads = _clip_weighted(grads, weight, clip_microbatch_norm)
-    # jnp.where, not a multiplication by 0: 0 * NaN is NaN.
-    keep = lambda x: jnp.where(finite, x, jnp.zeros_like(x))
-    noise = None
-    if noise_stats:  # this micro-batch as a small-batch sample: |S_j|^2 / w_j
-      sample = finite & (weight > 0)
-      sq = jnp.where(sample, _sq_norm(grads), 0.0) / jnp.where(sample, weight, 1.0)
-      noise = NoiseSums(carry.noise.sq_over_weight + sq,
-                        carry.noise.samples + sample.astype(jnp.float32))
-    kept = jax.tree.map(keep, grads)
-    if reduce_microbatch is not None:
-      kept = reduce_microbatch(kept)
-    new = GradSums(
-        grads=jax.tree.map(jnp.add, carry.grads, kept),
-        loss_sum=carry.loss_sum + keep(loss_sum),
-        weight=carry.weight + keep(weight),
-        nonfinite=carry.nonfinite + (~finite).astype(jnp.float32),
-        noise=noise)
+    loss_sum, weight, aux, new_state, grads = _microbatch_grads(
+        loss_fn, params, mb, key, view, loss_scale, accum_dtype)
+    new, finite = _add_microbatch(carry, grads, loss_sum, weight, clip_microbatch_norm,
+                                  noise_stats, reduce_microbatch)
     if with_state:
       acc = ms.add(acc, state_rules, model_state, new_state, weight, finite)
     return (new, acc), (aux, ~finite)
 
+  zeros = zero_sums(params if sums_like is None else sums_like, accum_dtype, noise_stats)
   (sums, state_acc), (aux, bad_K) = jax.lax.scan(
-      body, (zero_sums(params if sums_like is None else sums_like, accum_dtype, noise_stats),
-             state_acc),
-      (microbatches, jnp.arange(num_microbatches, dtype=jnp.int32)))
-  return sums, aux, bad_K, state_acc
+      body, (zeros, state_acc), (microbatches, jnp.arange(num_microbatches, dtype=jnp.int32)))
+  return Scanned(sums, aux, bad_K, state_acc)
 
 
 def normalize(sums: GradSums):

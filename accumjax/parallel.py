@@ -49,7 +49,8 @@ def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
   if isinstance(fsdp, bool) or not isinstance(fsdp, int) or not 1 <= fsdp <= total or (
       data is None and total % fsdp):
     raise ConfigError(
-        f'fsdp={fsdp!r}: fsdp must be an int from 1 to {total} dividing the device count '
+        f'make_mesh(fsdp={fsdp!r}): fsdp must be an int from 1 to {total} dividing the device '
+        f'count '
         f'({total}), allowed: {[f for f in range(1, total + 1) if total % f == 0]}.')
   n = total // fsdp if data is None else data
   if isinstance(n, bool) or not isinstance(n, int) or not (
@@ -225,6 +226,33 @@ def reduce_scatter_fsdp(tree, specs, f: int):
   return treedef.unflatten(out)
 
 
+def _reduce_sharded(sums: GradSums, bad, specs, data: int):
+  """Inside `shard_map` on an fsdp mesh: each device's gradient shards summed over `data` (one
+  all-reduce, if data > 1), the scalars, flags and replicated leaves over every device (one)."""
+  sharded = jax.tree.map(lambda s: _sharded_dim(s) is not None, specs)
+  pick = lambda keep: jax.tree.map(lambda g, s: g if s == keep else None, sums.grads, sharded)
+  shards, rest = pick(True), pick(False)
+  if data > 1:
+    shards = jax.lax.psum(shards, DATA)
+  (sums, rest), bad = jax.lax.psum(((sums._replace(grads=None), rest), bad.astype(jnp.float32)),
+                                   AXES)
+  grads = jax.tree.map(lambda s, a, b: a if s else b, sharded, shards, rest,
+                       is_leaf=lambda x: x is None)
+  return sums._replace(grads=grads), bad
+
+
+def _reduce_replicated(sums: GradSums, bad, reduction: str):
+  """Inside `shard_map` with replicated params: the devices' sums and flags added, in one
+  collective ('psum'; 'ordered': an all-gather added in device order, bitwise the same however
+  the devices are spread over processes)."""
+  out = (sums, bad.astype(jnp.float32))
+  if reduction == 'psum':
+    return jax.lax.psum(out, AXES)
+  flat, unravel = jax.flatten_util.ravel_pytree(out)  # one vector: one collective
+  gathered = jax.lax.all_gather(flat, AXES)
+  return unravel(functools.reduce(jnp.add, list(gathered)))
+
+
 def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
                  fsdp_reduce: str = 'call', **accumulate_kwargs):
   """`(params, batch, rng_data, index_offset, num_microbatches, loss_scale, model_state,
@@ -275,29 +303,11 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
     if call_acc is not None:
       call_acc = ms.reduce_devices(call_acc, state_rules, AXES)
     if f > 1:
-      grads = sums.grads
       if fsdp_reduce == 'call':
-        grads = reduce_scatter_fsdp(grads, specs, f)
-      sharded = jax.tree.map(lambda s: _sharded_dim(s) is not None, specs)
-      pick = lambda keep: jax.tree.map(lambda g, s: g if s == keep else None, grads, sharded)
-      shards, rest = pick(True), pick(False)
-      if data > 1:
-        shards = jax.lax.psum(shards, DATA)
-      (sums, rest), bad = jax.lax.psum(((sums._replace(grads=None), rest),
-                                        bad.astype(jnp.float32)), AXES)
-      grads = jax.tree.map(lambda s, a, b: a if s else b, sharded, shards, rest,
-                           is_leaf=lambda x: x is None)
-      return sums._replace(grads=grads), bad > 0, call_acc
-    out = (sums, bad.astype(jnp.float32))
-    if reduction == 'psum':
-      sums, bad = jax.lax.psum(out, AXES)
+        sums = sums._replace(grads=reduce_scatter_fsdp(sums.grads, specs, f))
+      sums, bad = _reduce_sharded(sums, bad, specs, data)
     else:
-      # 'ordered': every device gathers all devices' sums and adds them in device order, so
-      # the result is bitwise the same however the devices are spread over processes.
-      # One flat vector, so it is one collective, not one per leaf.
-      flat, unravel = jax.flatten_util.ravel_pytree(out)
-      gathered = jax.lax.all_gather(flat, AXES)
-      sums, bad = unravel(functools.reduce(jnp.add, list(gathered)))
+      sums, bad = _reduce_replicated(sums, bad, reduction)
     return sums, bad > 0, call_acc
 
   def run(params, batch, rng_data, index_offset, num_microbatches, loss_scale=None,

@@ -73,5 +73,5 @@ def plan_microbatch(step_memory, budget_bytes: int, effective_batch: int) -> Pla
     if need <= budget_bytes:
       return Plan(b, k, need, budget_bytes, tried)
   raise ConfigError(
-      f'--memory-budget {format_bytes(budget_bytes)} is too small: even a micro-batch of 1 '
+      f'budget_bytes={format_bytes(budget_bytes)} is too small: even a micro-batch of 1 '
       f'row needs {format_bytes(tried[-1][1])} (compiled step, K={effective_batch}).')

@@ -55,21 +55,21 @@ class KSchedule(NamedTuple):
 def parse_k_schedule(spec: str) -> KSchedule:
   """`"U:K,U:K,..."` (updates done, K from then on; starts at 0, increasing) -> KSchedule."""
   if not isinstance(spec, str) or not spec.strip():
-    raise ConfigError(f'--grad-accum-schedule {spec!r}; allowed: "0:K0,U1:K1,..." e.g. '
+    raise ConfigError(f'spec={spec!r}; allowed: "0:K0,U1:K1,..." e.g. '
                       '"0:2,200:4,400:8" (from update U on, K micro-batches per update).')
   points = []
   for part in spec.split(','):
     start, sep, k = part.strip().partition(':')
     if not sep or not start.strip().isdigit() or not k.strip().isdigit():
-      raise ConfigError(f'--grad-accum-schedule {spec!r}: {part.strip()!r} is not U:K with '
+      raise ConfigError(f'spec={spec!r}: {part.strip()!r} is not U:K with '
                         'integers U >= 0 and K >= 1 (e.g. "0:2,200:4,400:8").')
     points.append((int(start), int(k)))
   if points[0][0] != 0:
-    raise ConfigError(f'--grad-accum-schedule {spec!r} must start at update 0 (e.g. "0:2,...").')
+    raise ConfigError(f'spec={spec!r} must start at update 0 (e.g. "0:2,...").')
   if any(b[0] <= a[0] for a, b in zip(points, points[1:], strict=False)):
-    raise ConfigError(f'--grad-accum-schedule {spec!r}: the updates must increase.')
+    raise ConfigError(f'spec={spec!r}: the updates must increase.')
   if any(k < 1 for _, k in points):
-    raise ConfigError(f'--grad-accum-schedule {spec!r}: every K must be >= 1.')
+    raise ConfigError(f'spec={spec!r}: every K must be >= 1.')
   return KSchedule(tuple(points))
 
 

@@ -25,6 +25,9 @@ Under `multisteps_impl='optax'` every call runs `update` and `optax.MultiSteps`,
 decides when its cycle ends (the reference the own cycle is checked against).
 """
 
+import functools
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -308,56 +311,77 @@ def make_train_step(loss_fn, optimizer, config: AccumConfig, mesh=None, state_ru
   if state_rules is not None:
     if isinstance(state_rules, str) and state_rules not in ms.RULES:
       raise ConfigError(f'state_rules={state_rules!r}; allowed: {ms.RULES} or a pytree of them.')
-  tx = optim.accumulating_optimizer(optimizer, config)
   # (make_flush's step sums no batch: no loss, no core)
   call_sums = None if loss_fn is None else _call_sums_fn(loss_fn, config, mesh, state_rules)
-  host_acc = config.accumulator_memory == 'host'
-  sharded = parallel.fsdp_size(mesh) > 1
-  loss_scale_of = lambda scale: scale if config.loss_scaling else None
-
-  def accumulate(cycle, params, batch, rng, update_step, loss_scale, model_state=None):
-    if host_acc:
-      cycle = accumulator_to(cycle, 'device')
-    sums, cycle = _add_call(call_sums, config, state_rules, cycle, params, batch, rng,
-                            update_step, loss_scale_of(loss_scale), model_state)
-    nan = jnp.full((), jnp.nan, jnp.float32)
-    metrics = _cycle_metrics(sums, cycle) | {'updated': jnp.zeros((), bool), 'grad_norm': nan}
-    if config.noise_stats:
-      metrics |= {name: nan for name in ('g_sq', 'trace_sigma', 'b_simple')}
-    if sharded:
-      cycle = parallel.constrain_state(cycle, mesh)
-    if host_acc:
-      cycle = accumulator_to(cycle, 'host')
-    return cycle, metrics
-
-  def update(state: TrainState, batch=None):
-    _check_state(state, state_rules, config)
-    if host_acc:
-      state = accumulator_to(state, 'device')
-    flush = batch is None
-    if flush:
-      if state.cycle is None:
-        raise ConfigError('make_flush: the state has no cycle to flush (scan mode, or a state '
-                          'built without config).')
-      cycle, sums = state.cycle, jax.tree.map(jnp.zeros_like, state.cycle.sums)
-    else:
-      sums, cycle = _add_call(call_sums, config, state_rules, state.cycle, state.params, batch,
-                              state.rng, state.update_step, loss_scale_of(state.loss_scale),
-                              state.model_state)
-    new_state, metrics = apply_cycle(tx, config, state, sums, cycle, state_rules, flush)
-    if sharded:
-      new_state = parallel.constrain_state(new_state, mesh)
-    if host_acc:
-      new_state = accumulator_to(new_state, 'host')
-    return new_state, metrics
+  spec = _Spec(optim.accumulating_optimizer(optimizer, config), config, call_sums, state_rules,
+               mesh if parallel.fsdp_size(mesh) > 1 else None)
 
   def train_step(state: TrainState, batch, last_call: bool | None = None):
     return _dispatch(train_step, state, batch, last_call)
 
-  train_step.accumulate, train_step.update = accumulate, update
+  train_step.accumulate = functools.partial(_accumulate, spec)
+  train_step.update = functools.partial(_update, spec)
   train_step.config, train_step.own_cycle = config, config.multisteps_impl != 'optax'
   train_step.state_rules = state_rules
   return train_step
+
+
+class _Spec(NamedTuple):
+  """What a train step's programs are built from (static)."""
+  tx: Any  # the accumulating optimizer
+  config: AccumConfig
+  call_sums: Any  # the core over one call (see _call_sums_fn), or None (a flush)
+  state_rules: Any
+  fsdp_mesh: Any  # the mesh when the state is sharded over fsdp (its outputs are pinned)
+
+
+def _loss_scale(spec: _Spec, scale):
+  return scale if spec.config.loss_scaling else None
+
+
+def _accumulate(spec: _Spec, cycle, params, batch, rng, update_step, loss_scale,
+                model_state=None):
+  """The interim program: one call's micro-batches into the cycle (see the module docstring)."""
+  host_acc = spec.config.accumulator_memory == 'host'
+  if host_acc:
+    cycle = accumulator_to(cycle, 'device')
+  sums, cycle = _add_call(spec.call_sums, spec.config, spec.state_rules, cycle, params, batch,
+                          rng, update_step, _loss_scale(spec, loss_scale), model_state)
+  nan = jnp.full((), jnp.nan, jnp.float32)
+  metrics = _cycle_metrics(sums, cycle) | {'updated': jnp.zeros((), bool), 'grad_norm': nan}
+  if spec.config.noise_stats:
+    metrics |= {name: nan for name in ('g_sq', 'trace_sigma', 'b_simple')}
+  if spec.fsdp_mesh is not None:
+    cycle = parallel.constrain_state(cycle, spec.fsdp_mesh)
+  if host_acc:
+    cycle = accumulator_to(cycle, 'host')
+  return cycle, metrics
+
+
+def _update(spec: _Spec, state: TrainState, batch=None):
+  """The completing program: the call's micro-batches into the cycle, then the update
+  (`batch` None: the cycle as it stands, a flush)."""
+  config, state_rules = spec.config, spec.state_rules
+  _check_state(state, state_rules, config)
+  host_acc = config.accumulator_memory == 'host'
+  if host_acc:
+    state = accumulator_to(state, 'device')
+  flush = batch is None
+  if flush:
+    if state.cycle is None:
+      raise ConfigError('make_flush: the state has no cycle to flush (scan mode, or a state '
+                        'built without config).')
+    cycle, sums = state.cycle, jax.tree.map(jnp.zeros_like, state.cycle.sums)
+  else:
+    sums, cycle = _add_call(spec.call_sums, config, state_rules, state.cycle, state.params,
+                            batch, state.rng, state.update_step,
+                            _loss_scale(spec, state.loss_scale), state.model_state)
+  new_state, metrics = apply_cycle(spec.tx, config, state, sums, cycle, state_rules, flush)
+  if spec.fsdp_mesh is not None:
+    new_state = parallel.constrain_state(new_state, spec.fsdp_mesh)
+  if host_acc:
+    new_state = accumulator_to(new_state, 'host')
+  return new_state, metrics
 
 
 def _with_cycle(step, state: TrainState) -> TrainState:

@@ -76,12 +76,8 @@ def _median_time(fn, reps, warmup=1):
 def run_cell(variant: str, k: int, size: str) -> dict:
   """One (variant, K) measurement, in this process."""
   import jax
-  import jax.numpy as jnp
   import optax
 
-  import accumjax
-  from accumjax import optim, planner
-  from accumjax import step as step_lib
   from accumjax.lm import data, model
   from accumjax.lm.build import make_loss_fn
 
@@ -97,87 +93,10 @@ def run_cell(variant: str, k: int, size: str) -> dict:
   rss_before = _rss_bytes()
   out = {'variant': variant, 'k': k, 'num_params': model.num_params(params),
          'tokens_per_update': rows * seq}
-
   if variant == 'optax_microbatch':
-    mb = rows // k
-    grad_sums = optax.microbatching.microbatch(
-        jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]), argnums=1, microbatch_size=mb)
-    weight = jnp.sum(batch['mask'])
-
-    def update(params, opt_state, batch):
-      _, g = grad_sums(params, batch)
-      g = jax.tree.map(lambda x: x / weight, g)
-      u, opt_state = inner.update(g, opt_state, params)
-      return optax.apply_updates(params, u), opt_state
-
-    step = jax.jit(update, donate_argnums=(0, 1))
-    state = (params, inner.init(params))
-    out['memory'] = planner.compiled_memory(step, *state, batch)
-    holder = [state]
-
-    def one_update():
-      holder[0] = step(*holder[0], batch)
-      return holder[0]
-    calls = 1
+    one_update, step, calls = _optax_microbatch_cell(loss_fn, inner, params, batch, k, out)
   else:
-    mode = {'full': 'scan', 'scan': 'scan', 'hybrid': 'hybrid'}.get(variant, 'multisteps')
-    config = accumjax.AccumConfig(
-        num_microbatches=1 if variant == 'full' else k,
-        microbatch_size=rows if variant == 'full' else rows // k, mode=mode,
-        microbatches_per_call=max(1, k // 2) if mode == 'hybrid' else None, seq_len=seq,
-        multisteps_impl='optax' if variant == 'multisteps_optax' else 'lazy')
-    tx = accumjax.accumulating_optimizer(inner, config)
-    step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config))
-    call_batches = accumjax.loop.split_calls(batch, config)
-    holder = [accumjax.init_train_state(params, tx, 0)]
-    out['memory'] = planner.compiled_memory(step, holder[0], call_batches[0],
-                                            last_call=len(call_batches) == 1)
-    calls = len(call_batches)
-
-    def one_update():
-      holder[0] = accumjax.run_update(step, holder[0], call_batches, config).state
-      return holder[0]
-
-    if variant == 'scan':  # the parts of a scan update, measured alone
-      mbs = accumjax.split_microbatches(batch, k)
-      mb0 = jax.tree.map(lambda x: x[0], mbs)
-      grad_one = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
-      out['microbatch_grad_s'] = _median_time(lambda: grad_one(params, mb0), s['reps'])
-      sums, _ = accumjax.accumulate_sums(loss_fn, params, mb0, num_microbatches=1)
-      cycle = accumjax.Cycle(sums, jnp.ones((), jnp.int32), jnp.full((), -1, jnp.int32))
-      opt_step = jax.jit(lambda sm, st: step_lib.apply_cycle(tx, config, st, sm, cycle)[0])
-      out['optimizer_step_s'] = _median_time(lambda: opt_step(sums, holder[0]), s['reps'])
-    if variant in ('multisteps_optax', 'multisteps_lazy') and k > 1:
-      # The optimizer side of an interim call (sums given), chained with donation as in
-      # training, vs a bare float32 add of a gradient-sized tree into a donated accumulator:
-      # the own cycle's add (lazy) or optax.MultiSteps' update (optax).
-      sums, _ = accumjax.accumulate_sums(loss_fn, params, call_batches[0], num_microbatches=1)
-      if config.multisteps_impl == 'lazy':
-        interim = jax.jit(lambda c, sm: step_lib.add_to_cycle(c, sm, 1), donate_argnums=0)
-        chain = [jax.tree.map(jnp.zeros_like, holder[0].cycle)]
-      else:
-        interim = jax.jit(lambda st, sm: tx.update(sm, st, optim.as_opt_params(params))[1],
-                          donate_argnums=0)
-        chain = [jax.tree.map(jnp.copy, holder[0].opt_state)]
-      add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
-      acc = [jax.tree.map(jnp.zeros_like, sums.grads)]
-
-      def interim_call():
-        chain[0] = interim(chain[0], sums)
-        return chain[0]
-
-      def add_call():
-        acc[0] = add(acc[0], sums.grads)
-        return acc[0]
-
-      # interleaved rounds; the ratio is the median of the per-round ratios (a noisy host)
-      times = _interleaved_times({'interim': interim_call, 'add': add_call}, rounds=21,
-                                 reps=max(5, s['reps'] * 2), warmup=3)
-      out['interim_optimizer_s'] = statistics.median(times['interim'])
-      out['bare_add_s'] = statistics.median(times['add'])
-      out['interim_ratio'] = statistics.median(
-          a / b for a, b in zip(times['interim'], times['add'], strict=True))
-
+    one_update, step, calls = _accumjax_cell(variant, loss_fn, inner, params, batch, k, s, out)
   t_update = _median_time(one_update, s['reps'])
   out.update(
       update_s=t_update, tokens_per_s=rows * seq / t_update, calls_per_update=calls,
@@ -185,6 +104,124 @@ def run_cell(variant: str, k: int, size: str) -> dict:
       peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       rss_before=rss_before)
   return out
+
+
+def _optax_microbatch_cell(loss_fn, inner, params, batch, k, out):
+  """optax.microbatching.microbatch as an outside reference: (one update, its jitted step,
+  calls per update); its compiled memory into `out`."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from accumjax import planner
+  mb = jax.tree.leaves(batch)[0].shape[0] // k
+  grad_sums = optax.microbatching.microbatch(
+      jax.value_and_grad(lambda p, b: loss_fn(p, b, None)[0]), argnums=1, microbatch_size=mb)
+  weight = jnp.sum(batch['mask'])
+
+  def update(params, opt_state, batch):
+    _, g = grad_sums(params, batch)
+    g = jax.tree.map(lambda x: x / weight, g)
+    u, opt_state = inner.update(g, opt_state, params)
+    return optax.apply_updates(params, u), opt_state
+
+  step = jax.jit(update, donate_argnums=(0, 1))
+  holder = [(params, inner.init(params))]
+  out['memory'] = planner.compiled_memory(step, *holder[0], batch)
+
+  def one_update():
+    holder[0] = step(*holder[0], batch)
+    return holder[0]
+  return one_update, step, 1
+
+
+def _accumjax_cell(variant, loss_fn, inner, params, batch, k, s, out):
+  """accumjax in `variant`'s mode: (one update, its jitted step, calls per update); its
+  compiled memory, and for scan / multisteps the parts of a call, into `out`."""
+  import jax
+
+  import accumjax
+  from accumjax import planner
+  rows, seq = s['batch'], s['seq_len']
+  mode = {'full': 'scan', 'scan': 'scan', 'hybrid': 'hybrid'}.get(variant, 'multisteps')
+  config = accumjax.AccumConfig(
+      num_microbatches=1 if variant == 'full' else k,
+      microbatch_size=rows if variant == 'full' else rows // k, mode=mode,
+      microbatches_per_call=max(1, k // 2) if mode == 'hybrid' else None, seq_len=seq,
+      multisteps_impl='optax' if variant == 'multisteps_optax' else 'lazy')
+  tx = accumjax.accumulating_optimizer(inner, config)
+  step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config))
+  call_batches = accumjax.loop.split_calls(batch, config)
+  holder = [accumjax.init_train_state(params, tx, 0)]
+  out['memory'] = planner.compiled_memory(step, holder[0], call_batches[0],
+                                          last_call=len(call_batches) == 1)
+
+  def one_update():
+    holder[0] = accumjax.run_update(step, holder[0], call_batches, config).state
+    return holder[0]
+
+  if variant == 'scan':  # the parts of a scan update, measured alone
+    mbs = accumjax.split_microbatches(batch, k)
+    mb0 = jax.tree.map(lambda x: x[0], mbs)
+    grad_one = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
+    out['microbatch_grad_s'] = _median_time(lambda: grad_one(params, mb0), s['reps'])
+    out['optimizer_step_s'] = _optimizer_step_time(loss_fn, tx, config, params, mb0,
+                                                   holder[0], s['reps'])
+  if variant in ('multisteps_optax', 'multisteps_lazy') and k > 1:
+    out.update(_interim_cost(loss_fn, tx, config, params, call_batches[0], holder[0], s))
+  return one_update, step, len(call_batches)
+
+
+def _optimizer_step_time(loss_fn, tx, config, params, mb, state, reps):
+  """The completing program's optimizer side alone (`step.apply_cycle`), one micro-batch's
+  sums given."""
+  import jax
+  import jax.numpy as jnp
+
+  import accumjax
+  from accumjax import step as step_lib
+  sums, _ = accumjax.accumulate_sums(loss_fn, params, mb, num_microbatches=1)
+  cycle = accumjax.Cycle(sums, jnp.ones((), jnp.int32), jnp.full((), -1, jnp.int32))
+  opt_step = jax.jit(lambda sm, st: step_lib.apply_cycle(tx, config, st, sm, cycle)[0])
+  return _median_time(lambda: opt_step(sums, state), reps)
+
+
+def _interim_cost(loss_fn, tx, config, params, call_batch, state, s) -> dict:
+  """The optimizer side of an interim call (sums given), chained with donation as in
+  training, vs a bare float32 add of a gradient-sized tree into a donated accumulator: the
+  own cycle's add (lazy) or optax.MultiSteps' update (optax)."""
+  import jax
+  import jax.numpy as jnp
+
+  import accumjax
+  from accumjax import optim
+  from accumjax import step as step_lib
+  sums, _ = accumjax.accumulate_sums(loss_fn, params, call_batch, num_microbatches=1)
+  if config.multisteps_impl == 'lazy':
+    interim = jax.jit(lambda c, sm: step_lib.add_to_cycle(c, sm, 1), donate_argnums=0)
+    chain = [jax.tree.map(jnp.zeros_like, state.cycle)]
+  else:
+    interim = jax.jit(lambda st, sm: tx.update(sm, st, optim.as_opt_params(params))[1],
+                      donate_argnums=0)
+    chain = [jax.tree.map(jnp.copy, state.opt_state)]
+  add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+  acc = [jax.tree.map(jnp.zeros_like, sums.grads)]
+
+  def interim_call():
+    chain[0] = interim(chain[0], sums)
+    return chain[0]
+
+  def add_call():
+    acc[0] = add(acc[0], sums.grads)
+    return acc[0]
+
+  # interleaved rounds; the ratio is the median of the per-round ratios (a noisy host)
+  times = _interleaved_times({'interim': interim_call, 'add': add_call}, rounds=21,
+                             reps=max(5, s['reps'] * 2), warmup=3)
+  return {'interim_optimizer_s': statistics.median(times['interim']),
+          'bare_add_s': statistics.median(times['add']),
+          'interim_ratio': statistics.median(
+              a / b for a, b in zip(times['interim'], times['add'], strict=True))}
 
 
 # (label, model dims, rounds, calls per round): many short rounds where a call is short, so

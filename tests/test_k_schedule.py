@@ -166,3 +166,17 @@ def test_a_run_stopped_mid_ramp_mid_cycle_resumes_bit_identically(tmp_path, corp
     with pytest.raises(ConfigError, match='started with K=8; the new K plan gives it K=4'):
       _run(tmp_path, corpus, 'cut2', resume=True,
            **dict(flat, grad_accum_schedule='0:2,3:4,6:4,9:8'))
+
+
+def test_the_library_names_its_arguments_and_the_cli_its_flags():
+  from accumjax.lm import config as lm_config
+  with pytest.raises(ConfigError) as lib:
+    schedules.parse_k_schedule('5:2')
+  assert "spec='5:2'" in str(lib.value) and '--' not in str(lib.value)
+  with pytest.raises(ConfigError, match="--grad-accum-schedule '5:2' must start at update 0"):
+    lm_config.validate(lm_config.from_flat({'grad_accum_schedule': '5:2'}))
+  with pytest.raises(ConfigError) as lib:
+    accumjax.parallel.make_mesh(data=2, fsdp=1)
+  assert 'make_mesh(data=2)' in str(lib.value) and '--' not in str(lib.value).split('.')[0]
+  with pytest.raises(ConfigError, match='--mesh data=2 needs 2 devices'):
+    lm_config.make_mesh('data=2')

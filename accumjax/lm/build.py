@@ -99,9 +99,11 @@ def plan_for_budget(cfg: TrainConfig, mesh=None) -> tuple[TrainConfig, Plan]:
   apply, params = make_lm(cfg.model, seed=cfg.seed)
   loss_fn = make_loss_fn(apply)
   rows_per_device = cfg.tokens_per_update // (cfg.seq_len * num_devices)
-  plan = plan_microbatch(lambda b, k: _step_bytes(cfg, loss_fn, params, b, k, mesh),
-                         budget,
-                         rows_per_device)
+  try:
+    plan = plan_microbatch(lambda b, k: _step_bytes(cfg, loss_fn, params, b, k, mesh), budget,
+                           rows_per_device)
+  except ConfigError as e:
+    raise ConfigError(str(e).replace('budget_bytes=', '--memory-budget ', 1)) from None
   return config_lib.replace(cfg, batch_size=plan.microbatch_size,
                             grad_accum_steps=plan.num_microbatches,
                             tokens_per_update=None), plan

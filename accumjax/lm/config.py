@@ -16,6 +16,7 @@ import re
 
 import jax
 
+from accumjax import parallel
 from accumjax.config import (
   ACCUMULATOR_MEMORIES,
   DP_REDUCTIONS,
@@ -239,7 +240,10 @@ class KPlan:
 def k_plan(cfg: TrainConfig) -> KPlan | None:
   """The K plan of --grad-accum-schedule or --grad-accum-steps auto; None for a fixed K."""
   if cfg.grad_accum_schedule is not None:
-    return KPlan(schedule=parse_k_schedule(cfg.grad_accum_schedule))
+    try:
+      return KPlan(schedule=parse_k_schedule(cfg.grad_accum_schedule))
+    except ConfigError as e:
+      raise ConfigError(str(e).replace('spec=', '--grad-accum-schedule ', 1)) from None
   if cfg.grad_accum_steps == 'auto':
     if not settings.is_int(cfg.max_grad_accum_steps) or cfg.max_grad_accum_steps < AUTO_START_K:
       raise ConfigError(f'--max-grad-accum-steps {cfg.max_grad_accum_steps!r} must be an '
@@ -305,6 +309,14 @@ def parse_mesh(spec: str | None) -> tuple[int | None, int]:
           'devices).')
     sizes[name] = int(size)
   return sizes.get('data'), sizes.get('fsdp', 1)
+
+
+def make_mesh(spec: str | None):
+  """The mesh of --mesh (`parallel.make_mesh`), its refusals said as the flag."""
+  try:
+    return parallel.make_mesh(*parse_mesh(spec))
+  except ConfigError as e:
+    raise ConfigError(re.sub(r'make_mesh\(([^)]*)\)', r'--mesh \1', str(e))) from None
 
 
 def _check_model(cfg: TrainConfig):

@@ -114,7 +114,7 @@ def _initial_state(cfg, accum, tx, params, out, log, mesh, resume, on_config_cha
 
 def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse') -> Run:
   """Everything a run needs, from its settings (and its checkpoint, when resuming)."""
-  mesh = parallel.make_mesh(*config_lib.parse_mesh(cfg.mesh))
+  mesh = config_lib.make_mesh(cfg.mesh)
   plan = None
   if cfg.memory_budget is not None:
     cfg, plan = plan_for_budget(cfg, mesh)
