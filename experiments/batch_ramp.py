@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from accumjax.studies.lm_task import make_task
 from experiments import lm_task
 
 SETTINGS = {
@@ -91,7 +92,7 @@ def run_plan(s: dict, plan: str, setup) -> dict:
 
 
 def _setup(s):
-  task = lm_task.make_task(s['model'], s['seq'], eval_rows=32, eval_batches=4)
+  task = make_task(s['model'], s['seq'], eval_rows=32, eval_batches=4)
   return task.train, task.held_out_loss, task.params, task.loss_fn
 
 

@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from accumjax.studies.lm_task import make_task
 from experiments import lm_task
 
 MICRO = 4  # sequences per micro-batch
@@ -107,7 +108,7 @@ def main(argv=None):
   a = lm_task.parse_args(__doc__, argv)
   s = SETTINGS['quick' if a.quick else 'full']
   start = time.time()
-  setup = lm_task.make_task(MODEL, SEQ, eval_rows=64, eval_batches=2)
+  setup = make_task(MODEL, SEQ, eval_rows=64, eval_batches=2)
   train = setup.train
   tokens_per_seq = float(np.mean(np.minimum(train.lengths, SEQ)))
   runs = []

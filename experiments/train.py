@@ -5,7 +5,7 @@
 Data: by default the Python standard library's own sources (no download; see accumjax.data).
 Defaults: 0.86M-param model, micro-batch 8 x 128 tokens, K=4 (4,096 tokens per update, scan
 mode), AdamW 3e-3 with cosine decay, 300 updates. The train loss falls from about 6.3 to about
-1.6 and the eval loss to about 1.9 (the README's "What the main job does" has the measured
+1.6 and the eval loss to about 1.9 (docs/train.md has the measured
 numbers). Writes metrics.jsonl, config.json, loss.png and checkpoints/ to --out (default
 runs/train-<time>). Exit status: 0 done, 2 bad flags (one line, nothing written), 1 a
 checkpoint error or a stop for non-finite values (--nonfinite-policy raise, or

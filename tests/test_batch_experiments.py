@@ -60,20 +60,21 @@ def test_batch_study_quick(tmp_path):
   from experiments import batch_study
   out = tmp_path / 'bs.md'
   result = batch_study.main(['--quick', '--out', str(out)])
-  s = batch_study.SETTINGS['quick']
-  total = s['updates'] * batch_study.MICRO * max(s['ks'])
+  from accumjax.studies import batch_study as bs
+  s = bs.SETTINGS['quick']
+  total = s['updates'] * bs.MICRO * max(s['ks'])
   for r in result['sweep'] + result['rules']:  # equal tokens: every run read the same rows
     assert r['curve'][-1][1] == total and r['curve'][-1][0] == total // r['batch']
     assert math.isfinite(r['at_updates'])
-  assert len(result['rules']) == len(s['ks']) * len(batch_study.RULES) * s['seeds']
+  assert len(result['rules']) == len(s['ks']) * len(bs.RULES) * s['seeds']
   text = out.read_text()
-  assert text.count('\n| ') == 1 + len(s['ks']) * len(batch_study.RULES) + 1 + len(s['ks'])
+  assert text.count('\n| ') == 1 + len(s['ks']) * len(bs.RULES) + 1 + len(s['ks'])
   assert '1. **"K = 4' in text and '2. **"double the batch' in text
   assert out.with_suffix('.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_batch_study_rules_scale_as_published():
-  from experiments import batch_study as bs
+  from accumjax.studies import batch_study as bs
   assert bs.rule_hparams('none', 1e-3, 64)['lr'] == 1e-3
   assert bs.rule_hparams('linear', 1e-3, 64)['lr'] == pytest.approx(16e-3)
   assert bs.rule_hparams('sqrt', 1e-3, 16)['lr'] == pytest.approx(2e-3)

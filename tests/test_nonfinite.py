@@ -237,7 +237,7 @@ def test_bad_fault_settings_raise():
 TINY = dict(seq_len=32, batch_size=4, d_model=32, num_layers=1, num_heads=2, max_len=64,
             eval_batches=1, log_every=1, warmup_steps=2, eval_every=100, lr=1e-2,
             grad_accum_steps=4, save_every=0)
-FP16_TOL = 1e-3  # measured 7.8e-5 over 10 updates (README, benchmarks/faults.md)
+FP16_TOL = 1e-3  # measured 7.8e-5 over 10 updates (docs/reliability.md, benchmarks/faults.md)
 
 
 def _train(out, corpus, **kw):

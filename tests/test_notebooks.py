@@ -26,3 +26,22 @@ def test_notebook_runs(path):
 
 def test_there_are_notebooks():
   assert NOTEBOOKS
+
+
+# What a notebook may import: the library, JAX's stack, plotting and the standard library.
+ALLOWED = {'accumjax', 'jax', 'numpy', 'optax', 'chex', 'flax', 'matplotlib', 'IPython', 'math',
+           'pathlib', 'tempfile', 'json', 'time'}
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_import_only_the_library_and_plotting(path):
+  import ast
+  nb = nbformat.read(path, as_version=4)
+  for cell in nb.cells:
+    if cell.cell_type != 'code':
+      continue
+    for node in ast.walk(ast.parse(cell.source)):
+      names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+          [node.module] if isinstance(node, ast.ImportFrom) else []
+      for name in names:
+        assert name.split('.')[0] in ALLOWED, f'{path.name} imports {name}'

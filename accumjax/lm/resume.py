@@ -1,9 +1,9 @@
 """Resuming a run: reconcile the saved config with the new one, restore, convert.
 
-What may change on resume (see README): harmless settings always; the accumulation setup at a
-cycle boundary, or mid-cycle only with the `flush` policy; anything that changes the math
-never. Checkpoints store the settings flat (`config.to_flat`), so the comparison is by flat
-name and every message names the flag.
+What may change on resume (see docs/reliability.md): harmless settings always; the
+accumulation setup at a cycle boundary, or mid-cycle only with the `flush` policy; anything
+that changes the math never. Checkpoints store the settings flat (`config.to_flat`), so the
+comparison is by flat name and every message names the flag.
 """
 
 import dataclasses
