@@ -5,7 +5,7 @@ import math
 
 import jax.numpy as jnp
 
-from accumjax.core import ConfigError, check_num_microbatches
+from accumjax.errors import ConfigError, check_bool, check_int
 
 MODES = ('scan', 'multisteps', 'hybrid')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -22,19 +22,6 @@ ACCUM_DTYPES = ('float32', 'float64')
 # is multiplied by (K / base K) ** power (Goyal et al. 2017: linear, for SGD; Malladi et al.
 # 2022: square root, for Adam).
 LR_BATCH_SCALING = {'none': 0.0, 'linear': 1.0, 'sqrt': 0.5}
-
-
-def _int(name, value, minimum=1, optional=False):
-  if optional and value is None:
-    return
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ConfigError(f'{name}={value!r} must be an int >= {minimum}'
-                      + (' (or None).' if optional else '.'))
-
-
-def _bool(name, value):
-  if not isinstance(value, bool):
-    raise ConfigError(f'{name}={value!r} must be True or False.')
 
 
 def _number(name, value, allowed: str, ok, optional=False):
@@ -125,13 +112,13 @@ class AccumConfig:
   def __post_init__(self):
     # Every field is type- and range-checked: a truthy string for a bool, a float for an int
     # or a string for a number would otherwise pass silently or fail deep inside JAX.
-    check_num_microbatches(self.num_microbatches)
+    check_int('num_microbatches', self.num_microbatches)
     k = self.num_microbatches
-    _int('microbatch_size', self.microbatch_size)
-    _int('num_devices', self.num_devices)
-    _int('seq_len', self.seq_len, optional=True)
-    _int('loss_scale_growth_interval', self.loss_scale_growth_interval)
-    _int('base_num_microbatches', self.base_num_microbatches, optional=True)
+    check_int('microbatch_size', self.microbatch_size)
+    check_int('num_devices', self.num_devices)
+    check_int('seq_len', self.seq_len, optional=True)
+    check_int('loss_scale_growth_interval', self.loss_scale_growth_interval)
+    check_int('base_num_microbatches', self.base_num_microbatches, optional=True)
     for name, allowed in (('mode', MODES), ('compute_dtype', COMPUTE_DTYPES),
                           ('accum_dtype', ACCUM_DTYPES), ('multisteps_impl', MULTISTEPS_IMPLS),
                           ('nonfinite', NONFINITE_POLICIES), ('dp_reduction', DP_REDUCTIONS),
@@ -140,8 +127,8 @@ class AccumConfig:
                           ('lr_batch_scaling', tuple(LR_BATCH_SCALING))):
       if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
         raise ConfigError(f'{name}={getattr(self, name)!r}; allowed: {", ".join(allowed)}.')
-    _bool('clip_before_accumulation', self.clip_before_accumulation)
-    _bool('noise_stats', self.noise_stats)
+    check_bool('clip_before_accumulation', self.clip_before_accumulation)
+    check_bool('noise_stats', self.noise_stats)
     if self.noise_stats and k * self.num_devices < 2:
       raise ConfigError(
           f'noise_stats=True needs >= 2 micro-batches per update; got num_microbatches={k} on '

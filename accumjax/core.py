@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from accumjax import model_state as ms
-from accumjax.errors import ConfigError
+from accumjax.errors import ConfigError, check_bool, check_int
 
 __all__ = ['ConfigError', 'GradSums', 'NoiseSums', 'Scanned', 'accumulate_gradients',
            'accumulate_sums', 'noise_scale', 'normalize', 'scan_microbatches',
@@ -143,22 +143,9 @@ def check_float_params(params):
           'accumulation needs floating-point params (float32, bfloat16, ...).')
 
 
-def _bool_arg(name, value):
-  if not isinstance(value, bool):
-    raise ConfigError(f'{name}={value!r} must be True or False.')
-
-
-def check_num_microbatches(num_microbatches):
-  if isinstance(num_microbatches, bool) or not isinstance(num_microbatches, int):
-    raise ConfigError(
-        f'num_microbatches={num_microbatches!r} must be a Python int >= 1.')
-  if num_microbatches < 1:
-    raise ConfigError(f'num_microbatches={num_microbatches} must be >= 1.')
-
-
 def split_microbatches(batch, num_microbatches: int):
   """Reshapes every leaf [N, ...] of `batch` to [num_microbatches, N // num_microbatches, ...]."""
-  check_num_microbatches(num_microbatches)
+  check_int('num_microbatches', num_microbatches)
   leaves = jax.tree.leaves(batch)
   if not leaves:
     raise ConfigError('batch has no arrays.')
@@ -339,7 +326,7 @@ def scan_microbatches(
   `sums_like` (e.g. each device's shard of the params).
   """
   check_float_params(params)
-  _bool_arg('noise_stats', noise_stats)
+  check_bool('noise_stats', noise_stats)
   microbatches = split_microbatches(batch, num_microbatches)
   with_state = model_state is not None
   if with_state:

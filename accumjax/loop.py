@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 from accumjax.config import AccumConfig
-from accumjax.errors import ConfigError
+from accumjax.errors import ConfigError, check_int
 from accumjax.state import cycle_microbatches
 
 
@@ -55,8 +55,7 @@ def calls_per_update(config: AccumConfig, num_microbatches: int | None = None) -
   many); otherwise K must be a multiple of the micro-batches of one call.
   """
   k = config.num_microbatches if num_microbatches is None else num_microbatches
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ConfigError(f'num_microbatches={k!r} must be an int >= 1.')
+  check_int('num_microbatches', k)
   if config.mode == 'scan':
     if k > config.num_microbatches:
       raise ConfigError(f'num_microbatches={k}: a scan call holds at most the '

@@ -365,3 +365,12 @@ def test_swapped_array_data_is_caught_by_the_fingerprint(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='0: fingerprint mismatch'):
     checkpoint.Checkpointer(tmp_path / 'a').restore(fresh)
   assert checkpoint.Checkpointer(tmp_path / 'b').restore(fresh).step == 0  # b itself is fine
+
+
+def test_a_checkpoint_of_the_earlier_state_layout_is_refused_with_a_reason():
+  """Checkpoints written when the sums lived inside optax.MultiStepsState (no 'state_layout'
+  in their metadata) are refused before any restore, saying why and what to do."""
+  from accumjax.lm import resume
+  with pytest.raises(checkpoint.CheckpointError, match=r'state layout 1.*Finish that run'):
+    resume._check_layout({'step': 12, 'config': {}})
+  resume._check_layout({'step': 12, 'state_layout': resume.STATE_LAYOUT})  # today's: accepted

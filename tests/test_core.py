@@ -187,9 +187,9 @@ def test_zero_weight_update_is_skipped_not_nan(mode):
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(num_microbatches=0, microbatch_size=4), 'num_microbatches=0 must be >= 1'),
+    (dict(num_microbatches=0, microbatch_size=4), 'num_microbatches=0 must be an int >= 1'),
     (dict(num_microbatches=-2, microbatch_size=4), 'num_microbatches=-2'),
-    (dict(num_microbatches=2.0, microbatch_size=4), 'num_microbatches=2.0 must be a Python int'),
+    (dict(num_microbatches=2.0, microbatch_size=4), 'num_microbatches=2.0 must be an int >= 1'),
     (dict(num_microbatches=4, microbatch_size=0), 'microbatch_size=0'),
     (dict(num_microbatches=4, microbatch_size=4, mode='pipeline'), "mode='pipeline'; allowed"),
     (dict(num_microbatches=4, microbatch_size=4, mode='hybrid', microbatches_per_call=3),

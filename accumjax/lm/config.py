@@ -30,18 +30,21 @@ from accumjax.config import (
 from accumjax.core import ConfigError
 from accumjax.lm import faults, settings
 from accumjax.lm.data import VOCAB_SIZE
+from accumjax.lm.kplan import (  # noqa: F401 (AUTO_*, KPlan: re-exported for the trainer)
+    AUTO_MIN_DWELL,
+    AUTO_START_K,
+    KPlan,
+    check_k_plan,
+    k_plan,
+)
 from accumjax.lm.model import ModelConfig
 from accumjax.lm.settings import finite_number, is_int, setting
-from accumjax.schedules import KSchedule, parse_k_schedule
 
 PRECISIONS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
 OPTIMIZERS = ('adamw', 'sgd', 'lion')
 SCHEDULES = ('cosine', 'constant')
 ON_CONFIG_CHANGE = ('refuse', 'flush')
 DEFAULT_NUM_MICROBATCHES = 4
-# --grad-accum-steps auto: K starts here and moves at most this often (in updates).
-AUTO_START_K = 2
-AUTO_MIN_DWELL = 10
 
 _POSITIVE = (finite_number(lambda v: v > 0), 'must be a positive finite number.')
 _HARMLESS, _ACCUM = 'harmless', 'accumulation'
@@ -207,51 +210,6 @@ class TrainConfig:
     return self.tokens_per_update // per_mb
 
 
-class KPlan:
-  """K per update of a run whose K changes: a fixed schedule, or auto."""
-
-  def __init__(self, schedule: KSchedule | None = None, auto_max: int | None = None):
-    self.schedule, self.auto_max = schedule, auto_max
-
-  @property
-  def auto(self) -> bool:
-    return self.schedule is None
-
-  @property
-  def max_k(self) -> int:
-    return self.schedule.max_k if self.schedule else self.auto_max
-
-  @property
-  def first_k(self) -> int:
-    return self.schedule.at(0) if self.schedule else AUTO_START_K
-
-  @property
-  def allowed(self) -> tuple[int, ...]:
-    """auto: powers of two from AUTO_START_K to the largest allowed."""
-    return tuple(2**i for i in range(1, 31) if AUTO_START_K <= 2**i <= self.auto_max)
-
-  def describe(self) -> str:
-    if self.schedule:
-      return f'schedule {self.schedule} (from update U on, K)'
-    return (f'auto from B_simple: K in {{{", ".join(map(str, self.allowed))}}}, starting at '
-            f'{AUTO_START_K}, at most one change per {AUTO_MIN_DWELL} updates')
-
-
-def k_plan(cfg: TrainConfig) -> KPlan | None:
-  """The K plan of --grad-accum-schedule or --grad-accum-steps auto; None for a fixed K."""
-  if cfg.grad_accum_schedule is not None:
-    try:
-      return KPlan(schedule=parse_k_schedule(cfg.grad_accum_schedule))
-    except ConfigError as e:
-      raise ConfigError(str(e).replace('spec=', '--grad-accum-schedule ', 1)) from None
-  if cfg.grad_accum_steps == 'auto':
-    if not settings.is_int(cfg.max_grad_accum_steps) or cfg.max_grad_accum_steps < AUTO_START_K:
-      raise ConfigError(f'--max-grad-accum-steps {cfg.max_grad_accum_steps!r} must be an '
-                        f'integer >= {AUTO_START_K}.')
-    return KPlan(auto_max=cfg.max_grad_accum_steps)
-  return None
-
-
 def replace(cfg: TrainConfig, **flat) -> TrainConfig:
   """`cfg` with settings changed by their flat names (`d_model=64`, `batch_size=4`, ...)."""
   return from_flat({**to_flat(cfg), **flat})
@@ -367,7 +325,7 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
   settings.check(cfg)
   plan = k_plan(cfg)
   if plan is not None:
-    _check_k_plan(cfg, plan)
+    check_k_plan(cfg, plan)
   _check_model(cfg)
   k = cfg.num_microbatches(num_devices)
   faults.parse(cfg.inject_faults, k)
@@ -394,25 +352,6 @@ def validate(cfg: TrainConfig, num_devices: int = 1) -> AccumConfig:
         base_num_microbatches=plan.first_k if plan is not None else None)
   except ConfigError as e:
     raise _as_flags(e) from None
-
-
-def _check_k_plan(cfg: TrainConfig, plan: KPlan):
-  """A K that changes between updates: what it needs of the other settings."""
-  ks = plan.schedule.ks if plan.schedule else plan.allowed
-  if cfg.accum_mode != 'scan' and cfg.multisteps_impl != 'lazy':
-    raise ConfigError(f'a K that changes ({plan.describe()}) needs --multisteps-impl lazy: '
-                      'optax.MultiSteps counts a fixed K.')
-  c = cfg.microbatches_per_call
-  if cfg.accum_mode == 'hybrid' and c is not None and any(k % c for k in ks):
-    raise ConfigError(f'--microbatches-per-call {c} must divide every K of '
-                      f'{plan.describe()}; allowed: {sorted(_divisors(math.gcd(*ks)))}.')
-  if plan.auto and not cfg.noise_stats:
-    raise ConfigError('--grad-accum-steps auto chooses K from the gradient noise scale: it '
-                      'needs --noise-stats (the default).')
-
-
-def _divisors(n: int) -> list[int]:
-  return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def noise_stats_on(cfg: TrainConfig, k: int, num_devices: int) -> bool:
