@@ -189,6 +189,21 @@ def test_harmless_changes_are_allowed_and_bit_identical(tmp_path, corpus, straig
   assert resumed['params_fingerprint'] == straight('multisteps')
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('first,then', [('lazy', 'optax'), ('optax', 'lazy')])
+def test_switching_multisteps_impl_mid_cycle_continues_the_cycle(tmp_path, corpus, first, then):
+  """A harmless setting: the own cycle and optax.MultiSteps' accumulator hold the same sums, so
+  the update in progress goes on (the same losses; other programs, so not the same bits)."""
+  ref = _run(tmp_path / 'straight', corpus, accum_mode='multisteps', multisteps_impl=first)
+  out = tmp_path / 'run'
+  assert _run(out, corpus, stop_after=6, accum_mode='multisteps', multisteps_impl=first)[
+      'preempted']  # 2 of 4 micro-batches into update 2
+  resumed = _run(out, corpus, resume='latest', accum_mode='multisteps', multisteps_impl=then)
+  assert resumed['updates'] == ref['updates']
+  np.testing.assert_allclose(resumed['final_train_loss'], ref['final_train_loss'], rtol=1e-5)
+  np.testing.assert_allclose(resumed['final_eval_loss'], ref['final_eval_loss'], rtol=1e-5)
+
+
 def test_boundary_accumulation_change_is_allowed(tmp_path, corpus):
   out = tmp_path / 'run'
   assert _run(out, corpus, stop_after=4, accum_mode='multisteps')['preempted']  # boundary

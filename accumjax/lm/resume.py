@@ -82,6 +82,26 @@ def _convert_setup(state, tx, params, accum):
   return state._replace(opt_state=new, cycle=cycle)
 
 
+def _convert_impl(state, tx, accum):
+  """--multisteps-impl changed (a harmless setting, also mid-cycle): the same cycle, with
+  optax.MultiSteps' wrapper around the optimizer's own state dropped, or added with the
+  cycle's sums as its accumulator (optax.MultiSteps keeps its own copy)."""
+  old = state.opt_state
+  wants = isinstance(tx, optax.MultiSteps)
+  if isinstance(old, optax.MultiStepsState) == wants:
+    return state
+  if not wants:
+    return state._replace(opt_state=old.inner_opt_state)
+  fresh = tx.init(as_opt_params(state.params))
+  sums = state.cycle.sums._replace(noise=None)
+  # copies (jnp.array), never the cycle's or the state's own buffers: the step donates both
+  return state._replace(opt_state=fresh._replace(
+      inner_opt_state=old,
+      acc_grads=jax.tree.map(lambda f, x: jnp.array(x, f.dtype), fresh.acc_grads, sums),
+      mini_step=jnp.array(state.cycle.microbatches // accum.per_call, fresh.mini_step.dtype),
+      gradient_step=jnp.array(state.update_step, fresh.gradient_step.dtype)))
+
+
 def _check_layout(meta: dict):
   if meta.get('state_layout', 1) != STATE_LAYOUT:
     raise CheckpointError(
@@ -181,7 +201,7 @@ def resume_state(ckpt: Checkpointer, step, cfg, accum, tx, params, on_config_cha
                f'(exact for the micro-batches it had) before changing {change}')
     state = _convert_setup(state, tx, params, accum)
     log.info(f'resume: accumulation changed at a cycle boundary: {change}')
-  return _convert_noise(state, accum, log), meta
+  return _convert_noise(_convert_impl(state, tx, accum), accum, log), meta
 
 
 def _convert_noise(state, accum, log):
