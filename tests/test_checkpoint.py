@@ -160,6 +160,7 @@ def test_resume_refuses_accumulation_change_mid_cycle(tmp_path, corpus):
     _run(out, corpus, resume='latest', accum_mode='scan')
 
 
+@pytest.mark.slow  # ~13-21 s: the slow set, which CI runs
 def test_resume_flushes_partial_cycle_when_asked(tmp_path, corpus):
   out = _stop_mid_cycle(tmp_path, corpus)
   cfg = train_config(**{**TINY, 'data': corpus, 'accum_mode': 'scan', 'grad_accum_steps': 2})
@@ -204,6 +205,7 @@ def test_switching_multisteps_impl_mid_cycle_continues_the_cycle(tmp_path, corpu
   np.testing.assert_allclose(resumed['final_eval_loss'], ref['final_eval_loss'], rtol=1e-5)
 
 
+@pytest.mark.slow  # ~13-21 s: the slow set, which CI runs
 def test_boundary_accumulation_change_is_allowed(tmp_path, corpus):
   out = tmp_path / 'run'
   assert _run(out, corpus, stop_after=4, accum_mode='multisteps')['preempted']  # boundary
@@ -244,6 +246,7 @@ def test_bit_flip_is_detected_and_older_checkpoint_used(tmp_path, corpus, straig
   assert resumed['params_fingerprint'] == straight('multisteps')
 
 
+@pytest.mark.slow  # ~13-21 s: the slow set, which CI runs
 def test_truncated_and_unfinished_checkpoints_fall_back(tmp_path, corpus, straight):
   out = _stop_mid_cycle(tmp_path, corpus)
   latest, files = _latest_state_files(out)
@@ -287,8 +290,8 @@ def _meta_path(out, step):
 
 
 @pytest.mark.parametrize('damage', [
-    'deleted array file',
-    pytest.param('tampered metadata', marks=pytest.mark.slow),  # ~25 s each
+    pytest.param('deleted array file', marks=pytest.mark.slow),  # ~16-25 s each
+    pytest.param('tampered metadata', marks=pytest.mark.slow),
     pytest.param('empty metadata', marks=pytest.mark.slow)])
 def test_a_broken_newest_checkpoint_is_moved_aside_and_the_run_saves_again(
     tmp_path, corpus, straight, damage):
@@ -329,6 +332,7 @@ def test_resume_from_an_older_step_rolls_back_and_keeps_the_newer_ones(
   assert [r['update'] for r in lines if r['kind'] == 'train'] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # ~13-21 s: the slow set, which CI runs
 def test_a_half_written_metrics_line_does_not_stop_a_resume(tmp_path, corpus, straight):
   out = _stop_mid_cycle(tmp_path, corpus)
   with open(out / 'metrics.jsonl', 'a') as f:
