@@ -55,8 +55,9 @@ def train(mode, mesh_name, policy='call', **kw):
   specs = {name: str(leaf.sharding.spec) for name, leaf in state.params.items()}
   shard_shapes = {name: list(leaf.addressable_shards[0].data.shape)
                   for name, leaf in state.params.items()}
+  # the cycle's gradient sums (its scalars stay on the device; scan mode keeps no cycle)
   kinds = sorted({str(x.sharding.memory_kind) for x in jax.tree.leaves(
-      state.cycle)})
+      None if state.cycle is None else state.cycle.sums.grads)})
   return jax.device_get(state.params), {'specs': specs, 'shard_shapes': shard_shapes,
                                         'accumulator_memory': kinds}
 
