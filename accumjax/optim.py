@@ -275,7 +275,7 @@ def flush_multisteps(tx: optax.MultiSteps, opt_state: optax.MultiStepsState, par
       mini_step=jnp.zeros_like(opt_state.mini_step),
       gradient_step=opt_state.gradient_step + pending.astype(opt_state.gradient_step.dtype),
       inner_opt_state=where(inner_state, opt_state.inner_opt_state),
-      acc_grads=jax.tree.map(lambda a: zeros_from(a), opt_state.acc_grads),
+      acc_grads=jax.tree.map(zeros_from, opt_state.acc_grads),
       skip_state=opt_state.skip_state)
   zero = jax.tree.map(jnp.zeros_like, updates)
   return where(updates, zero), new_state

@@ -250,10 +250,14 @@ def apply_cycle(tx, config: AccumConfig, state: TrainState, call_sums: GradSums,
                                     config)
 
 
-def _check_state(state: TrainState, state_rules, config: AccumConfig):
+def _require_train_state(state):
   if not isinstance(state, TrainState):
     raise ConfigError(f'state is a {type(state).__name__}; the train step takes the TrainState '
                       'of init_train_state(params, optimizer, rng, config).')
+
+
+def _check_state(state: TrainState, state_rules, config: AccumConfig):
+  _require_train_state(state)
   if (state.model_state is None) != (state_rules is None):
     raise ConfigError(
         'the train step and the state disagree about the model state: '
@@ -397,9 +401,6 @@ def _with_cycle(step, state: TrainState) -> TrainState:
 
 def _is_last(step, state: TrainState, batch, last_call) -> bool:
   """Whether this call completes its update: `last_call` as given, or from the position."""
-  if not isinstance(state, TrainState):
-    raise ConfigError(f'state is a {type(state).__name__}; the train step takes the TrainState '
-                      'of init_train_state(params, optimizer, rng, config).')
   config = step.config
   if last_call is not None:
     if not isinstance(last_call, bool):
@@ -414,14 +415,24 @@ def _is_last(step, state: TrainState, batch, last_call) -> bool:
   return cycle_microbatches(state) + n >= config.num_microbatches
 
 
-def _dispatch(step, state: TrainState, batch, last_call):
-  """One call: `step.update` if it completes the update (or the optimizer is optax.MultiSteps,
-  which sees every call), else `step.accumulate` on the cycle alone."""
+def _program(step, state: TrainState, batch, last_call):
+  """Which program a call runs, and its arguments: `update` if the call completes the update
+  (or the optimizer is optax.MultiSteps, which sees every call), else `accumulate` on the
+  cycle alone."""
+  _require_train_state(state)
   state = _with_cycle(step, state)
   if not step.own_cycle or _is_last(step, state, batch, last_call):
-    return step.update(state, batch)
-  cycle, metrics = step.accumulate(state.cycle, state.params, batch, state.rng,
-                                   state.update_step, state.loss_scale, state.model_state)
+    return step.update, (state, batch)
+  return step.accumulate, (state.cycle, state.params, batch, state.rng, state.update_step,
+                           state.loss_scale, state.model_state)
+
+
+def _dispatch(step, state: TrainState, batch, last_call):
+  """One call of the train step (see `_program`)."""
+  program, args = _program(step, state, batch, last_call)
+  if program is step.update:
+    return program(*args)
+  cycle, metrics = program(*args)
   return state._replace(cycle=cycle), metrics
 
 
@@ -441,11 +452,8 @@ class _Jitted:
 
   def lower(self, state: TrainState, batch, last_call: bool | None = None):
     """The lowered program this call would run (for memory analysis and HLO checks)."""
-    state = _with_cycle(self, state)
-    if not self.own_cycle or _is_last(self, state, batch, last_call):
-      return self.update.lower(state, batch)
-    return self.accumulate.lower(state.cycle, state.params, batch, state.rng, state.update_step,
-                                 state.loss_scale, state.model_state)
+    program, args = _program(self, state, batch, last_call)
+    return program.lower(*args)
 
   def _cache_size(self) -> int:
     """Programs compiled (interim and completing, per signature seen)."""

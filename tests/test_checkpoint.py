@@ -393,3 +393,16 @@ def test_a_checkpoint_of_the_earlier_state_layout_is_refused_with_a_reason():
   with pytest.raises(checkpoint.CheckpointError, match=r'state layout 1.*Finish that run'):
     resume._check_layout({'step': 12, 'config': {}})
   resume._check_layout({'step': 12, 'state_layout': resume.STATE_LAYOUT})  # today's: accepted
+
+
+def test_a_mid_cycle_save_while_updates_are_dispatched_ahead_keeps_the_run_s_statistics(
+    tmp_path, corpus):
+  """No periodic saves, so the loop reads update u's metrics only after dispatching update
+  u + 1; the mid-cycle checkpoints taken during u + 1 must still count update u in the loss
+  EMA and the tokens seen, or a run resumed from them logs other numbers than a straight one."""
+  kw = dict(accum_mode='multisteps', save_every=0, save_every_micro=1, keep=20)
+  straight = _run(tmp_path / 'straight', corpus, **kw)
+  resumed = _run(tmp_path / 'straight', corpus, resume=6, **kw)  # 2 calls into update 2
+  assert resumed['params_fingerprint'] == straight['params_fingerprint']
+  for key in ('final_train_ema', 'tokens_seen', 'final_train_loss', 'b_simple_ema'):
+    assert resumed[key] == straight[key], key

@@ -80,6 +80,7 @@ class Run:
   start: float = 0.0
   mark: float = 0.0  # when training time was last counted (see train._read)
   position: int = 0  # calls already made in the cycle in progress (host count; see train.py)
+  pending: dict | None = None  # a dispatched update's metrics, not read yet (see train.py)
   window: list = dataclasses.field(default_factory=lambda: [0.0, time.perf_counter()])
   lock: object = None
 

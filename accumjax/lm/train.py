@@ -62,6 +62,7 @@ def save(run: Run) -> pathlib.Path:
   """Starts an asynchronous checkpoint of the run where it is (once per position)."""
   if run.ckpt is None:
     run.ckpt = Checkpointer(run.out / 'checkpoints', keep=run.cfg.keep)
+  _read_pending(run)  # the saved statistics count every update done (a mid-cycle save)
   if run.last_saved != run.microbatches:  # e.g. a preemption right after a periodic save
     meta = {'config': config_lib.to_flat(run.cfg), 'data': run.rows.state(),
             'run': dataclasses.asdict(run.stats), 'update': run.update,
@@ -170,31 +171,33 @@ def preempted(run: Run) -> dict:
   return {'kind': 'preempted', 'update': run.update, 'checkpoint': str(path), 'preempted': True}
 
 
+def _read_pending(run: Run):
+  """Reads the update whose metrics are still on the device, if one is (see `_train_loop`)."""
+  if run.pending is not None:
+    m, run.pending = run.pending, None
+    _read(run, m)
+
+
 def _train_loop(run: Run, should_stop) -> dict | None:
   """Updates until `cfg.steps`; the preemption result if stopped early, else None.
 
-  Update u's metrics are read after update u + 1 is dispatched (`pending`), unless something
-  must see update u first (`_waits`)."""
+  Update u's metrics are read after update u + 1 is dispatched (`run.pending`), unless
+  something must see update u first (`_waits`); a save (mid-cycle too) reads them first."""
   run.window[:] = [0.0, time.perf_counter()]
   run.mark = time.perf_counter()
   run.log.start_progress(run.cfg.steps, initial=run.update)
-  pending = None
   while run.update < run.cfg.steps:
     m = train_update(run, should_stop)
-    if pending is not None:
-      _read(run, pending)
-      pending = None
+    _read_pending(run)
     if m is None:
       return preempted(run)
     if not _waits(run):
-      pending = m
+      run.pending = m
     else:
       _read(run, m)
       _after_update(run)
     if should_stop() and run.update < run.cfg.steps:
-      if pending is not None:
-        _read(run, pending)
-      return preempted(run)
+      return preempted(run)  # (its save reads the pending update)
   return None
 
 
