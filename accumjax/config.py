@@ -5,7 +5,9 @@ import math
 
 import jax.numpy as jnp
 
+from accumjax import settings
 from accumjax.errors import ConfigError, check_bool, check_int
+from accumjax.settings import finite_number, setting
 
 MODES = ('scan', 'multisteps', 'hybrid')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -17,6 +19,10 @@ FSDP_REDUCES = ('call', 'microbatch')
 # Where the accumulator kept between calls lives (multisteps/hybrid): JAX memory kinds.
 ACCUMULATOR_MEMORIES = ('device', 'host')
 MULTISTEPS_IMPLS = ('lazy', 'optax')
+# The command line's words for the compute dtypes (--precision).
+PRECISION_WORDS = {'fp32': 'float32', 'bf16': 'bfloat16', 'fp16': 'float16'}
+# What a resumed LM run may do with a setting (accumjax/settings.py: `on_resume`).
+HARMLESS, ACCUMULATION = 'harmless', 'accumulation'
 ACCUM_DTYPES = ('float32', 'float64')
 # How the learning rate follows the effective batch when K changes between updates: the update
 # is multiplied by (K / base K) ** power (Goyal et al. 2017: linear, for SGD; Malladi et al.
@@ -42,7 +48,8 @@ class AccumConfig:
     mode: 'scan' (one call per update, scanning K micro-batches), 'multisteps' (one call per
       micro-batch, optax.MultiSteps holds the sums between calls) or 'hybrid' (each call scans
       `microbatches_per_call` micro-batches, MultiSteps holds the sums over K / c calls).
-    microbatches_per_call: c; required for 'hybrid' (must divide K), implied otherwise.
+    microbatches_per_call: c, for 'hybrid' (must divide K; default None: K/2 for an even K,
+      else 1); implied by the other modes.
     compute_dtype: forward/backward dtype. Params, optimizer state, accumulators and the loss
       stay float32 whatever it is. 'float16' turns on dynamic loss scaling (float16's range
       is too small for many gradients); bfloat16 has float32's range and needs none.
@@ -88,59 +95,93 @@ class AccumConfig:
       its micro-batches (metrics `g_sq`, `trace_sigma`, `b_simple`; see core.noise_scale).
       Needs at least 2 micro-batches per update (over all devices).
   """
+  # Each setting a run chooses is declared once, here (accumjax/settings.py): its flag, help and
+  # choices make `python -m experiments.train`'s command line; the rest are derived by the
+  # LM trainer (K, devices, noise) or have no flag.
+  CHECKED_AT_INIT = True
+
   num_microbatches: int
-  microbatch_size: int
-  mode: str = 'scan'
-  microbatches_per_call: int | None = None
-  compute_dtype: str = 'float32'
+  microbatch_size: int = setting(
+      dataclasses.MISSING, 'micro-batch size (sequences per micro-batch, per device)',
+      group='accumulation', flag='--batch-size', flat='batch_size', minimum=1,
+      on_resume=ACCUMULATION)
+  mode: str = setting(
+      'scan', 'scan: one call per update; multisteps: one call per micro-batch; hybrid: c '
+      'micro-batches per call', group='accumulation', flag='--accum-mode', flat='accum_mode',
+      choices=MODES, on_resume=ACCUMULATION)
+  microbatches_per_call: int | None = setting(
+      None, 'c for hybrid mode (default K/2 for even K, else 1)', group='accumulation',
+      minimum=1, on_resume=ACCUMULATION, parse=int)
+  compute_dtype: str = setting(
+      'float32', 'compute precision; params and accumulation stay float32. fp16 uses dynamic '
+      'loss scaling; bf16 needs none (float32 exponent range)', group='accumulation',
+      flag='--precision', flat='precision', choices=COMPUTE_DTYPES, words=PRECISION_WORDS)
   accum_dtype: str = 'float32'
-  clip_norm: float | None = None
-  clip_before_accumulation: bool = False
-  seq_len: int | None = None
+  clip_norm: float | None = setting(
+      None, 'global-norm clip of the accumulated mean gradient; 0 disables',
+      group='optimization', parse=lambda text: float(text) or None,
+      check=(finite_number(lambda v: v > 0), 'must be a positive finite number (or None: no '
+             'clipping; 0 on the command line).'))
+  clip_before_accumulation: bool = setting(
+      False, 'clip each micro-batch mean gradient instead (a different estimator)',
+      group='optimization')
+  seq_len: int | None = setting(None, 'tokens per example', group='data', minimum=1, parse=int)
   num_devices: int = 1
-  multisteps_impl: str = 'lazy'
-  nonfinite: str = 'skip_update'
+  multisteps_impl: str = setting(
+      'lazy', "lazy: the train step's own cycle, the optimizer runs once per update; optax: "
+      'optax.MultiSteps as shipped, the optimizer runs on every call (same results)',
+      group='accumulation', choices=MULTISTEPS_IMPLS, on_resume=HARMLESS)
+  nonfinite: str = setting(
+      'skip_update', 'skip_update: skip the whole update (params and optimizer state '
+      'unchanged, cycle stays aligned); skip_microbatch: drop the bad micro-batches, '
+      'renormalise by the remaining weight; raise: stop (exit 1) naming the update and '
+      'micro-batch', group='nonfinite', flag='--nonfinite-policy', flat='nonfinite_policy',
+      choices=NONFINITE_POLICIES, on_resume=HARMLESS)
   initial_loss_scale: float = 2.0 ** 15
   loss_scale_growth_interval: int = 200
-  dp_reduction: str = 'psum'
-  fsdp_reduce: str = 'call'
-  accumulator_memory: str = 'device'
+  dp_reduction: str = setting(
+      'psum', "how devices' gradient sums meet, once per call: psum (one all-reduce) or "
+      'ordered (all-gather + sum in device order: bitwise the same on any process layout, N x '
+      'gradient memory)', group='parallel', choices=DP_REDUCTIONS, on_resume=ACCUMULATION)
+  fsdp_reduce: str = setting(
+      'call', "with fsdp: reduce-scatter the gradients into each device's shard once per call "
+      '(full-size accumulator inside the call, one collective) or after every micro-batch '
+      '(accumulator a shard, one collective each)', group='parallel', choices=FSDP_REDUCES,
+      on_resume=HARMLESS)
+  accumulator_memory: str = setting(
+      'device', 'multisteps/hybrid: keep the float32 gradient sums between calls in device or '
+      'host memory (pinned_host; moved in and out every call). On a CPU backend both are the '
+      'same RAM', group='parallel', choices=ACCUMULATOR_MEMORIES, on_resume=HARMLESS)
   noise_stats: bool = False
-  lr_batch_scaling: str = 'none'
+  lr_batch_scaling: str = setting(
+      'none', 'when K changes (schedule, auto), scale the learning rate by (K / first K) ** 1 '
+      '(linear, SGD) or ** 0.5 (sqrt, Adam)', group='accumulation',
+      choices=tuple(LR_BATCH_SCALING))
   base_num_microbatches: int | None = None
 
   def __post_init__(self):
     # Every field is type- and range-checked: a truthy string for a bool, a float for an int
-    # or a string for a number would otherwise pass silently or fail deep inside JAX.
+    # or a string for a number would otherwise pass silently or fail deep inside JAX. The
+    # declared settings from their declarations, the others here.
     check_int('num_microbatches', self.num_microbatches)
     k = self.num_microbatches
-    check_int('microbatch_size', self.microbatch_size)
+    settings.check(self, as_argument=True)
     check_int('num_devices', self.num_devices)
-    check_int('seq_len', self.seq_len, optional=True)
     check_int('loss_scale_growth_interval', self.loss_scale_growth_interval)
     check_int('base_num_microbatches', self.base_num_microbatches, optional=True)
-    for name, allowed in (('mode', MODES), ('compute_dtype', COMPUTE_DTYPES),
-                          ('accum_dtype', ACCUM_DTYPES), ('multisteps_impl', MULTISTEPS_IMPLS),
-                          ('nonfinite', NONFINITE_POLICIES), ('dp_reduction', DP_REDUCTIONS),
-                          ('fsdp_reduce', FSDP_REDUCES),
-                          ('accumulator_memory', ACCUMULATOR_MEMORIES),
-                          ('lr_batch_scaling', tuple(LR_BATCH_SCALING))):
-      if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
-        raise ConfigError(f'{name}={getattr(self, name)!r}; allowed: {", ".join(allowed)}.')
-    check_bool('clip_before_accumulation', self.clip_before_accumulation)
+    if self.accum_dtype not in ACCUM_DTYPES:
+      raise ConfigError(f'accum_dtype={self.accum_dtype!r}; allowed: {", ".join(ACCUM_DTYPES)}.')
     check_bool('noise_stats', self.noise_stats)
     if self.noise_stats and k * self.num_devices < 2:
       raise ConfigError(
           f'noise_stats=True needs >= 2 micro-batches per update; got num_microbatches={k} on '
           f'{self.num_devices} device(s): one micro-batch is no small-batch sample to compare '
           'the big batch with.')
-    _number('clip_norm', self.clip_norm, '> 0 (or None for no clipping)', lambda v: v > 0,
-            optional=True)
     _number('initial_loss_scale', self.initial_loss_scale, 'in [1, 2**24]',
             lambda v: 1.0 <= v <= 2.0 ** 24)
     c = self.microbatches_per_call
     if self.mode == 'hybrid':
-      if c is None or isinstance(c, bool) or not isinstance(c, int) or c < 1 or k % c:
+      if c is not None and k % c:
         divisors = [d for d in range(1, k + 1) if k % d == 0]
         raise ConfigError(
             f'hybrid mode needs microbatches_per_call (c) dividing num_microbatches={k}; '
@@ -158,8 +199,9 @@ class AccumConfig:
       raise ConfigError('clip_before_accumulation=True needs a clip_norm.')
 
   def implied_per_call(self) -> int:
-    return {'scan': self.num_microbatches, 'multisteps': 1}.get(
-        self.mode, self.microbatches_per_call)
+    k = self.num_microbatches
+    hybrid = self.microbatches_per_call or (k // 2 if k % 2 == 0 else 1)
+    return {'scan': k, 'multisteps': 1}.get(self.mode, hybrid)
 
   @property
   def per_call(self) -> int:

@@ -14,20 +14,20 @@ The logic lives in accumjax.lm.train, importable from a notebook.
 """
 
 import argparse
-import dataclasses
 import os
 import signal
 import sys
 import time
 
 from accumjax.checkpoint import CheckpointError
+from accumjax.config import AccumConfig
 from accumjax.core import ConfigError
-from accumjax.lm.config import ON_CONFIG_CHANGE, TrainConfig
+from accumjax.lm.config import ON_CONFIG_CHANGE, TrainConfig, accum_settings
 from accumjax.lm.data import DataError
 from accumjax.lm.logs import Logger
 from accumjax.lm.model import ModelConfig
-from accumjax.lm.settings import flag_of, settings_of
 from accumjax.lm.train import NonFiniteError, train_and_evaluate
+from accumjax.settings import flag_of, from_word, settings_of, to_word
 
 # The --help sections, in order, of the settings' groups (and of the run's own flags).
 GROUPS = {
@@ -38,7 +38,8 @@ GROUPS = {
     'optimization': 'optimization', 'model': 'model', 'run': 'run',
     'checkpoints': 'checkpoints (Orbax, in OUT/checkpoints)',
 }
-_MODEL = 'model__'  # the dest prefix of the model's settings
+# The nested configs whose settings are flags too, by their TrainConfig field.
+NESTED = {'accum': AccumConfig, 'model': ModelConfig}
 
 
 def _env_int(name):
@@ -63,18 +64,17 @@ def _flag_type(parse):
   return convert
 
 
-def _add_setting(group, field, meta, dest):
-  """The flag of one declared setting (lm/settings.py)."""
-  kwargs = dict(dest=dest, default=field.default, help=meta['help'])
-  if isinstance(field.default, bool):
-    kwargs['action'] = 'store_true' if not field.default else argparse.BooleanOptionalAction
+def _add_setting(group, field, meta, dest, default):
+  """The flag of one declared setting (accumjax/settings.py), in its words."""
+  default = to_word(field, default)
+  kwargs = dict(dest=dest, default=default, help=meta['help'])
+  if isinstance(default, bool):
+    kwargs['action'] = 'store_true' if not default else argparse.BooleanOptionalAction
   else:
-    kwargs['type'] = _flag_type(meta['parse'] or (str if field.default is None
-                                                  else type(field.default)))
+    kwargs['type'] = _flag_type(meta['parse'] or (str if default is None else type(default)))
     if meta['choices'] is not None:
-      kwargs['choices'] = list(meta['choices'])
-    if meta['metavar'] is not None:
-      kwargs['metavar'] = meta['metavar']
+      kwargs['choices'] = [to_word(field, c) for c in meta['choices']]
+    kwargs['metavar'] = meta['metavar'] or field.name.upper()
   group.add_argument(flag_of(field), **kwargs)
 
 
@@ -105,22 +105,27 @@ def _run_flags(groups):
 
 
 def parse_args(argv=None):
-  """The flags: one per declared setting of TrainConfig and ModelConfig, then the run's own."""
+  """The flags: one per declared setting of TrainConfig and its nested AccumConfig and
+  ModelConfig (defaults: those of `TrainConfig()`), then the run's own."""
   p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   groups = {name: p.add_argument_group(title) for name, title in GROUPS.items()}
+  default = TrainConfig()
   for field, meta in settings_of(TrainConfig):
-    _add_setting(groups[meta['group']], field, meta, field.name)
-  for field, meta in settings_of(ModelConfig):
-    _add_setting(groups[meta['group']], field, meta, _MODEL + field.name)
+    _add_setting(groups[meta['group']], field, meta, field.name, getattr(default, field.name))
+  for where, cls in NESTED.items():
+    for field, meta in settings_of(cls):
+      _add_setting(groups[meta['group']], field, meta, f'{where}__{field.name}',
+                   getattr(getattr(default, where), field.name))
   _run_flags(groups)
   return p.parse_args(argv)
 
 
 def config_from_args(a) -> TrainConfig:
   """The TrainConfig of parsed flags (every declared setting read back by its field)."""
-  model = ModelConfig(**{f.name: getattr(a, _MODEL + f.name) for f, _ in settings_of(ModelConfig)})
-  return dataclasses.replace(
-      TrainConfig(model=model), **{f.name: getattr(a, f.name) for f, _ in settings_of(TrainConfig)})
+  given = {where: {f.name: from_word(f, getattr(a, f'{where}__{f.name}'))
+                   for f, _ in settings_of(cls)} for where, cls in NESTED.items()}
+  return TrainConfig(accum=accum_settings(**given['accum']), model=ModelConfig(**given['model']),
+                     **{f.name: getattr(a, f.name) for f, _ in settings_of(TrainConfig)})
 
 
 class _Preemption:

@@ -186,6 +186,13 @@ def test_zero_weight_update_is_skipped_not_nan(mode):
   chex.assert_trees_all_close(state.params, ref, rtol=TOL, atol=1e-6)
 
 
+def test_hybrid_default_c_is_half_an_even_k_else_one():
+  for k, c in ((4, 2), (8, 4), (6, 3), (5, 1)):
+    config = accumjax.AccumConfig(num_microbatches=k, microbatch_size=2, mode='hybrid')
+    assert (config.microbatches_per_call, config.per_call, config.calls_per_update) == \
+        (None, c, k // c)
+
+
 @pytest.mark.parametrize('kwargs,match', [
     (dict(num_microbatches=0, microbatch_size=4), 'num_microbatches=0 must be an int >= 1'),
     (dict(num_microbatches=-2, microbatch_size=4), 'num_microbatches=-2'),
@@ -194,12 +201,11 @@ def test_zero_weight_update_is_skipped_not_nan(mode):
     (dict(num_microbatches=4, microbatch_size=4, mode='pipeline'), "mode='pipeline'; allowed"),
     (dict(num_microbatches=4, microbatch_size=4, mode='hybrid', microbatches_per_call=3),
      r'c=3, allowed: \[1, 2, 4\]'),
-    (dict(num_microbatches=4, microbatch_size=4, mode='hybrid'), 'c=None'),
     (dict(num_microbatches=4, microbatch_size=4, mode='scan', microbatches_per_call=2),
      'conflicts with mode'),
     (dict(num_microbatches=4, microbatch_size=4, compute_dtype='float8'), "compute_dtype='float8'"),
     (dict(num_microbatches=4, microbatch_size=4, clip_norm=-1.0),
-     'clip_norm=-1.0 must be a finite number > 0'),
+     'clip_norm=-1.0 must be a positive finite number'),
     # Wrong types are refused too, not coerced (a truthy string, a float size, a string number).
     (dict(num_microbatches=4, microbatch_size=4, clip_norm=1.0,
           clip_before_accumulation='False'), "clip_before_accumulation='False' must be True or"),

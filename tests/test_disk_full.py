@@ -72,7 +72,7 @@ def _half_a_line_then_enospc(writer, record):
 # for, so that it is the save that fails, not a later write), the final plot. The target is
 # wrapped so that the disk fills just before it runs.
 TARGETS = {'metrics': (logs.MetricsWriter, 'write', 4, None),
-           'checkpoint': (train_lib, 'save', 3, lambda run: run.ckpt.wait()),
+           'checkpoint': (train_lib, 'save', 3, lambda run: run.progress.ckpt.wait()),
            'plot': (logs, 'plot_losses', 1, None)}
 MESSAGES = {'metrics': "could not write the run's outputs",
             'checkpoint': 'checkpoint save', 'plot': "could not write the run's outputs"}

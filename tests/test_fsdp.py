@@ -20,7 +20,7 @@ import accumjax
 from accumjax import checkpoint, parallel
 from accumjax import state as state_lib
 from accumjax.core import ConfigError
-from accumjax.lm import config as lm_config
+from accumjax.lm import build as lm_build
 from tests import reference
 from tests.helpers import calls_of, lm_loss
 from tests.test_equivalence import OPTIMIZERS, ROWS, STEPS, TOL
@@ -152,13 +152,13 @@ def test_bad_meshes_and_policies_are_refused():
     parallel.make_mesh(fsdp=3)
   with pytest.raises(ConfigError, match='fsdp_reduce=.each.; allowed: call, microbatch'):
     accumjax.AccumConfig(num_microbatches=2, microbatch_size=1, fsdp_reduce='each')
-  assert lm_config.parse_mesh('data=2,fsdp=2') == (2, 2)
-  assert lm_config.parse_mesh('fsdp=4') == (None, 4)
-  assert lm_config.parse_mesh('data=4') == (4, 1)
-  assert lm_config.parse_mesh(None) == (None, 1)
+  assert lm_build.parse_mesh('data=2,fsdp=2') == (2, 2)
+  assert lm_build.parse_mesh('fsdp=4') == (None, 4)
+  assert lm_build.parse_mesh('data=4') == (4, 1)
+  assert lm_build.parse_mesh(None) == (None, 1)
   for bad in ('fsdp=0', 'data=2,data=2', 'model=2', 'fsdp=x', 'data=2;fsdp=2'):
     with pytest.raises(ConfigError, match=r'--mesh .*allowed: auto, data=D, fsdp=F'):
-      lm_config.parse_mesh(bad)
+      lm_build.parse_mesh(bad)
 
 
 def test_state_bytes_per_device_counts_what_one_device_holds():

@@ -169,6 +169,7 @@ def test_a_run_stopped_mid_ramp_mid_cycle_resumes_bit_identically(tmp_path, corp
 
 
 def test_the_library_names_its_arguments_and_the_cli_its_flags():
+  from accumjax.lm import build as lm_build
   from accumjax.lm import config as lm_config
   with pytest.raises(ConfigError) as lib:
     schedules.parse_k_schedule('5:2')
@@ -179,4 +180,4 @@ def test_the_library_names_its_arguments_and_the_cli_its_flags():
     accumjax.parallel.make_mesh(data=2, fsdp=1)
   assert 'make_mesh(data=2)' in str(lib.value) and '--' not in str(lib.value).split('.')[0]
   with pytest.raises(ConfigError, match='--mesh data=2 needs 2 devices'):
-    lm_config.make_mesh('data=2')
+    lm_build.make_mesh('data=2')

@@ -27,7 +27,7 @@ def test_plan_picks_the_largest_microbatch_that_fits():
   # With a generous budget the whole update is one micro-batch.
   cfg, plan = plan_for_budget(TINY)
   assert (plan.microbatch_size, plan.num_microbatches) == (16, 1)
-  assert (cfg.microbatch_size, cfg.grad_accum_steps, cfg.tokens_per_update) == (16, 1, None)
+  assert (cfg.accum.microbatch_size, cfg.grad_accum_steps, cfg.tokens_per_update) == (16, 1, None)
   full = plan.predicted_bytes
   # A budget just under the full-batch step forces accumulation; the choice is the largest
   # size that fits, and the next larger size really did not fit.
@@ -36,7 +36,7 @@ def test_plan_picks_the_largest_microbatch_that_fits():
   assert sizes == sorted(sizes, reverse=True) and sizes[0] == 16
   assert plan.microbatch_size < 16 and plan.microbatch_size * plan.num_microbatches == 16
   assert plan.predicted_bytes <= full - 1 < plan.tried[-2][1]
-  assert cfg.microbatch_size == plan.microbatch_size
+  assert cfg.accum.microbatch_size == plan.microbatch_size
   assert cfg.grad_accum_steps == plan.num_microbatches
   # Memory really falls with the micro-batch size (the planner's premise, measured).
   assert plan.tried[-1][1] < plan.tried[0][1]

@@ -94,7 +94,7 @@ def test_cli_runs_and_tokens_per_update_sets_k(tmp_path, capsys):
     (['--mesh', 'model=2'], "--mesh 'model=2'; allowed: auto, data=D, fsdp=F or data=D,fsdp=F"),
     (['--mesh', 'fsdp=2'], r'--mesh fsdp=2: fsdp must be an int from 1 to 1'),
     (['--fsdp-reduce', 'layer'], "invalid choice: 'layer'"),
-    (['--accumulator-memory', 'host'], "--accumulator-memory='host' keeps the sums between the "
+    (['--accumulator-memory', 'host'], "--accumulator-memory 'host' keeps the sums between the "
                                        'calls of an update, but scan mode'),
     (['--num-processes', '2'], 'multi-process needs --coordinator-address, --num-processes and '
                                '--process-id together'),

@@ -1,6 +1,8 @@
-"""What a run is built from its settings: the optimizer and its schedule, the loss, and the
-memory planner's resolution of `--memory-budget`. No training loop here (train.py).
+"""What a run is built from its settings: the device mesh, the optimizer and its schedule, the
+loss, and the memory planner's resolution of `--memory-budget`. No training loop here (train.py).
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +67,9 @@ def _step_bytes(cfg: TrainConfig, loss_fn, params, b: int, k: int, mesh=None) ->
   tx = build_optimizer(c, accum)[0]
   state = jax.eval_shape(lambda p: init_train_state(p, tx, 0, accum), params)
   rows = accum.per_call * b * devices
-  batch = {'inputs': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
-           'targets': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.int32),
-           'mask': jax.ShapeDtypeStruct((rows, cfg.seq_len), jnp.float32)}
+  batch = {'inputs': jax.ShapeDtypeStruct((rows, cfg.accum.seq_len), jnp.int32),
+           'targets': jax.ShapeDtypeStruct((rows, cfg.accum.seq_len), jnp.int32),
+           'mask': jax.ShapeDtypeStruct((rows, cfg.accum.seq_len), jnp.float32)}
   if fsdp > 1:
     state = parallel.abstract_state(state, mesh)
     sharding = parallel.batch_sharding(mesh)
@@ -91,14 +93,14 @@ def plan_for_budget(cfg: TrainConfig, mesh=None) -> tuple[TrainConfig, Plan]:
       cfg.grad_accum_schedule is not None:
     raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps '
                       'or --grad-accum-schedule): it chooses the micro-batch size and K itself.')
-  if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % (cfg.seq_len * num_devices):
+  if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % (cfg.accum.seq_len * num_devices):
     raise ConfigError(f'--tokens-per-update {cfg.tokens_per_update} must be a positive multiple '
-                      f'of --seq-len x devices = {cfg.seq_len} x {num_devices}.')
+                      f'of --seq-len x devices = {cfg.accum.seq_len} x {num_devices}.')
   budget = parse_bytes(cfg.memory_budget)
   config_lib.validate(config_lib.replace(cfg, batch_size=1))
   apply, params = make_lm(cfg.model, seed=cfg.seed)
   loss_fn = make_loss_fn(apply)
-  rows_per_device = cfg.tokens_per_update // (cfg.seq_len * num_devices)
+  rows_per_device = cfg.tokens_per_update // (cfg.accum.seq_len * num_devices)
   try:
     plan = plan_microbatch(lambda b, k: _step_bytes(cfg, loss_fn, params, b, k, mesh), budget,
                            rows_per_device)
@@ -107,3 +109,28 @@ def plan_for_budget(cfg: TrainConfig, mesh=None) -> tuple[TrainConfig, Plan]:
   return config_lib.replace(cfg, batch_size=plan.microbatch_size,
                             grad_accum_steps=plan.num_microbatches,
                             tokens_per_update=None), plan
+
+
+def parse_mesh(spec: str | None) -> tuple[int | None, int]:
+  """--mesh: 'data=D', 'fsdp=F' or 'data=D,fsdp=F' -> (D, F); None or 'auto' -> (None, 1) (all
+  devices, data parallel). A D left out is all devices / F."""
+  if spec is None or spec == 'auto':
+    return None, 1
+  sizes = {}
+  for part in str(spec).split(','):
+    name, _, size = part.partition('=')
+    if name not in ('data', 'fsdp') or name in sizes or not size.isdigit() or int(size) < 1:
+      raise ConfigError(
+          f'--mesh {spec!r}; allowed: auto, data=D, fsdp=F or data=D,fsdp=F with D, F >= 1 '
+          f'(data-parallel and parameter-sharding sizes; this run has {jax.device_count()} '
+          'devices).')
+    sizes[name] = int(size)
+  return sizes.get('data'), sizes.get('fsdp', 1)
+
+
+def make_mesh(spec: str | None):
+  """The mesh of --mesh (`parallel.make_mesh`), its refusals said as the flag."""
+  try:
+    return parallel.make_mesh(*parse_mesh(spec))
+  except ConfigError as e:
+    raise ConfigError(re.sub(r'make_mesh\(([^)]*)\)', r'--mesh \1', str(e))) from None

@@ -93,7 +93,7 @@ def check_host_memory(cfg: TrainConfig, accum: AccumConfig, devices: int,
   --grad-accum-steps in scan mode feeds every micro-batch of an update in one call), saying
   what was asked and what fits, before anything is written."""
   available = available_host_bytes() if available is None else available
-  per_microbatch = accum.microbatch_size * devices * data_lib.host_bytes_per_row(cfg.seq_len)
+  per_microbatch = accum.microbatch_size * devices * data_lib.host_bytes_per_row(cfg.accum.seq_len)
   need = accum.per_call * per_microbatch
   if available is None or need <= available:
     return
@@ -101,7 +101,7 @@ def check_host_memory(cfg: TrainConfig, accum: AccumConfig, devices: int,
   raise ConfigError(
       f'--grad-accum-steps {accum.num_microbatches} in {accum.mode} mode feeds '
       f'{accum.per_call:,} micro-batches of {accum.microbatch_size} x {devices} device(s) rows '
-      f'x {cfg.seq_len} tokens in one call, which needs at least {format_bytes(need)} of host '
+      f"x {accum.seq_len} tokens in one call, which needs at least {format_bytes(need)} of host "
       f'memory for the batch alone; {format_bytes(available)} is available. At most '
       f'{fits:,} micro-batches fit in one call: lower --grad-accum-steps, or use --accum-mode '
       'multisteps (one micro-batch per call) or hybrid with a smaller --microbatches-per-call.')

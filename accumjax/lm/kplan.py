@@ -7,8 +7,8 @@ Not here: the schedules themselves (accumjax.schedules), choosing auto K (lm/tra
 import math
 
 from accumjax.errors import ConfigError
-from accumjax.lm.settings import is_int
 from accumjax.schedules import KSchedule, parse_k_schedule
+from accumjax.settings import is_int
 
 # --grad-accum-steps auto: K starts here and moves at most this often (in updates).
 AUTO_START_K = 2
@@ -63,11 +63,11 @@ def k_plan(cfg) -> KPlan | None:
 def check_k_plan(cfg, plan: KPlan):
   """A K that changes between updates: what it needs of the other settings."""
   ks = plan.schedule.ks if plan.schedule else plan.allowed
-  if cfg.accum_mode != 'scan' and cfg.multisteps_impl != 'lazy':
+  if cfg.accum.mode != 'scan' and cfg.accum.multisteps_impl != 'lazy':
     raise ConfigError(f'a K that changes ({plan.describe()}) needs --multisteps-impl lazy: '
                       'optax.MultiSteps counts a fixed K.')
-  c = cfg.microbatches_per_call
-  if cfg.accum_mode == 'hybrid' and c is not None and any(k % c for k in ks):
+  c = cfg.accum.microbatches_per_call
+  if cfg.accum.mode == 'hybrid' and c is not None and any(k % c for k in ks):
     raise ConfigError(f'--microbatches-per-call {c} must divide every K of '
                       f'{plan.describe()}; allowed: {sorted(_divisors(math.gcd(*ks)))}.')
   if plan.auto and not cfg.noise_stats:

@@ -13,14 +13,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from accumjax.lm.settings import finite_number, setting
+from accumjax.settings import finite_number, setting
 
 POSITIONS = ('rope', 'learned')
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The transformer's shape: one declared setting per field (see lm/settings.py)."""
+  """The transformer's shape: one declared setting per field (see accumjax/settings.py)."""
   vocab_size: int = 258
   d_model: int = setting(128, 'width of the residual stream', group='model', minimum=1)
   num_layers: int = setting(4, 'transformer blocks', group='model', flag='--layers', minimum=1)

@@ -58,7 +58,7 @@ def banner(run: Run) -> list[tuple[str, object]]:
       ('data', f'{info["data"]}: {info["train_files"]} train files '
                f'({info["train_bytes"] / 1e6:.1f} MB, {info["train_rows"]:,} rows), '
                f'{info["eval_files"]} eval files'),
-      ('micro-batch', f'{accum.microbatch_size} x {cfg.seq_len} tokens'),
+      ('micro-batch', f'{accum.microbatch_size} x {cfg.accum.seq_len} tokens'),
       ('K (micro-batches/update)', run.k_plan.describe() + (
           f'; lr x (K / {accum.base_k}) ** {accum.lr_power:g}' if accum.lr_power else '')
           if run.k_plan else accum.num_microbatches),
@@ -67,8 +67,8 @@ def banner(run: Run) -> list[tuple[str, object]]:
       ('tokens per update', f'{setup["tokens_per_update"]:,} (incl. padding)'),
       ('mode', f'{accum.mode} ({accum.per_call} micro-batch(es) per call, '
                f'{accum.calls_per_update} call(s) per update)'),
-      ('precision', f'{cfg.precision} compute, float32 params/accumulation, loss scaling '
-                    f'{setup["loss_scaling"]}'),
+      ('precision', f'{config_lib.to_flat(cfg)["precision"]} compute, float32 '
+                    f'params/accumulation, loss scaling {setup["loss_scaling"]}'),
       ('non-finite', f'{accum.nonfinite}, stop after {cfg.max_consecutive_skips or "no"} '
                      'skipped updates in a row' + (f'; injecting {cfg.inject_faults}'
                                                     if run.faults else '')),
@@ -91,24 +91,26 @@ def banner(run: Run) -> list[tuple[str, object]]:
 
 def open_outputs(run: Run, resumed: bool):
   """config.json, metrics.jsonl (trimmed to the checkpoint on resume) and the banner."""
+  prog = run.progress
   run.out.mkdir(parents=True, exist_ok=True)
   path = run.out / 'metrics.jsonl'
   if run.main_process:
     (run.out / 'config.json').write_text(json.dumps(
-        {'train': config_lib.to_flat(run.cfg), 'accumulation': describe(run.accum, run.state),
+        {'train': config_lib.to_flat(run.cfg), 'accumulation': describe(run.accum, prog.state),
          'run': run.info}, indent=2))
-    run.records = trim_metrics(path, run.update) if resumed else []
+    prog.records = trim_metrics(path, prog.update) if resumed else []
     if not resumed:
       path.unlink(missing_ok=True)
-  run.writer = logs.MetricsWriter(path if run.main_process else None)
+  prog.writer = logs.MetricsWriter(path if run.main_process else None)
   run.log.table('accumjax train', banner(run))
 
 
 def _check_nonfinite(run: Run, record: dict, consecutive: int):
+  prog = run.progress
   cfg, accum = run.cfg, run.accum
   update, j, n = record['update'], record['first_nonfinite'], record['nonfinite']
-  newest = run.ckpt.steps()[-1] if run.ckpt is not None and run.ckpt.steps() else None
-  after = (f'; the newest checkpoint is step {newest} in {run.ckpt.directory}'
+  newest = prog.ckpt.steps()[-1] if prog.ckpt is not None and prog.ckpt.steps() else None
+  after = (f'; the newest checkpoint is step {newest} in {prog.ckpt.directory}'
            if newest is not None else '')
   if n and accum.nonfinite == 'raise':
     raise NonFiniteError(
@@ -128,7 +130,8 @@ def _check_nonfinite(run: Run, record: dict, consecutive: int):
 def record_update(run: Run, m: dict) -> dict:
   """The update's metrics.jsonl record (written), the EMA and token counts, the log line.
   `m`: the update's metrics read to the host, with its number `update` and its `k`."""
-  cfg, stats, update = run.cfg, run.stats, m['update']
+  prog = run.progress
+  cfg, stats, update = run.cfg, prog.stats, m['update']
   # The loss of the finite micro-batches (the others were left out of every sum).
   loss, weight, skipped = float(m['loss']), float(m['weight']), bool(m['skipped'])
   if not weight:
@@ -136,7 +139,7 @@ def record_update(run: Run, m: dict) -> dict:
   if not skipped:  # a skipped update trained on nothing: not in the ema, not seen
     stats.ema = loss if stats.ema is None else 0.9 * stats.ema + 0.1 * loss
     stats.tokens_seen += weight
-  run.window[0] += weight
+  prog.window[0] += weight
   ema = math.nan if stats.ema is None else stats.ema
   noise = _record_noise(run, m, skipped)
   record = {'kind': 'train', 'update': update, 'loss': loss, 'ema': ema,
@@ -147,15 +150,15 @@ def record_update(run: Run, m: dict) -> dict:
             'skipped_updates': int(m['skipped_updates']),
             'nonfinite_microbatches': int(m['nonfinite_microbatches']),
             'loss_scale': float(m['loss_scale']), 'k': int(m['k']),
-            **noise, 'time': time.perf_counter() - run.start}
-  run.records.append(record)
-  run.writer.write(record)
+            **noise, 'time': time.perf_counter() - prog.start}
+  prog.records.append(record)
+  prog.writer.write(record)
   _check_nonfinite(run, record, int(m['consecutive_skips']))
   run.log.advance()
   if update % cfg.log_every == 0 or update == cfg.steps:
     now = time.perf_counter()
-    tok_s = run.window[0] / (now - run.window[1])
-    run.window[:] = [0.0, now]
+    tok_s = prog.window[0] / (now - prog.window[1])
+    prog.window[:] = [0.0, now]
     k = record['k']
     run.log.info(logs.update_line(
         update, cfg.steps, loss, ema, record['lr'], k, k, tok_s, record['grad_norm'],
@@ -175,7 +178,7 @@ def _record_noise(run: Run, m: dict, skipped: bool) -> dict:
   record; {} without --noise-stats."""
   if not run.accum.noise_stats:
     return {}
-  stats = run.stats
+  stats = run.progress.stats
   values = {k: float(m[k]) for k in ('g_sq', 'trace_sigma', 'b_simple')}
   if not skipped and math.isfinite(values['g_sq']) and math.isfinite(values['trace_sigma']):
     new = (values['trace_sigma'], values['g_sq'])
@@ -189,16 +192,17 @@ def _record_noise(run: Run, m: dict, skipped: bool) -> dict:
 
 def finish(run: Run, resumed: bool) -> dict:
   """The final eval (if not just done), summary record, loss plot and summary table."""
+  prog = run.progress
   run.log.close()
-  stats, state = run.stats, run.state
+  stats, state = prog.stats, prog.state
   ema = math.nan if stats.ema is None else stats.ema
-  if stats.last_eval is None or stats.last_eval['update'] != run.update:
+  if stats.last_eval is None or stats.last_eval['update'] != prog.update:
     evaluate(run)
-  wall = time.perf_counter() - run.start
+  wall = time.perf_counter() - prog.start
   fp = fingerprint(state.params)
-  train = [r for r in run.records if r['kind'] == 'train']
+  train = [r for r in prog.records if r['kind'] == 'train']
   summary = {
-      'kind': 'summary', 'updates': run.update,
+      'kind': 'summary', 'updates': prog.update,
       'final_train_loss': train[-1]['loss'] if train else float('nan'),
       'final_train_ema': stats.ema, 'final_eval_loss': stats.last_eval['loss'],
       'final_eval_perplexity': stats.last_eval['perplexity'],
@@ -211,17 +215,17 @@ def finish(run: Run, resumed: bool) -> dict:
       'loss_scale': float(state.loss_scale),
       'b_simple_ema': train[-1].get('b_simple_ema', math.nan) if train else math.nan,
   }
-  run.writer.write(summary)
-  run.writer.close()
+  prog.writer.write(summary)
+  prog.writer.close()
   if run.main_process:
-    logs.plot_losses(run.records, run.out / 'loss.png',
+    logs.plot_losses(prog.records, run.out / 'loss.png',
                      title=f'{run.accum.mode}, K={run.accum.num_microbatches}, '
                            f'{describe(run.accum)["tokens_per_update"]:,} tokens/update, '
-                           f'{run.cfg.precision}')
+                           f'{config_lib.to_flat(run.cfg)["precision"]}')
     if run.accum.noise_stats:
-      logs.plot_noise(run.records, run.out / 'noise_scale.png')
+      logs.plot_noise(prog.records, run.out / 'noise_scale.png')
   run.log.table('summary', [
-      ('updates', run.update),
+      ('updates', prog.update),
       ('train loss (first -> last)', f'{summary["first_train_loss"]:.4f} -> '
                                      f'{summary["final_train_loss"]:.4f} (ema {ema:.4f})'),
       ('eval loss / perplexity', f'{summary["final_eval_loss"]:.4f} / '

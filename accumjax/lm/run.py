@@ -22,7 +22,7 @@ from accumjax.lm import config as config_lib
 from accumjax.lm import data as data_lib
 from accumjax.lm import faults as faults_lib
 from accumjax.lm import logs
-from accumjax.lm.build import build_optimizer, make_loss_fn, plan_for_budget
+from accumjax.lm.build import build_optimizer, make_loss_fn, make_mesh, plan_for_budget
 from accumjax.lm.config import ON_CONFIG_CHANGE, TrainConfig
 from accumjax.lm.guards import RunLock, check_host_memory
 from accumjax.lm.model import make_lm, num_params
@@ -53,35 +53,42 @@ NOISE_EMA = 0.9
 
 
 @dataclasses.dataclass
+class Progress:
+  """What changes while a run trains: the state and the loop's bookkeeping (train.py and
+  report.py update it; nothing else of a Run changes)."""
+  state: object
+  stats: RunStats
+  update: int = 0  # updates done
+  microbatches: int = 0  # micro-batches done (the Orbax step of a save)
+  position: int = 0  # calls already made in the cycle in progress (host count; see train.py)
+  pending: dict | None = None  # a dispatched update's metrics, not read yet (see train.py)
+  ckpt: Checkpointer | None = None  # once the run saves or has restored
+  last_saved: int | None = None
+  records: list = dataclasses.field(default_factory=list)
+  writer: logs.MetricsWriter | None = None
+  start: float = 0.0
+  mark: float = 0.0  # when training time was last counted (see train._read)
+  window: list = dataclasses.field(default_factory=lambda: [0.0, time.perf_counter()])
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
-  """A run being trained: its settings, the jitted step, the state and its bookkeeping."""
+  """A run being trained: what was built from its settings, and its `progress`."""
   cfg: TrainConfig
   accum: AccumConfig
   mesh: object
   out: pathlib.Path
   log: logs.Logger
   step: Callable
-  state: object
   rows: data_lib.RowIterator
   faults: dict
   schedule: Callable
   eval_set: list
   eval_sums: Callable
   info: dict
+  progress: Progress
   plan: object = None
   k_plan: object = None  # config.KPlan when K changes between updates
-  ckpt: Checkpointer | None = None
-  stats: RunStats = dataclasses.field(default_factory=RunStats)
-  records: list = dataclasses.field(default_factory=list)
-  writer: logs.MetricsWriter | None = None
-  update: int = 0
-  microbatches: int = 0
-  last_saved: int | None = None
-  start: float = 0.0
-  mark: float = 0.0  # when training time was last counted (see train._read)
-  position: int = 0  # calls already made in the cycle in progress (host count; see train.py)
-  pending: dict | None = None  # a dispatched update's metrics, not read yet (see train.py)
-  window: list = dataclasses.field(default_factory=lambda: [0.0, time.perf_counter()])
   lock: object = None
 
   @property
@@ -115,7 +122,7 @@ def _initial_state(cfg, accum, tx, params, out, log, mesh, resume, on_config_cha
 
 def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse') -> Run:
   """Everything a run needs, from its settings (and its checkpoint, when resuming)."""
-  mesh = config_lib.make_mesh(cfg.mesh)
+  mesh = make_mesh(cfg.mesh)
   plan = None
   if cfg.memory_budget is not None:
     cfg, plan = plan_for_budget(cfg, mesh)
@@ -126,7 +133,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
   out = pathlib.Path(out)
   if resume is not None and not (out / 'checkpoints').is_dir():
     raise ConfigError(f'--resume: no checkpoints/ in {out} to resume from.')
-  train_split, eval_split = data_lib.load_splits(cfg.data, cfg.seq_len, cfg.pack)
+  train_split, eval_split = data_lib.load_splits(cfg.data, cfg.accum.seq_len, cfg.pack)
   apply, params = make_lm(cfg.model, seed=cfg.seed)
   faults = faults_lib.parse(cfg.inject_faults, accum.num_microbatches)
   loss_fn = make_loss_fn(apply)
@@ -155,7 +162,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
                                         mesh=mesh if mesh.size > 1 else None))
   # Eval is small: its batches are replicated and every device evaluates them whole.
   eval_set = parallel.replicate(
-      data_lib.eval_batches(eval_split, cfg.microbatch_size, cfg.eval_batches), mesh)
+      data_lib.eval_batches(eval_split, cfg.accum.microbatch_size, cfg.eval_batches), mesh)
   state = parallel.place_state(state, mesh)
   info = {
       'memory_plan': dataclasses.asdict(plan) if plan else None,
@@ -165,22 +172,24 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
       'train_files': train_split.num_files, 'train_bytes': train_split.num_bytes,
       'train_rows': int(len(train_split.lengths)), 'eval_files': eval_split.num_files,
       'train_fingerprint': train_split.fingerprint,
-      'eval_rows_used': len(eval_set) * cfg.microbatch_size,
+      'eval_rows_used': len(eval_set) * cfg.accum.microbatch_size,
       'resumed_at_update': int(state.update_step),
       'mesh': dict(mesh.shape),
       'state_bytes_per_device': state_lib.state_bytes_per_device(state, accum),
   }
-  return Run(cfg=cfg, accum=accum, mesh=mesh, out=out, log=log, step=step, state=state,
-             rows=rows, faults=faults, schedule=schedule, eval_set=eval_set,
+  progress = Progress(state=state, stats=stats, update=int(state.update_step),
+                      microbatches=state_lib.microbatches_seen(state),
+                      position=loop.calls_done(state, accum), ckpt=ckpt)
+  return Run(cfg=cfg, accum=accum, mesh=mesh, out=out, log=log, step=step, rows=rows,
+             faults=faults, schedule=schedule, eval_set=eval_set,
              eval_sums=_eval_fn(apply, accum.compute_jnp_dtype), info=info, plan=plan,
-             k_plan=k_plan, ckpt=ckpt, stats=stats, update=int(state.update_step),
-             microbatches=state_lib.microbatches_seen(state), lock=lock,
-             position=loop.calls_done(state, accum))
+             k_plan=k_plan, lock=lock, progress=progress)
 
 
 def update_k(run: Run) -> int:
   """K of the update that runs next (or is in progress)."""
-  return _k_for(run.cfg, run.k_plan, run.stats, run.update) if run.k_plan else \
+  prog = run.progress
+  return _k_for(run.cfg, run.k_plan, prog.stats, prog.update) if run.k_plan else \
       run.accum.num_microbatches
 
 
@@ -211,8 +220,9 @@ def _check_k_on_resume(cfg, k_plan, meta, state, stats):
 
 def evaluate(run: Run) -> dict:
   """Token-weighted eval loss of the current params; recorded as the run's last eval."""
-  sums = [jax.device_get(run.eval_sums(run.state.params, b)) for b in run.eval_set]
+  prog = run.progress
+  sums = [jax.device_get(run.eval_sums(prog.state.params, b)) for b in run.eval_set]
   loss = sum(float(s) for s, _ in sums) / sum(float(w) for _, w in sums)
-  run.stats.last_eval = {'kind': 'eval', 'update': run.update, 'loss': loss,
-                         'perplexity': math.exp(loss), 'tokens': run.stats.tokens_seen}
-  return run.stats.last_eval
+  prog.stats.last_eval = {'kind': 'eval', 'update': prog.update, 'loss': loss,
+                         'perplexity': math.exp(loss), 'tokens': prog.stats.tokens_seen}
+  return prog.stats.last_eval

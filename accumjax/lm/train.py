@@ -41,8 +41,9 @@ from accumjax.lm.run import NOISE_EMA, Run, build_run, evaluate, update_k
 __all__ = ['NOISE_EMA', 'NonFiniteError', 'check_host_memory', 'train_and_evaluate']
 
 def call_batches(run: Run, first_call: int, k: int):
-  """The calls of update `run.update + 1` (K = k) from its call `first_call` on (sharded
+  """The calls of the next update (K = k) from its call `first_call` on (sharded
   batches), with the fault drill's factors on the first device's rows (device-major layout)."""
+  prog = run.progress
   accum = run.accum
   per_call = k if accum.mode == 'scan' else accum.per_call
   call_rows = per_call * accum.microbatch_size * run.mesh.size
@@ -52,7 +53,7 @@ def call_batches(run: Run, first_call: int, k: int):
     if run.faults:
       fault = np.ones(call_rows, np.float32)
       fault[:per_call * accum.microbatch_size] = faults_lib.rows(
-          run.faults, run.update + 1, calls_done * per_call, per_call,
+          run.faults, prog.update + 1, calls_done * per_call, per_call,
           accum.microbatch_size)
       batch['fault'] = fault[my_rows[0]:my_rows[1]]
     yield parallel.shard_batch(batch, run.mesh)
@@ -60,33 +61,35 @@ def call_batches(run: Run, first_call: int, k: int):
 
 def save(run: Run) -> pathlib.Path:
   """Starts an asynchronous checkpoint of the run where it is (once per position)."""
-  if run.ckpt is None:
-    run.ckpt = Checkpointer(run.out / 'checkpoints', keep=run.cfg.keep)
+  prog = run.progress
+  if prog.ckpt is None:
+    prog.ckpt = Checkpointer(run.out / 'checkpoints', keep=run.cfg.keep)
   _read_pending(run)  # the saved statistics count every update done (a mid-cycle save)
-  if run.last_saved != run.microbatches:  # e.g. a preemption right after a periodic save
+  if prog.last_saved != prog.microbatches:  # e.g. a preemption right after a periodic save
     meta = {'config': config_lib.to_flat(run.cfg), 'data': run.rows.state(),
-            'run': dataclasses.asdict(run.stats), 'update': run.update,
+            'run': dataclasses.asdict(prog.stats), 'update': prog.update,
             'num_devices': run.mesh.size, 'data_fingerprint': run.info['train_fingerprint'],
             'state_layout': STATE_LAYOUT}
-    run.last_saved = run.ckpt.save(run.state, meta)
-  return run.ckpt.path(run.last_saved)
+    prog.last_saved = prog.ckpt.save(prog.state, meta)
+  return prog.ckpt.path(prog.last_saved)
 
 
 def _after_call(run: Run, should_stop, k: int):
   """The call driver's hook: the per-call log line, mid-cycle saves, and preemption polls."""
+  prog = run.progress
   cfg, accum = run.cfg, run.accum
   per_call = k if accum.mode == 'scan' else accum.per_call
 
   def after_call(state, m, position):
-    run.state = state
-    run.microbatches += per_call
+    prog.state = state
+    prog.microbatches += per_call
     if cfg.log_microbatches:
-      run.log.info(f'update [{run.update + 1}/{cfg.steps}] accum {position * per_call}/'
+      run.log.info(f'update [{prog.update + 1}/{cfg.steps}] accum {position * per_call}/'
                    f'{k} call loss {float(m["call_loss"]):.4f} '
                    f'tokens {float(m["call_weight"]):.0f} cycle loss {float(m["loss"]):.4f}')
     if position == k // per_call:
       return False  # the update is complete: the caller saves and polls
-    if cfg.save_every_micro and (run.microbatches // accum.per_call) % cfg.save_every_micro == 0:
+    if cfg.save_every_micro and (prog.microbatches // accum.per_call) % cfg.save_every_micro == 0:
       save(run)
     return should_stop()
 
@@ -97,25 +100,27 @@ def train_update(run: Run, should_stop) -> dict | None:
   """Dispatches one optimizer update; its metrics (device arrays, not read yet, with the
   update's number and K), or None if preempted mid-cycle. Reads nothing from the device: the
   cycle's position is counted here (read from the state once, when the run was built)."""
-  first_call, run.position = run.position, 0
+  prog = run.progress
+  first_call, prog.position = prog.position, 0
   k = update_k(run)
-  done = loop.run_update(run.step, run.state, call_batches(run, first_call, k), run.accum,
+  done = loop.run_update(run.step, prog.state, call_batches(run, first_call, k), run.accum,
                          num_microbatches=k, after_call=_after_call(run, should_stop, k),
                          position=first_call)
-  run.state = done.state
+  prog.state = done.state
   if done.stopped:
-    run.position = first_call + done.calls
+    prog.position = first_call + done.calls
     return None
-  run.update += 1
-  return dict(done.metrics, k=k, update=run.update)
+  prog.update += 1
+  return dict(done.metrics, k=k, update=prog.update)
 
 
 def _read(run: Run, m: dict):
   """Reads a dispatched update's metrics (waiting for the device), records and logs them."""
+  prog = run.progress
   record = record_update(run, jax.device_get(m))
   now = time.perf_counter()
-  run.stats.train_time += now - run.mark
-  run.mark = now
+  prog.stats.train_time += now - prog.mark
+  prog.mark = now
   if run.k_plan is not None and run.k_plan.auto:
     _next_auto_k(run, record)
 
@@ -123,7 +128,7 @@ def _read(run: Run, m: dict):
 def _waits(run: Run) -> bool:
   """Whether the update just dispatched must be read before the next one is dispatched:
   something reads its state (an eval, a save, the end) or its metrics decide the next (auto K)."""
-  cfg, update = run.cfg, run.update
+  cfg, update = run.cfg, run.progress.update
   return (update == cfg.steps or update % cfg.eval_every == 0
           or (run.saving and cfg.save_every and update % cfg.save_every == 0)
           or (run.k_plan is not None and run.k_plan.auto))
@@ -132,71 +137,76 @@ def _waits(run: Run) -> bool:
 def _next_auto_k(run: Run, record: dict):
   """--grad-accum-steps auto: K of the next update, from the smoothed B_simple (the update
   just recorded is the newest: auto K never dispatches ahead)."""
-  stats, plan = run.stats, run.k_plan
-  if run.update - stats.k_since < config_lib.AUTO_MIN_DWELL or not record['update_tokens']:
+  prog = run.progress
+  stats, plan = prog.stats, run.k_plan
+  if prog.update - stats.k_since < config_lib.AUTO_MIN_DWELL or not record['update_tokens']:
     return
   per_microbatch = record['update_tokens'] / record['k']
   k = schedules.auto_k(record.get('b_simple_ema', math.nan), per_microbatch, stats.k,
                        plan.allowed)
   if k != stats.k:
-    run.log.info(f'auto K: {stats.k} -> {k} from update {run.update + 1} on (B_simple '
+    run.log.info(f'auto K: {stats.k} -> {k} from update {prog.update + 1} on (B_simple '
                  f'{record["b_simple_ema"]:,.0f} tokens, {per_microbatch:,.0f} per micro-batch)')
-    stats.k, stats.k_since = k, run.update
+    stats.k, stats.k_since = k, prog.update
 
 
 def _after_update(run: Run):
   """Periodic eval and checkpoint after an update."""
-  cfg, update = run.cfg, run.update
+  prog = run.progress
+  cfg, update = run.cfg, prog.update
   if update % cfg.eval_every == 0 or update == cfg.steps:
     record = evaluate(run)
-    run.records.append(record)
-    run.writer.write(record)
+    prog.records.append(record)
+    prog.writer.write(record)
     run.log.info(f'eval   [{update}/{cfg.steps}] loss {record["loss"]:.4f} '
                  f'ppl {record["perplexity"]:.2f}')
-    run.window[1] = run.mark = time.perf_counter()  # eval time is not training time
+    prog.window[1] = prog.mark = time.perf_counter()  # eval time is not training time
   if run.saving and ((cfg.save_every and update % cfg.save_every == 0) or update == cfg.steps):
     save(run)
 
 
 def preempted(run: Run) -> dict:
   """Checkpoints where the run is (mid-cycle included) and says how to continue."""
+  prog = run.progress
   path = save(run)
-  run.ckpt.wait()
-  run.writer.close()
+  prog.ckpt.wait()
+  prog.writer.close()
   run.log.close()
-  calls = state_lib.cycle_microbatches(run.state)
-  run.log.info(f'preempted: checkpoint written to {path} (update {run.update}, '
+  calls = state_lib.cycle_microbatches(prog.state)
+  run.log.info(f'preempted: checkpoint written to {path} (update {prog.update}, '
                f'{calls}/{run.accum.num_microbatches} micro-batches into the '
                f'next); continue with --resume')
-  return {'kind': 'preempted', 'update': run.update, 'checkpoint': str(path), 'preempted': True}
+  return {'kind': 'preempted', 'update': prog.update, 'checkpoint': str(path), 'preempted': True}
 
 
 def _read_pending(run: Run):
   """Reads the update whose metrics are still on the device, if one is (see `_train_loop`)."""
-  if run.pending is not None:
-    m, run.pending = run.pending, None
+  prog = run.progress
+  if prog.pending is not None:
+    m, prog.pending = prog.pending, None
     _read(run, m)
 
 
 def _train_loop(run: Run, should_stop) -> dict | None:
   """Updates until `cfg.steps`; the preemption result if stopped early, else None.
 
-  Update u's metrics are read after update u + 1 is dispatched (`run.pending`), unless
+  Update u's metrics are read after update u + 1 is dispatched (`prog.pending`), unless
   something must see update u first (`_waits`); a save (mid-cycle too) reads them first."""
-  run.window[:] = [0.0, time.perf_counter()]
-  run.mark = time.perf_counter()
-  run.log.start_progress(run.cfg.steps, initial=run.update)
-  while run.update < run.cfg.steps:
+  prog = run.progress
+  prog.window[:] = [0.0, time.perf_counter()]
+  prog.mark = time.perf_counter()
+  run.log.start_progress(run.cfg.steps, initial=prog.update)
+  while prog.update < run.cfg.steps:
     m = train_update(run, should_stop)
     _read_pending(run)
     if m is None:
       return preempted(run)
     if not _waits(run):
-      run.pending = m
+      prog.pending = m
     else:
       _read(run, m)
       _after_update(run)
-    if should_stop() and run.update < run.cfg.steps:
+    if should_stop() and prog.update < run.cfg.steps:
       return preempted(run)  # (its save reads the pending update)
   return None
 
@@ -231,17 +241,18 @@ def train_and_evaluate(cfg: TrainConfig, out_dir, log: logs.Logger | None = None
 
 
 def _train_and_finish(run: Run, should_stop, resumed: bool) -> dict:
+  prog = run.progress
   open_outputs(run, resumed=resumed)
-  run.start = time.perf_counter()
+  prog.start = time.perf_counter()
   try:
     stopped = _train_loop(run, should_stop)
-    if run.ckpt:
-      run.ckpt.wait()  # surfaces a failed background save as an error here
+    if prog.ckpt:
+      prog.ckpt.wait()  # surfaces a failed background save as an error here
   except NonFiniteError:
-    run.writer.close()
+    prog.writer.close()
     run.log.close()
     raise
   finally:
-    if run.ckpt:
-      run.ckpt.close()
+    if prog.ckpt:
+      prog.ckpt.close()
   return stopped if stopped is not None else finish(run, resumed=resumed)
