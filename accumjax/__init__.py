@@ -4,7 +4,17 @@ The accumulation library: importable from a notebook, no flags, no printing. The
 built on it lives in `accumjax.lm`.
 """
 
-from accumjax import checkpoint, loop, model_state, parallel, planner, schedules
+from accumjax import (
+    checkpoint,
+    loop,
+    model_state,
+    nnx_model,
+    noise,
+    parallel,
+    planner,
+    schedules,
+    state,
+)
 from accumjax.config import AccumConfig
 from accumjax.core import (
     ConfigError,
@@ -16,18 +26,21 @@ from accumjax.core import (
     normalize,
     split_microbatches,
 )
-from accumjax.loop import run_update
+from accumjax.loop import Updates, pad_rows, run_update
 from accumjax.losses import per_example_loss, token_cross_entropy
+from accumjax.nnx_model import NnxModel
+from accumjax.noise import SmoothedNoiseScale
 from accumjax.optim import LazyMultiSteps, accumulating_optimizer, as_opt_params, normalized
 from accumjax.precision import cast_floats, with_compute_dtype
 from accumjax.state import Cycle, TrainState, describe, init_train_state
 from accumjax.step import jit_train_step, make_flush, make_train_step
 
 __all__ = [
-    'AccumConfig', 'ConfigError', 'Cycle', 'GradSums', 'LazyMultiSteps', 'NoiseSums',
-    'TrainState', 'accumulate_gradients', 'accumulate_sums', 'accumulating_optimizer',
-    'as_opt_params', 'cast_floats', 'checkpoint', 'describe', 'init_train_state',
-    'jit_train_step', 'loop', 'make_flush', 'make_train_step', 'model_state', 'noise_scale',
-    'normalize', 'normalized', 'parallel', 'per_example_loss', 'planner', 'run_update',
-    'schedules', 'split_microbatches', 'token_cross_entropy', 'with_compute_dtype',
+    'AccumConfig', 'ConfigError', 'Cycle', 'GradSums', 'LazyMultiSteps', 'NnxModel', 'NoiseSums',
+    'SmoothedNoiseScale', 'TrainState', 'Updates', 'accumulate_gradients', 'accumulate_sums',
+    'accumulating_optimizer', 'as_opt_params', 'cast_floats', 'checkpoint', 'describe',
+    'init_train_state', 'jit_train_step', 'loop', 'make_flush', 'make_train_step', 'model_state',
+    'nnx_model', 'noise', 'noise_scale', 'normalize', 'normalized', 'pad_rows', 'parallel',
+    'per_example_loss', 'planner', 'run_update', 'schedules', 'split_microbatches', 'state',
+    'token_cross_entropy', 'with_compute_dtype',
 ]

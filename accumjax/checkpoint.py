@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from accumjax.errors import ConfigError
 from accumjax.state import microbatches_seen
 
 
@@ -45,6 +46,11 @@ class Restored:
   step: int
   skipped: list[tuple[int, str]]  # (step, why) for newer checkpoints that were not usable
   moved: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (step, moved to)
+
+  @property
+  def data_position(self):
+    """What `Checkpointer.save(..., data_position=...)` stored (None if nothing)."""
+    return self.meta.get('data_position')
 
 
 _META_KEYS = ('step', 'fingerprint', 'dtypes')
@@ -119,11 +125,23 @@ class Checkpointer:
       return []
     return sorted(p.name for p in self.directory.iterdir() if 'orbax-checkpoint-tmp' in p.name)
 
-  def save(self, state, meta: dict) -> int:
-    """Starts saving `state` with `meta` under step `microbatches_seen(state)` (micro-batches
-    done, mid-cycle ones included); returns the step."""
+  def save(self, state, meta: dict | None = None, *, data_position=None) -> int:
+    """Starts saving `state` with `meta` (a JSON-able dict) under step
+    `microbatches_seen(state)` (micro-batches done, mid-cycle ones included); returns the step.
+
+    `data_position` (JSON-able: e.g. `loop.Updates.consumed`, the calls taken so far, or your
+    data iterator's state) comes back as `Restored.data_position`, so a resumed run restarts
+    its data where the saved state stopped, mid-cycle included."""
     step = microbatches_seen(state)
     snapshot = jax.tree.map(jnp.copy, state)  # the train step may donate `state` next
+    meta = dict(meta or {})
+    if data_position is not None:
+      try:
+        json.dumps(data_position)
+      except TypeError as e:
+        raise ConfigError(f'data_position={data_position!r} must be JSON-able (numbers, '
+                              f'strings, lists, dicts): {e}.') from None
+      meta['data_position'] = data_position
     meta = dict(meta, step=step, fingerprint=fingerprint(snapshot),
                 dtypes=[str(x.dtype) for x in jax.tree.leaves(snapshot)])
     meta['meta_fingerprint'] = meta_fingerprint(meta)

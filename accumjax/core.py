@@ -19,6 +19,7 @@ added, so the sums never depend on the scale.
 Not here: optimizers, training state, data. See `optim.py` and `step.py`.
 """
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -185,6 +186,34 @@ def _clip_weighted(grads, weight, max_norm):
   return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
 
+def check_loss_fn(loss_fn, with_state: bool) -> None:
+  """`loss_fn` takes (params, batch, rng), plus model_state `with_state`; else a ConfigError
+  naming its signature (before anything is traced)."""
+  want = 4 if with_state else 3
+  try:
+    signature = inspect.signature(loss_fn)
+  except (TypeError, ValueError):  # no signature to inspect (a builtin): the call will tell
+    return
+  try:
+    signature.bind(*range(want))
+  except TypeError:
+    names = '(params, batch, rng' + (', model_state)' if with_state else ')')
+    raise ConfigError(
+        f'loss_fn={getattr(loss_fn, "__name__", loss_fn)!r} must take {want} positional '
+        f'arguments {names}' + (' (state_rules is given: the model has state)'
+                                if with_state else '') +
+        f'; its signature is {signature}. An unused rng: `del rng`.') from None
+
+
+def as_key(rng):
+  """`rng` as a JAX key: a key, raw key data, or an int seed (as `init_train_state` takes)."""
+  if rng is None or isinstance(rng, jax.Array) or hasattr(rng, 'dtype'):
+    return rng
+  if isinstance(rng, int) and not isinstance(rng, bool):
+    return jax.random.key(rng)
+  raise ConfigError(f'rng={rng!r}; allowed: None, an int seed or a jax.random key.')
+
+
 def accumulate_sums(
     loss_fn: Callable[..., tuple],
     params: PyTree,
@@ -261,10 +290,18 @@ def _microbatch_grads(loss_fn, params, mb, key, view, loss_scale, accum_dtype):
     out = loss_fn(p, mb, key) if not with_state else loss_fn(p, mb, key, view)
     new_state = None
     if with_state:
-      if not isinstance(out, tuple) or len(out) != 2:
-        raise ConfigError('with a model state, loss_fn must return ((loss_sum, weight[, aux]), '
-                          f'new_state); got {type(out).__name__}.')
+      if not isinstance(out, tuple) or len(out) != 2 or not isinstance(out[0], tuple):
+        got = (f'a {len(out)}-tuple of ({", ".join(type(x).__name__ for x in out)})'
+               if isinstance(out, tuple) else type(out).__name__)
+        raise ConfigError(
+            'with a model state (state_rules given), loss_fn must return ((loss_sum, weight'
+            f'[, aux]), new_model_state); got {got}. Return the new model state beside the '
+            'loss (the state it was given, if this forward pass changes none).')
       out, new_state = out
+      if jax.tree.structure(new_state) != jax.tree.structure(view):
+        raise ConfigError(
+            f'loss_fn returned a new model state shaped {jax.tree.structure(new_state)}; the '
+            f'model state it was given is shaped {jax.tree.structure(view)}.')
     loss_sum, weight, aux = _unpack_loss(out)
     loss_sum, weight = loss_sum.astype(jnp.float32), jnp.asarray(weight, jnp.float32)
     scaled = loss_sum if loss_scale is None else loss_sum * (loss_scale / _loss_scale_unit(weight))
@@ -329,6 +366,8 @@ def scan_microbatches(
   check_bool('noise_stats', noise_stats)
   microbatches = split_microbatches(batch, num_microbatches)
   with_state = model_state is not None
+  check_loss_fn(loss_fn, with_state)
+  rng = as_key(rng)
   if with_state:
     if state_rules is None:
       raise ConfigError(f'model_state needs state_rules: one of {ms.RULES} or a pytree of them.')

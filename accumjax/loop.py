@@ -12,6 +12,10 @@ The trainer, the experiments, the notebooks and the tests all train through it.
 The number of micro-batches may differ from one update to the next (`num_microbatches`), as
 long as the optimizer's cycle agrees (in scan mode the call's batch decides it).
 
+`Updates` iterates updates over a whole stream of calls (an epoch) and counts the calls it
+took (the data position a checkpoint saves); `pad_rows` pads the end of the data to whole
+micro-batches with weight-0 rows.
+
 Not here: where calls come from (any iterator of batches), logging, checkpoints.
 """
 
@@ -20,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from accumjax.config import AccumConfig
 from accumjax.errors import ConfigError, check_int
@@ -144,5 +149,83 @@ def split_calls(batch, config: AccumConfig) -> list:
   n = jax.tree.leaves(batch)[0].shape[0]
   if n % rows_per_microbatch:
     raise ConfigError(f'{n} rows are not whole micro-batches of {config.microbatch_size} rows '
-                      f'x {config.num_devices} device(s).')
+                      f'x {config.num_devices} device(s); pad the last one with weight-0 rows: '
+                      f'loop.pad_rows(batch, {rows_per_microbatch}, weight=...).')
   return [jax.tree.map(lambda x, s=s: x[s:s + rows], batch) for s in range(0, n, rows)]
+
+
+class Updates:
+  """One optimizer update at a time from a stream of calls: `for update in Updates(...)`.
+
+  Each item is the `Update` of a completed update (its metrics are the update's: loss,
+  weight, grad_norm, ...). Iteration ends when the calls run out (a cycle they cut short is
+  flushed if `flush` is given, and that flush is the last item; else it stays in `state`) or
+  when `after_call` stops it mid-cycle.
+
+  Attributes:
+    state: the newest train state: after the loop, a cycle the data cut short (or a stop)
+      included, so the next epoch's calls, or a resumed run, continue it.
+    consumed: calls taken from `calls` so far: the data position to save with a checkpoint
+      (`Checkpointer.save(state, data_position=...)`) and to restart the calls from. It counts
+      the call just made when `after_call` runs.
+
+  Args: as `run_update` (`num_microbatches` may also be a function of the update about to
+  run, `state.update_step`: a K schedule).
+  """
+
+  def __init__(self, step: Callable, state, calls: Iterable, config: AccumConfig, *,
+               num_microbatches: int | Callable[[int], int] | None = None,
+               after_call: Callable[[Any, dict, int], bool | None] | None = None,
+               flush: Callable | None = None):
+    self.step, self.state, self.config = step, state, config
+    self.consumed = 0
+    self._calls, self._k = iter(calls), num_microbatches
+    self._after_call, self._flush = after_call, flush
+
+  def _counted(self):
+    for batch in self._calls:
+      self.consumed += 1
+      yield batch
+
+  def __iter__(self):
+    calls = self._counted()
+    while True:
+      k = self._k(int(self.state.update_step)) if callable(self._k) else self._k
+      done = run_update(self.step, self.state, calls, self.config, num_microbatches=k,
+                        after_call=self._after_call, flush=self._flush)
+      self.state = done.state
+      if done.complete and done.calls:
+        yield done
+      if done.exhausted or done.stopped:
+        return
+
+
+def pad_rows(batch, multiple: int, *, weight: str | None = None):
+  """`batch` with zero rows appended so that its row count is a multiple of `multiple` (e.g.
+  `config.microbatch_size * config.num_devices`, or that x K for whole updates), and, if
+  `weight` names a leaf, that leaf 0 on the new rows (created: 1.0 on the real rows, if the
+  batch has none).
+
+  Exact: a row whose weight is 0 adds nothing to a loss sum or a weight written in
+  (sum, weight) form, provided the loss gives such a row a finite value and multiplies it by
+  its weight (or selects it out with `jnp.where`). Zero inputs give finite values for the
+  usual losses; a loss that divides by an input or takes its log must guard it.
+  """
+  check_int('multiple', multiple)
+  leaves = jax.tree.leaves(batch)
+  if not leaves:
+    raise ConfigError('batch= has no arrays to pad.')
+  n = leaves[0].shape[0]
+  if any(x.shape[:1] != (n,) for x in leaves):
+    raise ConfigError(f'batch= leaves have different row counts: '
+                      f'{sorted({x.shape[0] if x.ndim else None for x in leaves}, key=str)}.')
+  missing = -n % multiple
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((missing, *x.shape[1:]), x.dtype)])
+  out = jax.tree.map(pad, batch) if missing else batch
+  if weight is not None:
+    if not isinstance(batch, dict):
+      raise ConfigError(f'weight={weight!r} names a leaf of a dict batch; got a '
+                        f'{type(batch).__name__}.')
+    w = batch.get(weight, jnp.ones((n,), jnp.float32))
+    out = dict(out, **{weight: pad(w) if missing else w})
+  return out

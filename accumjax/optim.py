@@ -108,11 +108,14 @@ def accumulating_optimizer(optimizer, config: AccumConfig | None = None):
   `config`).
   """
   if is_accumulating(optimizer):
-    if config is not None and isinstance(optimizer, optax.MultiSteps) != _wraps_multisteps(config):
+    built = config_of(optimizer)
+    if config is not None and built is not None and _what_it_uses(built) != _what_it_uses(
+        config):
       raise ConfigError(
-          f'the optimizer was built for another setup than mode={config.mode!r}, '
-          f'multisteps_impl={config.multisteps_impl!r}: pass the plain optax optimizer and '
-          'let make_train_step wrap it.')
+          'the optimizer is an accumulating_optimizer(...) built for another AccumConfig than '
+          'this one (its clipping, non-finite policy or optax.MultiSteps wrapping differ: '
+          f'{_what_it_uses(built)} vs {_what_it_uses(config)}): pass the plain optax optimizer '
+          'and let make_train_step wrap it.')
     return optimizer
   if isinstance(optimizer, optax.MultiSteps):
     raise ConfigError(
@@ -138,6 +141,15 @@ def config_of(tx) -> AccumConfig | None:
   """The `AccumConfig` an accumulating optimizer was built for, or None."""
   base = tx.inner_opt if isinstance(tx, optax.MultiSteps) else tx
   return getattr(base, 'accum_config', None)
+
+
+def _what_it_uses(config: AccumConfig) -> dict:
+  """What of `config` an accumulating optimizer is built from (not the batch layout)."""
+  used = dict(clip_norm=config.clip_norm, clip_before_accumulation=config.clip_before_accumulation,
+              nonfinite=config.nonfinite, multisteps=_wraps_multisteps(config))
+  if used['multisteps']:
+    used.update(calls_per_update=config.calls_per_update, accum_dtype=config.accum_dtype)
+  return used
 
 
 def _wraps_multisteps(config: AccumConfig) -> bool:

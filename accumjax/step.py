@@ -35,7 +35,15 @@ import optax
 from accumjax import model_state as ms
 from accumjax import optim, parallel
 from accumjax.config import AccumConfig
-from accumjax.core import ConfigError, GradSums, _sq_norm, noise_scale, normalize, scan_microbatches
+from accumjax.core import (
+    ConfigError,
+    GradSums,
+    _sq_norm,
+    check_loss_fn,
+    noise_scale,
+    normalize,
+    scan_microbatches,
+)
 from accumjax.precision import with_compute_dtype
 from accumjax.state import (
   Cycle,
@@ -101,7 +109,11 @@ def _add_call(call_sums, config, state_rules, cycle: Cycle | None, params, batch
   start = jnp.zeros((), jnp.int32) if cycle is None else cycle.microbatches
   start_acc = None
   if model_state is not None:
-    start_acc = ms.init_acc(model_state, state_rules) if cycle is None else cycle.model_acc
+    start_acc = ms.init_acc(model_state, state_rules)
+    if cycle is not None:  # a cycle's start is this step's own (whatever rules made the state)
+      start_acc = jax.tree.map(lambda f, a: jnp.where(start == 0, f, a.astype(f.dtype)),
+                               start_acc, cycle.model_acc)
+      cycle = cycle._replace(model_acc=start_acc)
   sums, bad_N, call_acc = call_sums(params, batch, rng_data, start, n, loss_scale, model_state,
                                     start_acc)
   found = jnp.where(jnp.any(bad_N), start + jnp.argmax(bad_N), -1).astype(jnp.int32)
@@ -256,6 +268,17 @@ def _require_train_state(state):
                       'of init_train_state(params, optimizer, rng, config).')
 
 
+def _check_batch(batch):
+  """Every leaf of a call's batch is an array (a string or a list of them is no input to a
+  jitted program)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(batch):
+    if not hasattr(leaf, 'dtype') or not hasattr(leaf, 'shape') or leaf.ndim == 0:
+      raise ConfigError(
+          f'batch{jax.tree_util.keystr(path)} is a {type(leaf).__name__}'
+          f'{" scalar" if hasattr(leaf, "ndim") else ""}; every leaf of a batch must be an '
+          'array with a leading row axis (numbers, not strings: encode or drop the field).')
+
+
 def _check_state(state: TrainState, state_rules, config: AccumConfig):
   _require_train_state(state)
   if (state.model_state is None) != (state_rules is None):
@@ -315,7 +338,8 @@ def make_train_step(loss_fn, optimizer, config: AccumConfig, mesh=None, state_ru
   if state_rules is not None:
     if isinstance(state_rules, str) and state_rules not in ms.RULES:
       raise ConfigError(f'state_rules={state_rules!r}; allowed: {ms.RULES} or a pytree of them.')
-  # (make_flush's step sums no batch: no loss, no core)
+  if loss_fn is not None:  # (make_flush's step sums no batch: no loss, no core)
+    check_loss_fn(loss_fn, state_rules is not None)
   call_sums = None if loss_fn is None else _call_sums_fn(loss_fn, config, mesh, state_rules)
   spec = _Spec(optim.accumulating_optimizer(optimizer, config), config, call_sums, state_rules,
                mesh if parallel.fsdp_size(mesh) > 1 else None)
@@ -419,7 +443,8 @@ def _program(step, state: TrainState, batch, last_call):
   """Which program a call runs, and its arguments: `update` if the call completes the update
   (or the optimizer is optax.MultiSteps, which sees every call), else `accumulate` on the
   cycle alone."""
-  _require_train_state(state)
+  _check_state(state, step.state_rules, step.config)
+  _check_batch(batch)
   state = _with_cycle(step, state)
   if not step.own_cycle or _is_last(step, state, batch, last_call):
     return step.update, (state, batch)

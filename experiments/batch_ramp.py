@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from accumjax.noise import SmoothedNoiseScale
 from accumjax.studies.lm_task import make_task
 from experiments import lm_task
 
@@ -61,7 +62,7 @@ def run_plan(s: dict, plan: str, setup) -> dict:
   state = accumjax.init_train_state(params, tx, 0, config)
   rows = data.RowIterator(train, 0)
   tokens_per_mb = s['micro'] * s['seq']
-  k, k_since, ema, loss_ema = first_k, 0, None, None
+  k, k_since, noise, loss_ema = first_k, 0, SmoothedNoiseScale(NOISE_EMA), None
   records, evals, seen, next_eval, update = [], [], 0, s['eval_every_tokens'], 0
   while seen < s['budget']:
     if plan == 'ramp':
@@ -73,11 +74,7 @@ def run_plan(s: dict, plan: str, setup) -> dict:
     seen += k * tokens_per_mb
     loss = float(m['loss'])
     loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
-    trace, g_sq = float(m['trace_sigma']), float(m['g_sq'])
-    if math.isfinite(trace) and math.isfinite(g_sq):
-      ema = [trace, g_sq] if ema is None else [
-          NOISE_EMA * e + (1 - NOISE_EMA) * v for e, v in zip(ema, (trace, g_sq), strict=True)]
-    b_simple = ema[0] / ema[1] if ema and ema[1] > 0 else math.nan
+    b_simple = noise.update(m)
     records.append({'update': update, 'tokens': seen, 'k': k, 'loss': loss,
                     'loss_ema': loss_ema, 'b_simple': b_simple})
     if plan == 'auto' and update - k_since >= DWELL:

@@ -18,6 +18,7 @@ from accumjax.lm import config as config_lib
 from accumjax.lm import logs
 from accumjax.lm.resume import trim_metrics
 from accumjax.lm.run import NOISE_EMA, Run, evaluate
+from accumjax.noise import SmoothedNoiseScale
 from accumjax.planner import format_bytes
 from accumjax.state import describe
 
@@ -180,13 +181,9 @@ def _record_noise(run: Run, m: dict, skipped: bool) -> dict:
     return {}
   stats = run.progress.stats
   values = {k: float(m[k]) for k in ('g_sq', 'trace_sigma', 'b_simple')}
-  if not skipped and math.isfinite(values['g_sq']) and math.isfinite(values['trace_sigma']):
-    new = (values['trace_sigma'], values['g_sq'])
-    stats.noise_ema = list(new) if stats.noise_ema is None else [
-        NOISE_EMA * old + (1 - NOISE_EMA) * v for old, v in zip(stats.noise_ema, new, strict=True)]
-  smoothed = math.nan
-  if stats.noise_ema is not None and stats.noise_ema[1] > 0:
-    smoothed = stats.noise_ema[0] / stats.noise_ema[1]
+  smoother = SmoothedNoiseScale(NOISE_EMA, stats.noise_ema)
+  smoothed = smoother.update(values, skipped)
+  stats.noise_ema = smoother.state
   return values | {'b_simple_ema': smoothed}
 
 

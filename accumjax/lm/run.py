@@ -45,8 +45,9 @@ class RunStats:
   k_since: int = 0  # auto: the update count when K last changed
 
 
-# B_simple is smoothed as the paper does: numerator and denominator separately (one update's
-# g_sq is a difference of noisy terms and can be <= 0), over ~10 updates. Early in training,
+# B_simple is smoothed as the paper does (accumjax.noise.SmoothedNoiseScale): numerator and
+# denominator separately (one update's g_sq is a difference of noisy terms and can be <= 0),
+# over ~10 updates. Early in training,
 # when |G|^2 falls by orders of magnitude within tens of updates, the smoothed value lags: the
 # large early terms dominate both sums until they have decayed (the per-update values do not).
 NOISE_EMA = 0.9
