@@ -284,10 +284,11 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
   own_emit = jax.jit(lambda st: step_lib.apply_cycle(
       tx, config, st, sums, step_lib.add_to_cycle(st.cycle, sums, 1))[0], donate_argnums=0)
 
-  def multisteps(wrapper, k):  # an optax user's loop: the whole MultiSteps state donated
+  def multisteps(wrapper, k, donate=True):  # an optax user's loop (the whole state donated)
     ms_tx = wrapper(accumjax.normalized(inner), k, use_grad_mean=False)
     fn = jax.jit(lambda st: (lambda u, s: (s, optax.apply_updates(st[1], u.grads)))(
-        *ms_tx.update(sums, st[0], optim.as_opt_params(st[1]))), donate_argnums=0)
+        *ms_tx.update(sums, st[0], optim.as_opt_params(st[1]))),
+        donate_argnums=0 if donate else ())
     return _chained(fn, (ms_tx.init(optim.as_opt_params(params)), copy(params)))
 
   add = jax.jit(lambda a: jax.tree.map(jnp.add, a, sums.grads), donate_argnums=0)
@@ -312,6 +313,10 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
       'own cycle emitting': _chained(own_emit, copy(state)),
       'LazyMultiSteps emitting': multisteps(optim.LazyMultiSteps, 1),
       'optax.MultiSteps emitting': multisteps(optax.MultiSteps, 1),
+      'LazyMultiSteps interim, not donated': multisteps(optim.LazyMultiSteps, 10**6, False),
+      'optax.MultiSteps interim, not donated': multisteps(optax.MultiSteps, 10**6, False),
+      'LazyMultiSteps emitting, not donated': multisteps(optim.LazyMultiSteps, 1, False),
+      'optax.MultiSteps emitting, not donated': multisteps(optax.MultiSteps, 1, False),
   }
   times = _interleaved_times(variants, rounds, reps, warmup=3)
   med = {v: statistics.median(t) for v, t in times.items()}
@@ -494,6 +499,17 @@ def lazy_report(results, seconds, quick) -> str:
         f'{_paired(r, "own cycle emitting", plain)} | '
         f'{_paired(r, "LazyMultiSteps emitting", plain)} | '
         f'{_paired(r, "optax.MultiSteps emitting", plain)} |')
+  lines += ['', 'LazyMultiSteps / optax.MultiSteps as a drop-in in an optax user\'s loop, with '
+            'the state donated (`jax.jit(..., donate_argnums=0)`) and under plain `jax.jit` '
+            '(not donated: XLA copies what the call passes through, the accumulator and the '
+            'optimizer state included):', '',
+            '| params | interim, donated | interim, not donated | emitting, donated | '
+            'emitting, not donated |', '|---|---|---|---|---|']
+  for r in results:
+    pair = lambda call, tail, r=r: _paired(r, f'LazyMultiSteps {call}{tail}',
+                                           f'optax.MultiSteps {call}{tail}')
+    lines.append(f'| {r["size"]} | {pair("interim", "")} | {pair("interim", ", not donated")} '
+                 f'| {pair("emitting", "")} | {pair("emitting", ", not donated")} |')
   lines += ['', 'Milliseconds per call:', '',
             '| params | ' + ' | '.join(results[0]['ms']) + ' |',
             '|---|' + '---|' * len(results[0]['ms'])]
