@@ -21,6 +21,7 @@ fingerprint and refuses a checkpoint whose bytes changed.
 import dataclasses
 import hashlib
 import json
+import math
 import pathlib
 import shutil
 import time
@@ -54,6 +55,20 @@ class Restored:
 
 
 _META_KEYS = ('step', 'fingerprint', 'dtypes')
+
+
+def json_safe(value):
+  """`value` with every NaN or Inf float (Python or numpy) replaced by None, recursively: what a
+  strict JSON reader (jq, JSON.parse) accepts. None then means "no finite value"."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else None
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
 
 
 def meta_fingerprint(meta: dict) -> str:
@@ -117,7 +132,12 @@ class Checkpointer:
                                           options=self._options)
 
   def steps(self) -> list[int]:
-    return sorted(self._manager.all_steps())
+    try:
+      return sorted(self._manager.all_steps())
+    except OSError as e:
+      raise CheckpointError(
+          f'cannot list the checkpoints in {self.directory}: {e}. Make it readable (chmod -R '
+          'u+rwX), or move the unreadable entries out of it and resume again.') from None
 
   def unfinished(self) -> list[str]:
     """Names of saves that never committed (a kill during an async save leaves these)."""
@@ -142,8 +162,8 @@ class Checkpointer:
         raise ConfigError(f'data_position={data_position!r} must be JSON-able (numbers, '
                               f'strings, lists, dicts): {e}.') from None
       meta['data_position'] = data_position
-    meta = dict(meta, step=step, fingerprint=fingerprint(snapshot),
-                dtypes=[str(x.dtype) for x in jax.tree.leaves(snapshot)])
+    meta = json_safe(dict(meta, step=step, fingerprint=fingerprint(snapshot),
+                          dtypes=[str(x.dtype) for x in jax.tree.leaves(snapshot)]))
     meta['meta_fingerprint'] = meta_fingerprint(meta)
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(
@@ -231,7 +251,10 @@ class Checkpointer:
         restored.moved = self._move_aside([n for n in self.steps() if n > s])
       return restored
     reasons = '; '.join(f'{s}: {why}' for s, why in skipped) or 'none found'
-    raise CheckpointError(f'no usable checkpoint in {self.directory} ({reasons}).')
+    raise CheckpointError(
+        f'no usable checkpoint in {self.directory} ({reasons}). Unreadable ones may only need '
+        'their permissions fixed (chmod -R u+rwX); otherwise start the run afresh in another '
+        '--out.')
 
   def _move_aside(self, steps: list[int]) -> list[tuple[int, str]]:
     if not steps:

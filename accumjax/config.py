@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 
 from accumjax import settings
@@ -171,6 +172,10 @@ class AccumConfig:
     check_int('base_num_microbatches', self.base_num_microbatches, optional=True)
     if self.accum_dtype not in ACCUM_DTYPES:
       raise ConfigError(f'accum_dtype={self.accum_dtype!r}; allowed: {", ".join(ACCUM_DTYPES)}.')
+    if self.accum_dtype == 'float64' and not jax.config.jax_enable_x64:
+      raise ConfigError("accum_dtype='float64' needs 64-bit JAX (jax.config.update("
+                        "'jax_enable_x64', True) before anything else); without it JAX would "
+                        'accumulate in float32.')
     check_bool('noise_stats', self.noise_stats)
     if self.noise_stats and k * self.num_devices < 2:
       raise ConfigError(

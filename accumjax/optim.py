@@ -156,6 +156,21 @@ def _wraps_multisteps(config: AccumConfig) -> bool:
   return config.calls_per_update > 1 and config.multisteps_impl == 'optax'
 
 
+def _refuse_k(k, gradient_step):
+  if int(k) < 1:
+    raise ConfigError(f'every_k_schedule({int(gradient_step)}) = {int(k)}; a K must be >= 1 '
+                      '(optax.MultiSteps would never update).')
+
+
+def _check_callable_k(k, gradient_step):
+  """A callable every_k_schedule's K, checked where it is used: at once when it is a concrete
+  value, else on the host when the call runs (the jitted call then raises with this message)."""
+  if isinstance(k, jax.core.Tracer) or isinstance(gradient_step, jax.core.Tracer):
+    jax.debug.callback(_refuse_k, k, gradient_step)
+  else:
+    _refuse_k(k, gradient_step)
+
+
 class LazyMultiSteps(optax.MultiSteps):
   """`optax.MultiSteps` with its state, results and interface, minus its per-call optimizer cost.
 
@@ -173,7 +188,9 @@ class LazyMultiSteps(optax.MultiSteps):
   Differences, by design: results agree with optax's to float32 rounding, not bitwise (other
   XLA programs); the emitting call resets the accumulator to exact zeros where optax computes
   `0 * acc` (so a NaN accumulator is cleared instead of kept); bad settings (K < 1, a float K)
-  raise `ConfigError` where optax silently never updates or fails deep inside.
+  raise `ConfigError` where optax silently never updates or fails deep inside. A callable
+  `every_k_schedule` is checked where its K is used: a K < 1 raises at once when the call is
+  not traced, and under `jax.jit` the call raises (with that message) when it runs.
 
   accumjax's train step does not need it: it keeps an update's sums in its own cycle (see
   `state.Cycle`), which is this lazy add with the cycle's end decided by the call driver.
@@ -200,12 +217,15 @@ class LazyMultiSteps(optax.MultiSteps):
     super().__init__(opt, every_k_schedule, use_grad_mean, should_skip_update_fn,
                      accumulator_dtype)
     self._has_skip_fn = should_skip_update_fn is not None
+    self._k_is_callable = callable(every_k_schedule)
 
   def _cycle(self, updates, state, params, extra_args, zero_updates):
     """The lazy core: adds `updates` into the accumulator; on the cycle's last call runs the
     inner optimizer on the accumulated gradients (inside a `lax.cond` that only that call
     takes). Returns (updates, new state with the old skip_state)."""
     k_steps = self._every_k_schedule(state.gradient_step)
+    if self._k_is_callable:
+      _check_callable_k(k_steps, state.gradient_step)
     acc = jax.tree.map(lambda g, a: self._acc_update(g, a, n_acc=state.mini_step),
                        updates, state.acc_grads)
     acc_dtype = self._accumulator_dtype

@@ -15,6 +15,7 @@ The logic lives in accumjax.lm.train, importable from a notebook.
 
 import argparse
 import os
+import pathlib
 import signal
 import sys
 import time
@@ -169,6 +170,20 @@ def init_distributed(a):
   jax.distributed.initialize(a.coordinator_address, a.num_processes, a.process_id)
 
 
+def _checkpoints_word(out) -> str:
+  """What a failed run leaves to resume from: its newest committed checkpoint, or nothing."""
+  directory = pathlib.Path(out) / 'checkpoints'
+  try:
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  except OSError:
+    steps = []
+  if not steps:
+    return ('No checkpoint was committed: nothing to resume; free the space (or fix the '
+            'cause) and start the run again.')
+  return (f'The newest committed checkpoint (step {steps[-1]} in {directory}) is intact; '
+          '--resume continues from it.')
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.resume is not None and args.out is None:
@@ -197,12 +212,11 @@ def main(argv=None):
   except MemoryError as e:  # what the up-front check could not foresee
     sys.stderr.write(f'error: out of host memory ({type(e).__name__}: {e}). Lower '
                      '--grad-accum-steps or --batch-size, or feed fewer micro-batches per call '
-                     '(--accum-mode multisteps or hybrid); the newest committed checkpoint is '
-                     'intact.\n')
+                     f'(--accum-mode multisteps or hybrid). {_checkpoints_word(out)}\n')
     return 1
   except OSError as e:  # writing metrics, config.json or the plot failed (disk full, ...)
-    sys.stderr.write(f'error: could not write the run\'s outputs: {e}. The newest committed '
-                     'checkpoint is intact; --resume continues from it.\n')
+    sys.stderr.write(f'error: could not write the run\'s outputs: {e}. '
+                     f'{_checkpoints_word(out)}\n')
     return 1
   return 0
 

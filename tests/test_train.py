@@ -231,7 +231,7 @@ def test_a_call_too_big_for_host_memory_is_refused_with_what_fits(tmp_path, corp
   rc, err = _cli(capsys, *TINY_ARGV, '--data', corpus, '--out', str(out),
                  '--grad-accum-steps', '100000000')  # scan: 10^8 micro-batches in one call
   assert rc == 2 and len(err.splitlines()) == 1, err
-  assert '--grad-accum-steps 100000000 in scan mode' in err and 'is available' in err, err
+  assert '(from --grad-accum-steps 100000000) in scan mode' in err and 'is available' in err, err
   assert 'At most' in err and not out.exists()
   # the same limit, with the available memory given: what fits is said exactly
   cfg = train_config(**TINY, grad_accum_steps=64)

@@ -127,7 +127,8 @@ class TrainConfig:
                              'must be an integer in [0, 2**32).'))
   eval_every: int = setting(50, 'in optimizer updates', group='run', minimum=1,
                             on_resume=_HARMLESS)
-  eval_batches: int = setting(8, 'eval set size, in micro-batches of the eval split',
+  eval_batches: int = setting(8, 'eval set size, in global micro-batches (batch size x '
+                              'devices rows) of the eval split',
                               group='run', minimum=1, on_resume=_HARMLESS)
   log_every: int = setting(10, 'in optimizer updates', group='run', minimum=1,
                            on_resume=_HARMLESS)

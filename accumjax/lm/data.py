@@ -73,7 +73,8 @@ def corpus_texts(path: str | None) -> list[bytes]:
     try:
       texts.append(f.read_bytes())
     except OSError as e:
-      raise DataError(f'--data: cannot read {str(f)!r}: {e.strerror or e}.') from None
+      raise DataError(f'--data: cannot read {str(f)!r}: {e.strerror or e}. Make it readable '
+                      '(chmod a+r), or give a --data without it.') from None
   return texts
 
 
@@ -133,14 +134,21 @@ def load_splits(path: str | None, seq_len: int, pack: bool = False, eval_every: 
   """(train, eval) Splits; every `eval_every`-th file goes to eval (with fewer files, the last
   one; with a single file, its last 5%)."""
   texts = corpus_texts(path)
+  names = [str(f) for f in corpus_files(path)] if path and not path.startswith('builtin:') \
+      else [f'file {i}' for i in range(len(texts))]
   if len(texts) == 1:  # a single file: hold out its last 5%
     cut = int(len(texts[0]) * 0.95)
     parts = {'train': [texts[0][:cut]], 'eval': [texts[0][cut:]]}
+    held = {'train': [f'the first 95% of {names[0]}'], 'eval': [f'the last 5% of {names[0]}']}
   elif len(texts) < eval_every:  # a few files: hold out the last one
     parts = {'train': texts[:-1], 'eval': texts[-1:]}
+    held = {'train': names[:-1], 'eval': names[-1:]}
   else:
-    parts = {'train': [t for i, t in enumerate(texts) if i % eval_every != eval_every // 2],
-             'eval': [t for i, t in enumerate(texts) if i % eval_every == eval_every // 2]}
+    is_eval = [i % eval_every == eval_every // 2 for i in range(len(texts))]
+    parts = {'train': [t for t, e in zip(texts, is_eval, strict=True) if not e],
+             'eval': [t for t, e in zip(texts, is_eval, strict=True) if e]}
+    held = {'train': [n for n, e in zip(names, is_eval, strict=True) if not e],
+            'eval': [n for n, e in zip(names, is_eval, strict=True) if e]}
   splits = {}
   for name, part in parts.items():
     blocks = [b for t in part for b in _BLOCK_SPLIT.split(t) if b.strip()]
@@ -152,10 +160,13 @@ def load_splits(path: str | None, seq_len: int, pack: bool = False, eval_every: 
                          digest.hexdigest()[:16])
   for name, split in splits.items():
     if len(split.lengths) == 0:
+      shown = ', '.join(held[name][:5]) + (f' (+{len(held[name]) - 5} more)'
+                                           if len(held[name]) > 5 else '')
       raise DataError(
           f'the {name} split of {path or "the default corpus"} is empty: it needs at least one '
-          'paragraph of 2 or more bytes; a single file gives its last 5% to eval, several files '
-          f'their last one (a directory of {eval_every} or more, every {eval_every}th).')
+          f'paragraph of 2 or more bytes, and its text ({shown}) has none. A single file gives '
+          f'its last 5% to eval, several files their last one (a directory of {eval_every} or '
+          f'more, every {eval_every}th): put text in those files, or give --data more of it.')
   return splits['train'], splits['eval']
 
 

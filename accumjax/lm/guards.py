@@ -18,7 +18,8 @@ from accumjax.planner import format_bytes
 def check_out_dir(out: pathlib.Path, resume) -> None:
   """Refuses an --out that cannot hold this run, before anything is written."""
   if out.exists() and not out.is_dir():
-    raise ConfigError(f'--out {str(out)!r} is an existing file, not a directory.')
+    raise ConfigError(f'--out {str(out)!r} is an existing file, not a directory: give a '
+                      'directory (a new one, or a run\'s own with --resume).')
   ckpt_dir = out / 'checkpoints'
   if resume is None and ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
     raise ConfigError(
@@ -26,7 +27,8 @@ def check_out_dir(out: pathlib.Path, resume) -> None:
         'it, or give another --out (or delete that directory to start over).')
   existing = next(p for p in (out, *out.absolute().parents) if p.exists())
   if not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f'--out {str(out)!r}: {str(existing)!r} is not writable.')
+    raise ConfigError(f'--out {str(out)!r}: {str(existing)!r} is not writable: give an --out '
+                      'under a directory you can write, or make it writable (chmod u+w).')
 
 
 class RunLock:
@@ -93,15 +95,31 @@ def check_host_memory(cfg: TrainConfig, accum: AccumConfig, devices: int,
   --grad-accum-steps in scan mode feeds every micro-batch of an update in one call), saying
   what was asked and what fits, before anything is written."""
   available = available_host_bytes() if available is None else available
-  per_microbatch = accum.microbatch_size * devices * data_lib.host_bytes_per_row(cfg.accum.seq_len)
+  per_microbatch = accum.microbatch_size * devices * data_lib.host_bytes_per_row(accum.seq_len)
   need = accum.per_call * per_microbatch
   if available is None or need <= available:
     return
   fits = available // per_microbatch
+  source = k_source(cfg)
   raise ConfigError(
-      f'--grad-accum-steps {accum.num_microbatches} in {accum.mode} mode feeds '
+      f'K = {accum.num_microbatches} (from {source}) in {accum.mode} mode feeds '
       f'{accum.per_call:,} micro-batches of {accum.microbatch_size} x {devices} device(s) rows '
       f"x {accum.seq_len} tokens in one call, which needs at least {format_bytes(need)} of host "
       f'memory for the batch alone; {format_bytes(available)} is available. At most '
-      f'{fits:,} micro-batches fit in one call: lower --grad-accum-steps, or use --accum-mode '
+      f'{fits:,} micro-batches fit in one call: lower {source.split()[0]}, or use --accum-mode '
       'multisteps (one micro-batch per call) or hybrid with a smaller --microbatches-per-call.')
+
+
+def k_source(cfg: TrainConfig) -> str:
+  """The flag that set K, as said in a refusal."""
+  if cfg.grad_accum_schedule is not None:
+    return f'--grad-accum-schedule {cfg.grad_accum_schedule}: its largest K'
+  if cfg.grad_accum_steps == 'auto':
+    return ('--grad-accum-steps auto: its largest K, --max-grad-accum-steps '
+            f'{cfg.max_grad_accum_steps}')
+  if cfg.tokens_per_update is not None:
+    return f'--tokens-per-update {cfg.tokens_per_update}'
+  if cfg.grad_accum_steps is not None:
+    return f'--grad-accum-steps {cfg.grad_accum_steps}'
+  return '--grad-accum-steps (default 4)'
+

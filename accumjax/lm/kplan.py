@@ -27,7 +27,9 @@ class KPlan:
 
   @property
   def max_k(self) -> int:
-    return self.schedule.max_k if self.schedule else self.auto_max
+    """The largest K an update can have (the step is built for it): auto's largest power of
+    two, not --max-grad-accum-steps itself."""
+    return self.schedule.max_k if self.schedule else max(self.allowed)
 
   @property
   def first_k(self) -> int:

@@ -6,16 +6,19 @@ import json
 import pathlib
 import sys
 
+from accumjax.checkpoint import json_safe
+
 
 class MetricsWriter:
-  """Appends one JSON object per line to `path` (None: writes nothing, e.g. not process 0)."""
+  """Appends one JSON object per line to `path` (None: writes nothing, e.g. not process 0).
+  Strict JSON: a NaN or Inf value is written as null (`checkpoint.json_safe`)."""
 
   def __init__(self, path: pathlib.Path | None):
     self._f = None if path is None else open(path, 'a')  # noqa: SIM115 (closed in close())
 
   def write(self, record: dict):
     if self._f is not None:
-      self._f.write(json.dumps(record) + '\n')
+      self._f.write(json.dumps(json_safe(record), allow_nan=False) + '\n')
       self._f.flush()
 
   def close(self):

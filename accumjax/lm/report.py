@@ -12,7 +12,7 @@ import time
 import jax
 
 from accumjax import parallel
-from accumjax.checkpoint import fingerprint
+from accumjax.checkpoint import fingerprint, json_safe
 from accumjax.config import AccumConfig
 from accumjax.lm import config as config_lib
 from accumjax.lm import logs
@@ -96,9 +96,9 @@ def open_outputs(run: Run, resumed: bool):
   run.out.mkdir(parents=True, exist_ok=True)
   path = run.out / 'metrics.jsonl'
   if run.main_process:
-    (run.out / 'config.json').write_text(json.dumps(
+    (run.out / 'config.json').write_text(json.dumps(json_safe(
         {'train': config_lib.to_flat(run.cfg), 'accumulation': describe(run.accum, prog.state),
-         'run': run.info}, indent=2))
+         'run': run.info}), indent=2, allow_nan=False))
     prog.records = trim_metrics(path, prog.update) if resumed else []
     if not resumed:
       path.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ comparison is by flat name and every message names the flag.
 
 import dataclasses
 import json
+import math
 import pathlib
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from accumjax import parallel
-from accumjax.checkpoint import Checkpointer, CheckpointError
+from accumjax.checkpoint import Checkpointer, CheckpointError, json_safe
 from accumjax.core import ConfigError, zero_noise
 from accumjax.lm import config as config_lib
 from accumjax.lm.build import build_optimizer, lr_schedule
@@ -228,7 +229,11 @@ def _parse(line: str):
     record = json.loads(line)
   except json.JSONDecodeError:
     return None  # e.g. a last line half-written when the run was killed
-  return record if isinstance(record, dict) and 'kind' in record else None
+  if not isinstance(record, dict) or 'kind' not in record:
+    return None
+  if record['kind'] in ('train', 'eval'):  # null: no finite value (see MetricsWriter)
+    record = {k: math.nan if v is None else v for k, v in record.items()}
+  return record
 
 
 def trim_metrics(path: pathlib.Path, update: int) -> list[dict]:
@@ -238,5 +243,5 @@ def trim_metrics(path: pathlib.Path, update: int) -> list[dict]:
     return []
   records = [r for r in map(_parse, path.read_text().splitlines()) if r is not None]
   records = [r for r in records if r['kind'] != 'summary' and r.get('update', 0) <= update]
-  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  path.write_text(''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in records))
   return records

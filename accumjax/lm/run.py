@@ -142,49 +142,53 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
     loss_fn = faults_lib.with_faults(loss_fn)
   tx, schedule = build_optimizer(cfg, accum)
   # Everything is checked: from here on the run writes (a checkpoint restore may move broken
-  # checkpoints aside), so it takes the directory's lock first.
+  # checkpoints aside), so it takes the directory's lock first, and gives it back if anything
+  # below fails.
   lock = RunLock(out).acquire() if jax.process_index() == 0 else None
   try:
     state, ckpt, meta = _initial_state(cfg, accum, tx, params, out, log, mesh, resume,
                                        on_config_change, train_split.fingerprint)
+    rows = data_lib.RowIterator(train_split, cfg.seed)
+    k_plan = config_lib.k_plan(cfg)
+    stats = RunStats(k=k_plan.first_k if k_plan is not None and k_plan.auto else None)
+    if meta is not None:
+      rows.set_state(meta['data'])
+      stats = RunStats(**meta['run'])
+      _check_k_on_resume(cfg, k_plan, meta, state, stats)
+    # One device: the plain one-device program (no shard_map around a single device).
+    step = jit_train_step(make_train_step(loss_fn, tx, accum,
+                                          mesh=mesh if mesh.size > 1 else None))
+    # Eval is small: its batches are replicated and every device evaluates them whole. A batch
+    # is a global micro-batch (micro-batch size x devices rows), so the same global run on 1
+    # device and on 4 evaluates the same rows.
+    eval_rows = cfg.accum.microbatch_size * mesh.size
+    eval_set = parallel.replicate(
+        data_lib.eval_batches(eval_split, eval_rows, cfg.eval_batches), mesh)
+    state = parallel.place_state(state, mesh)
+    info = {
+        'memory_plan': dataclasses.asdict(plan) if plan else None,
+        'devices': [str(d) for d in mesh.devices.flat], 'processes': jax.process_count(),
+        'num_params': num_params(params),
+        'data': data_lib.describe_corpus(cfg.data),
+        'train_files': train_split.num_files, 'train_bytes': train_split.num_bytes,
+        'train_rows': int(len(train_split.lengths)), 'eval_files': eval_split.num_files,
+        'train_fingerprint': train_split.fingerprint,
+        'eval_rows_used': len(eval_set) * eval_rows,
+        'resumed_at_update': int(state.update_step),
+        'mesh': dict(mesh.shape),
+        'state_bytes_per_device': state_lib.state_bytes_per_device(state, accum),
+    }
+    progress = Progress(state=state, stats=stats, update=int(state.update_step),
+                        microbatches=state_lib.microbatches_seen(state),
+                        position=loop.calls_done(state, accum), ckpt=ckpt)
+    return Run(cfg=cfg, accum=accum, mesh=mesh, out=out, log=log, step=step, rows=rows,
+               faults=faults, schedule=schedule, eval_set=eval_set,
+               eval_sums=_eval_fn(apply, accum.compute_jnp_dtype), info=info, plan=plan,
+               k_plan=k_plan, lock=lock, progress=progress)
   except BaseException:
     if lock is not None:
       lock.release()
     raise
-  rows = data_lib.RowIterator(train_split, cfg.seed)
-  k_plan = config_lib.k_plan(cfg)
-  stats = RunStats(k=k_plan.first_k if k_plan is not None and k_plan.auto else None)
-  if meta is not None:
-    rows.set_state(meta['data'])
-    stats = RunStats(**meta['run'])
-    _check_k_on_resume(cfg, k_plan, meta, state, stats)
-  # One device: the plain one-device program (no shard_map around a single device).
-  step = jit_train_step(make_train_step(loss_fn, tx, accum,
-                                        mesh=mesh if mesh.size > 1 else None))
-  # Eval is small: its batches are replicated and every device evaluates them whole.
-  eval_set = parallel.replicate(
-      data_lib.eval_batches(eval_split, cfg.accum.microbatch_size, cfg.eval_batches), mesh)
-  state = parallel.place_state(state, mesh)
-  info = {
-      'memory_plan': dataclasses.asdict(plan) if plan else None,
-      'devices': [str(d) for d in mesh.devices.flat], 'processes': jax.process_count(),
-      'num_params': num_params(params),
-      'data': data_lib.describe_corpus(cfg.data),
-      'train_files': train_split.num_files, 'train_bytes': train_split.num_bytes,
-      'train_rows': int(len(train_split.lengths)), 'eval_files': eval_split.num_files,
-      'train_fingerprint': train_split.fingerprint,
-      'eval_rows_used': len(eval_set) * cfg.accum.microbatch_size,
-      'resumed_at_update': int(state.update_step),
-      'mesh': dict(mesh.shape),
-      'state_bytes_per_device': state_lib.state_bytes_per_device(state, accum),
-  }
-  progress = Progress(state=state, stats=stats, update=int(state.update_step),
-                      microbatches=state_lib.microbatches_seen(state),
-                      position=loop.calls_done(state, accum), ckpt=ckpt)
-  return Run(cfg=cfg, accum=accum, mesh=mesh, out=out, log=log, step=step, rows=rows,
-             faults=faults, schedule=schedule, eval_set=eval_set,
-             eval_sums=_eval_fn(apply, accum.compute_jnp_dtype), info=info, plan=plan,
-             k_plan=k_plan, lock=lock, progress=progress)
 
 
 def update_k(run: Run) -> int:
