@@ -209,6 +209,16 @@ class AccumConfig:
     return {'scan': k, 'multisteps': 1}.get(self.mode, hybrid)
 
   @property
+  def masks_microbatches(self) -> bool:
+    """Whether each micro-batch's gradient is checked and masked on its own: for
+    'skip_microbatch' (the update is the rest's) and 'raise' (which names the micro-batch),
+    under float16 loss scaling (an overflow names its micro-batch) and under optax.MultiSteps
+    (which decides per call). Otherwise ('skip_update') one check
+    of the update's gradient sum decides (core.count_nonfinite_sum)."""
+    return self.nonfinite != 'skip_update' or self.loss_scaling or (
+        self.calls_per_update > 1 and self.multisteps_impl == 'optax')
+
+  @property
   def per_call(self) -> int:
     """c: micro-batches scanned in one jitted call."""
     return self.implied_per_call()

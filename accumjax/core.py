@@ -317,11 +317,16 @@ def _microbatch_grads(loss_fn, params, mb, key, view, loss_scale, accum_dtype):
 
 
 def _add_microbatch(carry: GradSums, grads, loss_sum, weight, clip_norm, noise_stats,
-                    reduce_microbatch):
+                    reduce_microbatch, mask: bool = True):
   """`carry` plus one micro-batch, or plus zeros (counted as non-finite) where its loss,
-  weight or gradient is not finite or its weight is negative. Returns (sums, finite)."""
-  finite = (_all_finite(grads) & jnp.isfinite(loss_sum) & jnp.isfinite(weight)
-            & (weight >= 0))
+  weight or gradient is not finite or its weight is negative. Returns (sums, finite).
+
+  `mask=False` checks only the scalars (loss, weight) here and adds the gradient as it is:
+  one non-finite gradient then makes the sum non-finite, which the update checks once (see
+  `count_nonfinite_sum`); the gradient is read once, by the add."""
+  finite = jnp.isfinite(loss_sum) & jnp.isfinite(weight) & (weight >= 0)
+  if mask:
+    finite &= _all_finite(grads)
   if clip_norm is not None:
     grads = _clip_weighted(grads, weight, clip_norm)
   # jnp.where, not a multiplication by 0: 0 * NaN is NaN.
@@ -332,7 +337,7 @@ def _add_microbatch(carry: GradSums, grads, loss_sum, weight, clip_norm, noise_s
     sq = jnp.where(sample, _sq_norm(grads), 0.0) / jnp.where(sample, weight, 1.0)
     noise = NoiseSums(carry.noise.sq_over_weight + sq,
                       carry.noise.samples + sample.astype(jnp.float32))
-  kept = jax.tree.map(keep, grads)
+  kept = jax.tree.map(keep, grads) if mask else grads
   if reduce_microbatch is not None:
     kept = reduce_microbatch(kept)
   return GradSums(
@@ -347,7 +352,7 @@ def scan_microbatches(
     loss_fn, params, batch, *, num_microbatches, rng=None, index_offset=0,
     accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None, noise_stats=False,
     model_state=None, state_rules=None, state_acc=None, reduce_microbatch=None,
-    sums_like=None) -> Scanned:
+    sums_like=None, mask_microbatches=True) -> Scanned:
   """`accumulate_sums` (same arguments), plus which micro-batches were non-finite and the
   model state's accumulator (a `Scanned`).
 
@@ -357,6 +362,11 @@ def scan_microbatches(
   model_state)` returns `((loss_sum, weight[, aux]), new_state)`; `state_rules` (required) say
   how the micro-batches' new states combine, and `state_acc` is the accumulator to continue
   (default: an empty one).
+
+  `mask_microbatches=False` (the train step under the 'skip_update' policy): a micro-batch's
+  gradient is not checked and masked on its own, only its loss and weight; a non-finite
+  gradient makes the sums' gradients non-finite, and `count_nonfinite_sum` counts it once per
+  update (the whole update is skipped anyway). Same result wherever the update is applied.
 
   `reduce_microbatch` (FSDP, see `parallel.reduced_sums`): applied to every micro-batch's
   gradient after the non-finite check, before it is added; the sums then take the shapes of
@@ -383,7 +393,7 @@ def scan_microbatches(
     loss_sum, weight, aux, new_state, grads = _microbatch_grads(
         loss_fn, params, mb, key, view, loss_scale, accum_dtype)
     new, finite = _add_microbatch(carry, grads, loss_sum, weight, clip_microbatch_norm,
-                                  noise_stats, reduce_microbatch)
+                                  noise_stats, reduce_microbatch, mask_microbatches)
     if with_state:
       acc = ms.add(acc, state_rules, model_state, new_state, weight, finite)
     return (new, acc), (aux, ~finite)
@@ -392,6 +402,14 @@ def scan_microbatches(
   (sums, state_acc), (aux, bad_K) = jax.lax.scan(
       body, (zeros, state_acc), (microbatches, jnp.arange(num_microbatches, dtype=jnp.int32)))
   return Scanned(sums, aux, bad_K, state_acc)
+
+
+def count_nonfinite_sum(sums: GradSums) -> GradSums:
+  """`sums` with a non-finite gradient sum counted as one non-finite micro-batch, where no
+  micro-batch's loss or weight was (the sums of `mask_microbatches=False`): one check of the
+  update's gradient, instead of one per micro-batch."""
+  hidden = (sums.nonfinite == 0) & ~_all_finite(sums.grads)
+  return sums._replace(nonfinite=sums.nonfinite + hidden.astype(sums.nonfinite.dtype))
 
 
 def normalize(sums: GradSums):
@@ -404,7 +422,8 @@ def normalize(sums: GradSums):
 
 def accumulate_gradients(
     loss_fn, params, batch, *, num_microbatches, rng=None, accum_dtype=jnp.float32,
-    clip_microbatch_norm=None, noise_stats=False, model_state=None, state_rules=None):
+    clip_microbatch_norm=None, noise_stats=False, model_state=None, state_rules=None,
+    mask_microbatches=True):
   """Gradient of (sum of all loss_sums) / (sum of all weights) over K micro-batches.
 
   Same arguments as `accumulate_sums`. Returns `(grads, metrics)` with metrics `loss` (the
@@ -417,6 +436,10 @@ def accumulate_gradients(
   With `model_state` and `state_rules` (see `accumjax.model_state`; loss_fn then takes the
   state and returns `(losses, new_state)`), metrics add `model_state`: the new state from the
   K micro-batches combined by the rules.
+
+  `mask_microbatches=False`: a micro-batch whose gradient alone is non-finite is not left out
+  (its loss and weight are checked, not its gradient): the result is then non-finite and
+  `nonfinite` counts it as one; a cheaper scan when any non-finite value means "skip".
   """
   if noise_stats is True and isinstance(num_microbatches, int) and num_microbatches < 2:
     raise ConfigError(
@@ -425,7 +448,10 @@ def accumulate_gradients(
   sums, aux, _, acc = scan_microbatches(
       loss_fn, params, batch, num_microbatches=num_microbatches, rng=rng,
       accum_dtype=accum_dtype, clip_microbatch_norm=clip_microbatch_norm,
-      noise_stats=noise_stats, model_state=model_state, state_rules=state_rules)
+      noise_stats=noise_stats, model_state=model_state, state_rules=state_rules,
+      mask_microbatches=mask_microbatches)
+  if not mask_microbatches:
+    sums = count_nonfinite_sum(sums)
   grads, loss = normalize(sums)
   metrics = {'loss': loss, 'loss_sum': sums.loss_sum, 'weight': sums.weight,
              'nonfinite': sums.nonfinite}

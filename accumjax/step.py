@@ -40,6 +40,7 @@ from accumjax.core import (
     GradSums,
     _sq_norm,
     check_loss_fn,
+    count_nonfinite_sum,
     noise_scale,
     normalize,
     scan_microbatches,
@@ -65,7 +66,7 @@ def _call_sums_fn(loss_fn, config: AccumConfig, mesh, state_rules=None):
   compute_loss = with_compute_dtype(loss_fn, config.compute_jnp_dtype)
   clip_each = config.clip_norm if config.clip_before_accumulation else None
   kwargs = dict(accum_dtype=config.accum_jnp_dtype, clip_microbatch_norm=clip_each,
-                noise_stats=config.noise_stats)
+                noise_stats=config.noise_stats, mask_microbatches=config.masks_microbatches)
   devices = config.num_devices
   if mesh is not None:
     if mesh.size != devices:
@@ -245,6 +246,8 @@ def apply_cycle(tx, config: AccumConfig, state: TrainState, call_sums: GradSums,
   optimizer (`tx`, an `optim.accumulating_optimizer`) once on the cycle's totals, the params,
   counters, loss scale and model state that follow, and a fresh cycle. Returns (new state,
   metrics). `flush`: `call_sums` are zeros and nothing may be pending."""
+  if not config.masks_microbatches:  # one check of the update's gradient (core)
+    cycle = cycle._replace(sums=count_nonfinite_sum(cycle.sums))
   updates, opt_state, updated = _optimize(tx, call_sums, cycle, state.opt_state, state.params,
                                           flush)
   applied = updated & (updates.weight > 0)

@@ -413,10 +413,20 @@ def main(argv=None):
   p.add_argument('--noise', action='store_true',
                  help='only the cost of --noise-stats: the K=8 update with and without it, '
                       'scan and multisteps (benchmarks/noise_overhead.md)')
+  p.add_argument('--core', action='store_true',
+                 help='only the accumulation core vs a hand-written scan, optax.microbatching '
+                      'and the full batch, side by side (benchmarks/core.md; experiments/'
+                      'bench_core.py)')
   p.add_argument('--cell', nargs=2, metavar=('VARIANT', 'K'), help=argparse.SUPPRESS)
   p.add_argument('--out', default=None, help='results markdown (default benchmarks/RESULTS.md)')
   a = p.parse_args(argv)
   size = 'quick' if a.quick else 'default'
+  if a.core:
+    from experiments import bench_core
+    out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
+        'core-quick.md' if a.quick else 'core.md')
+    print(bench_core.main(a.quick, out))
+    return 0
   if a.lazy:
     start = time.time()
     text = lazy_report(multisteps_costs(size), time.time() - start, a.quick)

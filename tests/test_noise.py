@@ -196,7 +196,7 @@ def test_trainer_logs_records_and_plots_b_simple(tmp_path, corpus, capsys):
 @pytest.mark.slow
 def test_noise_stats_are_harmless_to_toggle_on_resume_and_off_for_k1(tmp_path, corpus, capsys):
   """The params do not depend on --noise-stats: a run that turns it on when resumed ends where
-  a run with it on all along ends; with K = 1 it is off, and says so."""
+  a run with it on all along ends (to float32 rounding); with K = 1 it is off, and says so."""
   from tests.test_train import TINY_ARGV, _cli, _records
   argv = [*TINY_ARGV, '--data', str(corpus), '--schedule', 'constant', '--warmup-steps', '0']
   assert _cli(capsys, *argv, '--steps', '2', '--no-noise-stats', '--out', str(tmp_path / 'a'))[
@@ -205,8 +205,12 @@ def test_noise_stats_are_harmless_to_toggle_on_resume_and_off_for_k1(tmp_path, c
   assert _cli(capsys, *argv, '--steps', '4', '--resume', '--out', str(tmp_path / 'a'))[0] == 0
   assert _cli(capsys, *argv, '--steps', '4', '--out', str(tmp_path / 'b'))[0] == 0
   a, b = _records(tmp_path / 'a'), _records(tmp_path / 'b')
-  assert a[2]['params_fingerprint'] == b[2]['params_fingerprint']
-  assert [r['b_simple'] for r in a[0][2:]] == [r['b_simple'] for r in b[0][2:]]
+  # Not bitwise: with the statistics on, the compiled scan also reads each gradient for its
+  # squared norm, and XLA fuses the gradient differently (last bits). Before the default
+  # policy stopped masking each micro-batch (issue 31) the select kept them bitwise equal.
+  assert [r['loss'] for r in a[0]] == pytest.approx([r['loss'] for r in b[0]], rel=1e-6)
+  assert [r['b_simple'] for r in a[0][2:]] == pytest.approx(
+      [r['b_simple'] for r in b[0][2:]], rel=1e-4)
   # K = 1: no small-batch sample; the run trains without the statistics
   k1 = [x if x != '2' or argv[i - 1] != '--grad-accum-steps' else '1'
         for i, x in enumerate(argv)]

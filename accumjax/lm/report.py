@@ -123,9 +123,10 @@ def _check_nonfinite(run: Run, record: dict, consecutive: int):
     raise NonFiniteError(
         f'{consecutive} updates in a row skipped for non-finite values (updates '
         f'{update - consecutive + 1}-{update}, --max-consecutive-skips '
-        f'{cfg.max_consecutive_skips}); the last one had {n} non-finite micro-batch(es), the '
-        f'first at micro-batch {j}. Params are those after update {update - consecutive}, '
-        f'never poisoned{after}.')
+        f'{cfg.max_consecutive_skips}); the last one had {n} non-finite micro-batch(es), '
+        + (f'the first at micro-batch {j}' if j >= 0 else 'in its gradients (which micro-batch '
+           'is not tracked under skip_update; --nonfinite-policy raise names it)')
+        + f'. Params are those after update {update - consecutive}, never poisoned{after}.')
 
 
 def record_update(run: Run, m: dict) -> dict:
