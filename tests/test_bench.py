@@ -32,3 +32,12 @@ def test_bench_lazy_quick_writes_its_table(tmp_path):
   target = rows[0][5].split()  # median (25th-75th percentile)
   assert float(target[0]) > 0 and target[1].startswith('(') and target[1].endswith(')')
   assert all(float(x.split()[0]) > 0 for x in rows[0][4:-1])
+
+
+@pytest.mark.slow
+def test_bench_core_quick_checks_every_variant_and_writes_its_table(tmp_path):
+  """Every variant is checked equal to the full batch before it is timed (bench_core)."""
+  out = tmp_path / 'core.md'
+  assert bench.main(['--core', '--quick', '--out', str(out)]) == 0
+  rows = [line.split('|') for line in out.read_text().splitlines() if line.startswith('| tiny (')]
+  assert len(rows) == 1 and all(float(x.split()[0]) > 0 for x in rows[0][5:-1])
