@@ -25,6 +25,9 @@ import subprocess
 import sys
 import time
 
+from experiments.timing import interleaved_times as _interleaved_times
+from experiments.timing import paired as _paired
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VARIANTS = ('full', 'scan', 'multisteps_optax', 'multisteps_lazy', 'hybrid', 'optax_microbatch')
 SIZES = {
@@ -41,24 +44,6 @@ def _rss_bytes():
       if line.startswith('VmRSS:'):
         return int(line.split()[1]) * 1024
   return 0
-
-
-def _interleaved_times(fns: dict, rounds: int, reps: int, warmup: int) -> dict:
-  """{name: [seconds per call, one per round]}: every function timed once per round, in turn,
-  so that load on a shared machine falls on all of them alike."""
-  import jax
-  for fn in fns.values():
-    for _ in range(warmup):
-      jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      for _ in range(reps):
-        out = fn()
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - t0) / reps)
-  return times
 
 
 def _median_time(fn, reps, warmup=1):
@@ -324,17 +309,6 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
           'leaves': len(jax.tree.leaves(params)), 'ms': {v: t * 1e3 for v, t in med.items()},
           'rounds': rounds, 'reps': reps, 'rounds_ms': {v: [x * 1e3 for x in t]
                                                          for v, t in times.items()}}
-
-
-def _paired(r, a, b, quartiles=False):
-  """Median over rounds of (a's time / b's time in the same round); with quartiles, also the
-  25th-75th percentile of those ratios."""
-  ratios = [x / y for x, y in zip(r['rounds_ms'][a], r['rounds_ms'][b], strict=True)]
-  text = f'{statistics.median(ratios):.2f}'
-  if quartiles:
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    text += f' ({q1:.2f}-{q3:.2f})'
-  return text
 
 
 def noise_costs(size: str, rounds: int = 9, reps: int = 3, k: int = 8) -> list[dict]:

@@ -111,18 +111,18 @@ def check_equal(fns: dict):
 
 
 def measure(label, dims, rounds, reps):
-  from experiments.bench import _interleaved_times
+  from experiments.timing import interleaved_times
   params, batch, loss_fn = _problem(**dims)
   fns = variants(params, batch, loss_fn)
   check_equal(fns)
-  times = _interleaved_times(fns, rounds, reps, warmup=2)
+  times = interleaved_times(fns, rounds, reps, warmup=2)
   n = sum(x.size for x in __import__('jax').tree.leaves(params))
   return {'size': label, 'dims': dims, 'num_params': int(n), 'rounds': rounds, 'reps': reps,
           'rounds_ms': {k: [t * 1e3 for t in v] for k, v in times.items()}}
 
 
 def report(results, seconds, quick) -> str:
-  from experiments.bench import _paired
+  from experiments.timing import paired as _paired
   core, core1 = 'accumjax core (masks each micro-batch)', 'accumjax core (one check per update)'
   lines = ['# The accumulation core vs the code it replaces (side by side, one process)', '',
            f'Command: `python -m experiments.bench --core{" --quick" if quick else ""}` '
