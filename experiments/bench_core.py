@@ -111,12 +111,14 @@ def check_equal(fns: dict):
 
 
 def measure(label, dims, rounds, reps):
+  import jax
+
   from experiments.timing import interleaved_times
   params, batch, loss_fn = _problem(**dims)
   fns = variants(params, batch, loss_fn)
   check_equal(fns)
   times = interleaved_times(fns, rounds, reps, warmup=2)
-  n = sum(x.size for x in __import__('jax').tree.leaves(params))
+  n = sum(x.size for x in jax.tree.leaves(params))
   return {'size': label, 'dims': dims, 'num_params': int(n), 'rounds': rounds, 'reps': reps,
           'rounds_ms': {k: [t * 1e3 for t in v] for k, v in times.items()}}
 
