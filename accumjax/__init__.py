@@ -6,6 +6,7 @@ built on it lives in `accumjax.lm`.
 
 from accumjax import (
     checkpoint,
+    layers,
     loop,
     model_state,
     nnx_model,
@@ -26,6 +27,7 @@ from accumjax.core import (
     normalize,
     split_microbatches,
 )
+from accumjax.layers import scan_layers
 from accumjax.loop import Updates, pad_rows, run_update
 from accumjax.losses import per_example_loss, token_cross_entropy
 from accumjax.nnx_model import NnxModel
@@ -39,8 +41,8 @@ __all__ = [
     'AccumConfig', 'ConfigError', 'Cycle', 'GradSums', 'LazyMultiSteps', 'NnxModel', 'NoiseSums',
     'SmoothedNoiseScale', 'TrainState', 'Updates', 'accumulate_gradients', 'accumulate_sums',
     'accumulating_optimizer', 'as_opt_params', 'cast_floats', 'checkpoint', 'describe',
-    'init_train_state', 'jit_train_step', 'loop', 'make_flush', 'make_train_step', 'model_state',
+    'init_train_state', 'jit_train_step', 'layers', 'loop', 'make_flush', 'make_train_step', 'model_state',
     'nnx_model', 'noise', 'noise_scale', 'normalize', 'normalized', 'pad_rows', 'parallel',
-    'per_example_loss', 'planner', 'run_update', 'schedules', 'split_microbatches', 'state',
+    'per_example_loss', 'planner', 'run_update', 'scan_layers', 'schedules', 'split_microbatches', 'state',
     'token_cross_entropy', 'with_compute_dtype',
 ]

@@ -17,6 +17,8 @@ NONFINITE_POLICIES = ('skip_update', 'skip_microbatch', 'raise')
 DP_REDUCTIONS = ('psum', 'ordered')
 # Where an FSDP step reduce-scatters gradients into each device's shard (see parallel.py).
 FSDP_REDUCES = ('call', 'microbatch')
+# When an FSDP step gathers the params: once per call, or one layer at a time (parallel.py).
+FSDP_GATHERS = ('call', 'layer')
 # Where the accumulator kept between calls lives (multisteps/hybrid): JAX memory kinds.
 ACCUMULATOR_MEMORIES = ('device', 'host')
 MULTISTEPS_IMPLS = ('lazy', 'optax')
@@ -69,6 +71,13 @@ class AccumConfig:
       reduce-scattered into its shard of the sums: 'call' (default; once per call after the
       scan, whose accumulator is full size) or 'microbatch' (after every micro-batch, so the
       scan's accumulator is only a shard; one collective per micro-batch). Same math.
+      Under fsdp_gather='layer' it does not apply (each layer's gradient is reduce-scattered
+      as the backward pass produces it).
+    fsdp_gather: on a mesh with an `fsdp` axis, when the params are gathered: 'call'
+      (default; once per call, before the micro-batch scan: the full params live for the
+      call) or 'layer' (JAX's partitioner gathers one layer at a time inside a model that
+      scans its layers with `layers.scan_layers`, again in the backward pass; a micro-batch is
+      then the fsdp group's rows). Same math for the update; see parallel.reduced_sums.
     accumulator_memory: 'device' (default) or 'host': in multisteps/hybrid mode, the float32
       gradient sums kept in the state between calls live in the devices' memory, or in host
       memory (JAX's `pinned_host` memory kind; each call moves them to the device and back).
@@ -149,6 +158,12 @@ class AccumConfig:
       '(full-size accumulator inside the call, one collective) or after every micro-batch '
       '(accumulator a shard, one collective each)', group='parallel', choices=FSDP_REDUCES,
       on_resume=HARMLESS)
+  fsdp_gather: str = setting(
+      'call', 'with fsdp: gather the params once per call (call: full params live for the '
+      'call, fewest collectives) or one layer at a time inside the layer scan, forward and '
+      'backward, each layer\'s gradient reduce-scattered as produced (layer: no full-size param '
+      'or gradient buffer; --fsdp-reduce does not apply)', group='parallel',
+      choices=FSDP_GATHERS, on_resume=HARMLESS)
   accumulator_memory: str = setting(
       'device', 'multisteps/hybrid: keep the float32 gradient sums between calls in device or '
       'host memory (pinned_host; moved in and out every call). On a CPU backend both are the '
@@ -285,6 +300,7 @@ def describe(config: AccumConfig) -> dict:
                        if config.loss_scaling else 'none'),
       'dp_reduction': config.dp_reduction if config.num_devices > 1 else None,
       'fsdp_reduce': config.fsdp_reduce,
+      'fsdp_gather': config.fsdp_gather,
       'accumulator_memory': config.accumulator_memory,
       'reductions_per_update': config.calls_per_update if config.num_devices > 1 else 0,
       'noise_stats': config.noise_stats,

@@ -144,8 +144,11 @@ def check_float_params(params):
           'accumulation needs floating-point params (float32, bfloat16, ...).')
 
 
-def split_microbatches(batch, num_microbatches: int):
-  """Reshapes every leaf [N, ...] of `batch` to [num_microbatches, N // num_microbatches, ...]."""
+def split_microbatches(batch, num_microbatches: int, row_groups: int = 1):
+  """Reshapes every leaf [N, ...] of `batch` to [num_microbatches, N // num_microbatches, ...].
+
+  `row_groups` G > 1: the rows are G consecutive blocks (e.g. the devices of an `fsdp` group);
+  micro-batch j is then the j-th of K equal chunks of every block, in block order."""
   check_int('num_microbatches', num_microbatches)
   leaves = jax.tree.leaves(batch)
   if not leaves:
@@ -161,8 +164,17 @@ def split_microbatches(batch, num_microbatches: int):
         f'batch size {n} is not divisible by num_microbatches={num_microbatches}; '
         f'allowed num_microbatches for this batch: '
         f'{[k for k in range(1, n + 1) if n % k == 0]}.')
-  return jax.tree.map(
-      lambda x: x.reshape((num_microbatches, n // num_microbatches) + x.shape[1:]), batch)
+  if n % (num_microbatches * row_groups):
+    raise ConfigError(f'batch size {n} does not split into row_groups={row_groups} blocks of '
+                      f'num_microbatches={num_microbatches} equal chunks.')
+  if row_groups == 1:
+    return jax.tree.map(
+        lambda x: x.reshape((num_microbatches, n // num_microbatches) + x.shape[1:]), batch)
+  # [G, K, b] -> [K, G, b]: micro-batch j takes the j-th chunk of every group's rows.
+  b = n // (num_microbatches * row_groups)
+  return jax.tree.map(lambda x: jnp.swapaxes(
+      x.reshape((row_groups, num_microbatches, b) + x.shape[1:]), 0, 1).reshape(
+          (num_microbatches, row_groups * b) + x.shape[1:]), batch)
 
 
 def _unpack_loss(out):
@@ -352,7 +364,7 @@ def scan_microbatches(
     loss_fn, params, batch, *, num_microbatches, rng=None, index_offset=0,
     accum_dtype=jnp.float32, clip_microbatch_norm=None, loss_scale=None, noise_stats=False,
     model_state=None, state_rules=None, state_acc=None, reduce_microbatch=None,
-    sums_like=None, mask_microbatches=True) -> Scanned:
+    sums_like=None, mask_microbatches=True, row_groups=1) -> Scanned:
   """`accumulate_sums` (same arguments), plus which micro-batches were non-finite and the
   model state's accumulator (a `Scanned`).
 
@@ -370,11 +382,12 @@ def scan_microbatches(
 
   `reduce_microbatch` (FSDP, see `parallel.reduced_sums`): applied to every micro-batch's
   gradient after the non-finite check, before it is added; the sums then take the shapes of
-  `sums_like` (e.g. each device's shard of the params).
+  `sums_like` (e.g. each device's shard of the params). `row_groups`: see
+  `split_microbatches` (the 'layer' gather's micro-batch takes rows of every `fsdp` device).
   """
   check_float_params(params)
   check_bool('noise_stats', noise_stats)
-  microbatches = split_microbatches(batch, num_microbatches)
+  microbatches = split_microbatches(batch, num_microbatches, row_groups)
   with_state = model_state is not None
   check_loss_fn(loss_fn, with_state)
   rng = as_key(rng)

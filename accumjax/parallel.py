@@ -28,8 +28,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from accumjax import model_state as ms
-from accumjax.config import FSDP_REDUCES
+from accumjax.config import FSDP_GATHERS, FSDP_REDUCES
 from accumjax.core import ConfigError, GradSums, NoiseSums, scan_microbatches
+from accumjax.precision import cast_floats
 from accumjax.state import Cycle, TrainState
 
 DATA = 'data'
@@ -254,7 +255,8 @@ def _reduce_replicated(sums: GradSums, bad, reduction: str):
 
 
 def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
-                 fsdp_reduce: str = 'call', **accumulate_kwargs):
+                 fsdp_reduce: str = 'call', fsdp_gather: str = 'call', compute_dtype=None,
+                 **accumulate_kwargs):
   """`(params, batch, rng_data, index_offset, num_microbatches, loss_scale, model_state,
   state_acc) -> (GradSums, bad, call_acc)`.
 
@@ -267,14 +269,24 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
   With a model state (see `accumjax.model_state`; None otherwise), every device starts from
   `ms.restart(state_acc)` and the devices' accumulators meet in `ms.reduce_devices` (psum, and
   pmax for 'max' leaves, also under 'ordered'); `call_acc` is the call's, to be merged.
+  `compute_dtype`: the params are cast to it before anything is gathered (half the bytes
+  under bfloat16; the gradient with respect to the float32 params is the same).
 
   On a mesh with fsdp=F > 1 the params come in sharded (`tree_specs`) and the gradient sums go
-  out sharded the same way. Each device all-gathers the params once per call (one collective
-  before the scan; the full params live for the call) and its micro-batches' gradients are
-  reduce-scattered over `fsdp` into its shard: `fsdp_reduce='call'` once, after the scan (the
-  scan carry is full size), `'microbatch'` inside the scan after every micro-batch (the carry is
-  a shard). Then the shards are summed over `data` (one all-reduce, if data > 1) and the
-  scalars, flags and replicated leaves over every device (one all-reduce).
+  out sharded the same way, gathered as `fsdp_gather` says:
+
+  - 'call': each device all-gathers the params once per call (one collective before the scan;
+    the full params live for the call) and its micro-batches' gradients are reduce-scattered
+    over `fsdp` into its shard: `fsdp_reduce='call'` once, after the scan (the scan carry is
+    full size), `'microbatch'` inside the scan after every micro-batch (the carry is a shard).
+    Then the shards are summed over `data` (one all-reduce, if data > 1) and the scalars,
+    flags and replicated leaves over every device (one all-reduce).
+  - 'layer': `shard_map` is manual over `data` only; JAX's partitioner handles `fsdp`. A
+    micro-batch is the fsdp group's rows (the j-th chunk of every device's rows), the carry
+    is constrained to the shards, and a model that scans its layers through
+    `layers.scan_layers` gathers one layer at a time (again in the backward pass) and
+    reduce-scatters each layer's gradient as it is produced. `fsdp_reduce` does not apply.
+    Then one all-reduce over `data` adds the groups' sums (if data > 1).
   """
   f = fsdp_size(mesh)
   if f > 1 and reduction != 'psum':
@@ -282,6 +294,11 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
                       "'psum'.")
   if fsdp_reduce not in FSDP_REDUCES:
     raise ConfigError(f'fsdp_reduce={fsdp_reduce!r}; allowed: {", ".join(FSDP_REDUCES)}.')
+  if fsdp_gather not in FSDP_GATHERS:
+    raise ConfigError(f'fsdp_gather={fsdp_gather!r}; allowed: {", ".join(FSDP_GATHERS)}.')
+  cast = (lambda p: p) if compute_dtype is None else (lambda p: cast_floats(p, compute_dtype))
+  if f > 1 and fsdp_gather == 'layer':
+    return _layer_sums(loss_fn, mesh, cast, state_rules, accumulate_kwargs)
   data = dict(mesh.shape)[DATA]
 
   def local(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc,
@@ -291,6 +308,7 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
       rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), jax.lax.axis_index(AXES))
     start_acc = None if model_state is None else ms.restart(state_acc, state_rules)
     fsdp_kwargs = {}
+    params = cast(params)
     if f > 1:
       shards, params = params, gather_fsdp(params, specs, f)
       if fsdp_reduce == 'microbatch':
@@ -314,15 +332,60 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
           model_state=None, state_acc=None):
     specs = tree_specs(params, f)
     rep = PartitionSpec()
-    noise = accumulate_kwargs.get('noise_stats')
-    sums_spec = GradSums(specs, rep, rep, rep, NoiseSums(rep, rep) if noise else None)
     fn = jax.shard_map(
         lambda p, b, r, o, s, m, a: local(p, b, r, o, s, m, a, num_microbatches, specs),
         mesh=mesh,
         in_specs=(specs, PartitionSpec(AXES), rep, rep, rep, rep, rep),
         # The core's zero-initialised scan carry is device-invariant while the per-device sums
         # vary; the core stays mesh-agnostic, and the reduction makes the output invariant.
-        out_specs=(sums_spec, rep, rep), check_vma=False)
+        out_specs=(_sums_specs(specs, accumulate_kwargs), rep, rep), check_vma=False)
+    return fn(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc)
+
+  return run
+
+
+def _sums_specs(grad_specs, accumulate_kwargs) -> GradSums:
+  rep = PartitionSpec()
+  noise = accumulate_kwargs.get('noise_stats')
+  return GradSums(grad_specs, rep, rep, rep, NoiseSums(rep, rep) if noise else None)
+
+
+def _layer_sums(loss_fn, mesh: Mesh, cast, state_rules, accumulate_kwargs):
+  """`reduced_sums` under the 'layer' gather: manual over `data`, `fsdp` left to the
+  partitioner (see `layers.scan_layers` for what the model does with it)."""
+  f, data = fsdp_size(mesh), dict(mesh.shape)[DATA]
+
+  def local(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc,
+            num_microbatches, specs):
+    rng = None
+    if rng_data is not None:
+      rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), jax.lax.axis_index(DATA))
+    start_acc = None if model_state is None else ms.restart(state_acc, state_rules)
+    keep_shards = lambda g: jax.lax.with_sharding_constraint(g, specs)
+    sums, _, bad, call_acc = scan_microbatches(
+        loss_fn, cast(params), batch, num_microbatches=num_microbatches, rng=rng,
+        index_offset=index_offset, loss_scale=loss_scale, model_state=model_state,
+        state_rules=state_rules, state_acc=start_acc, reduce_microbatch=keep_shards,
+        sums_like=params, row_groups=f, **accumulate_kwargs)
+    sums = sums._replace(grads=keep_shards(sums.grads))
+    out = (sums, bad.astype(jnp.float32), call_acc)
+    if data > 1:  # (a collective over a manual axis of size 1 fails to compile in jax 0.10.2)
+      if call_acc is not None:
+        out = out[:2] + (ms.reduce_devices(call_acc, state_rules, DATA),)
+      out = jax.lax.psum(out[:2], DATA) + out[2:]
+    sums, bad, call_acc = out
+    return sums, bad > 0, call_acc
+
+  def run(params, batch, rng_data, index_offset, num_microbatches, loss_scale=None,
+          model_state=None, state_acc=None):
+    specs = tree_specs(params, f)
+    rep = PartitionSpec()
+    fn = jax.shard_map(
+        lambda p, b, r, o, s, m, a: local(p, b, r, o, s, m, a, num_microbatches, specs),
+        mesh=mesh, axis_names={DATA},
+        in_specs=(rep, PartitionSpec(DATA), rep, rep, rep, rep, rep),
+        out_specs=(_sums_specs(jax.tree.map(lambda _: rep, specs), accumulate_kwargs), rep,
+                   rep), check_vma=False)
     return fn(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc)
 
   return run

@@ -189,9 +189,63 @@ def state_bytes_per_device(state, config=None) -> dict:
          'accumulator': nbytes(state.cycle)}
   if config is not None:
     ratio = config.accum_jnp_dtype.itemsize / 4  # float32 params
-    mine = config.fsdp_reduce == 'microbatch'
+    mine = config.fsdp_reduce == 'microbatch' or config.fsdp_gather == 'layer'
     out['call_accumulator'] = int(nbytes(state.params, shard=mine) * ratio)
   return out
+
+
+def _nbytes(tree, dtype=None) -> int:
+  """Bytes of the whole arrays of `tree` (in `dtype` if given, floats only)."""
+  size = lambda x: np.dtype(dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating)
+                            else x.dtype).itemsize
+  return sum(int(np.prod(np.shape(x), dtype=np.int64)) * size(x) for x in jax.tree.leaves(tree))
+
+
+def live_bytes_per_device(state, config: AccumConfig, fsdp: int = 1, stacked=None,
+                          activation_bytes: int = 0) -> dict:
+  """What one device holds at the peak of a call, part by part, and their `total`: an account
+  to print beside XLA's memory analysis (experiments/scale.py compares them).
+
+  - `params`, `opt_state`, `accumulator`: the state's shards (`state_bytes_per_device`);
+  - `call_accumulator`: the micro-batch scan's gradient carry (full size, or a shard under
+    fsdp_reduce='microbatch' or fsdp_gather='layer');
+  - `gathered_params`: the params in the compute dtype as the forward pass reads them: all of
+    them under the 'call' gather (and on a replicated mesh, the compute-dtype copy if it is
+    not float32), under 'layer' the unstacked ones plus two layers (one being used, the next
+    arriving);
+  - `microbatch_gradient`: one micro-batch's gradient before it is added (full size under
+    'call'; under 'layer' a shard, plus one whole layer's and the unstacked leaves' while they
+    are reduce-scattered);
+  - `update`: one gradient shard more while the optimizer runs;
+  - `activations`: `activation_bytes`, what the backward pass keeps from the forward pass (the
+    caller's estimate, e.g. `layers.saved_activation_bytes` of one device's micro-batch).
+
+  `stacked`: the pytree of the model's layer-stacked params (leading layer axis), needed for
+  the 'layer' gather; `fsdp`: the mesh's fsdp size.
+  """
+  parts = state_bytes_per_device(state, config)
+  compute, accum = config.compute_jnp_dtype, config.accum_jnp_dtype
+  full = _nbytes(state.params, accum)
+  shard = full // fsdp
+  layer_gather = fsdp > 1 and config.fsdp_gather == 'layer'
+  if layer_gather:
+    if stacked is None:
+      raise ConfigError("live_bytes_per_device: fsdp_gather='layer' needs stacked= (the "
+                        "model's layer-stacked params).")
+    layers = {np.shape(x)[0] for x in jax.tree.leaves(stacked)}.pop()
+    stacked_full, stacked_compute = _nbytes(stacked, accum), _nbytes(stacked, compute)
+    rest_compute = _nbytes(state.params, compute) - stacked_compute
+    parts['call_accumulator'] = shard
+    parts['gathered_params'] = rest_compute + 2 * stacked_compute // layers
+    parts['microbatch_gradient'] = shard + (full - stacked_full) + stacked_full // layers
+  else:
+    copy = fsdp > 1 or compute != jnp.dtype(jnp.float32)
+    parts['gathered_params'] = _nbytes(state.params, compute) if copy else 0
+    parts['microbatch_gradient'] = full
+  parts['update'] = shard
+  parts['activations'] = int(activation_bytes)
+  parts['total'] = sum(parts.values())
+  return parts
 
 
 def describe(config: AccumConfig, state=None) -> dict:

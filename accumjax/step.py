@@ -72,7 +72,8 @@ def _call_sums_fn(loss_fn, config: AccumConfig, mesh, state_rules=None):
     if mesh.size != devices:
       raise ConfigError(f'the mesh has {mesh.size} devices but num_devices={devices}.')
     return parallel.reduced_sums(compute_loss, mesh, config.dp_reduction, state_rules,
-                                 fsdp_reduce=config.fsdp_reduce, **kwargs)
+                                 fsdp_reduce=config.fsdp_reduce, fsdp_gather=config.fsdp_gather,
+                                 compute_dtype=config.compute_jnp_dtype, **kwargs)
   if devices != 1:
     raise ConfigError(f'num_devices={devices} needs a mesh of {devices} devices '
                       '(make_train_step(..., mesh=parallel.make_mesh())).')

@@ -12,6 +12,55 @@ _CALLED = re.compile(r'(?:body|condition|calls|to_apply|branch_computations)=\{?
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
 
+def _computations(hlo_text: str) -> dict:
+  """{computation name: its instruction lines} of a compiled HLO module ('ENTRY' for the
+  entry computation)."""
+  computations, name = {}, None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match:
+      name = 'ENTRY' if line.startswith('ENTRY') else match.group(1)
+      computations[name] = []
+    elif name is not None and line.strip() and line.strip() != '}':
+      computations[name].append(line)
+  return computations
+
+
+def _op_of(line: str):
+  for op in _COLLECTIVES:
+    if re.search(rf'\s{op}(?:-start)?\(', line):
+      return op
+  return None
+
+
+def collectives_by_depth(hlo_text: str) -> dict:
+  """Cross-device collectives by while-loop nesting depth: {op: {depth: n}}; 0 is outside every
+  loop, 1 inside one loop (e.g. the micro-batch scan), 2 inside a loop in a loop (e.g. a layer
+  scan inside the micro-batch scan). A computation reached at several depths counts at the
+  deepest."""
+  computations = _computations(hlo_text)
+  depth = {'ENTRY': 0}
+  frontier = ['ENTRY']
+  while frontier:
+    c = frontier.pop()
+    for line in computations.get(c, ()):
+      bodies = {b.lstrip('%') for b in re.findall(r'body=(%?[\w.-]+)', line)}
+      for group in _CALLED.findall(line):
+        for callee in (x.strip().lstrip('%') for x in group.split(',')):
+          d = depth[c] + (callee in bodies)
+          if callee in computations and depth.get(callee, -1) < d:
+            depth[callee] = d
+            frontier.append(callee)
+  counts = {}
+  for c, lines in computations.items():
+    for line in lines:
+      op = _op_of(line)
+      if op is not None and c in depth:
+        counts.setdefault(op, {}).setdefault(depth[c], 0)
+        counts[op][depth[c]] += 1
+  return counts
+
+
 def collective_counts(hlo_text: str) -> dict:
   """Cross-device collectives in a compiled HLO module, inside vs outside while-loop bodies.
 

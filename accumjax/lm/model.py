@@ -1,7 +1,10 @@
-"""A small decoder-only transformer language model in flax.nnx, used functionally.
+"""A decoder-only transformer language model in flax.nnx, used functionally.
 
 Pre-LN blocks, causal multi-head attention, learned or rotary positions, optional dropout.
-`make_lm` builds the module once, splits it (`nnx.split`) and returns a pure
+The blocks are stacked on a leading layer axis (`params['blocks']`, built with `nnx.vmap`) and
+run under one `lax.scan` (`accumjax.layers.scan_layers`): one layer is compiled whatever the
+depth, an FSDP mesh gathers one layer at a time, and `remat` chooses what each block keeps for
+the backward pass. `make_lm` builds the module once, splits it (`nnx.split`) and returns a pure
 `apply(params, tokens, rng) -> logits` over a plain dict of float32 params, to be used inside
 `jax.jit` and `lax.scan` (a plain `jax.jit` over nnx objects would drop in-place updates).
 Dropout takes an explicit key, so each micro-batch's mask comes from the accumulation core.
@@ -13,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from accumjax.layers import REMATS, check_remat, scan_layers
 from accumjax.settings import finite_number, setting
 
 POSITIONS = ('rope', 'learned')
@@ -31,6 +35,10 @@ class ModelConfig:
                            group='model', choices=POSITIONS)
   dropout: float = setting(0.0, 'dropout rate', group='model',
                            check=(finite_number(lambda v: 0.0 <= v < 1.0), 'must be in [0, 1).'))
+  remat: str = setting(
+      'none', 'what each block keeps for the backward pass: none (everything), dots (matmul '
+      'outputs), full (nothing: recomputed, ~1/3 more FLOPs). Same numbers, less memory',
+      group='model', choices=REMATS)
 
 
 def _dropout(x, rate, rng):
@@ -90,8 +98,13 @@ class TransformerLM(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
     if cfg.positions == 'learned':
       self.pos = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs)
-    for i in range(cfg.num_layers):
-      setattr(self, f'block{i}', Block(cfg, rngs))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = stacked_blocks(rngs)
     self.ln_f = nnx.LayerNorm(cfg.d_model, rngs=rngs)
     self.head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, rngs=rngs)
 
@@ -101,24 +114,27 @@ class TransformerLM(nnx.Module):
     x_BxTxD = jnp.take(self.embed.embedding[...], tokens_BxT, axis=0)
     if self.cfg.positions == 'learned':
       x_BxTxD = x_BxTxD + self.pos.embedding[...][None, :tokens_BxT.shape[1]]
-    rngs = [None] * self.cfg.num_layers if rng is None else list(
-        jax.random.split(rng, self.cfg.num_layers))
-    for i in range(self.cfg.num_layers):
-      x_BxTxD = getattr(self, f'block{i}')(x_BxTxD, rngs[i])
+    graphdef, blocks = nnx.split(self.blocks)
+    block = lambda params, x, key=None: nnx.merge(graphdef, params)(x, key)
+    keys = None if rng is None else jax.random.split(rng, self.cfg.num_layers)
+    x_BxTxD = scan_layers(block, x_BxTxD, blocks, keys, remat=self.cfg.remat)
     return self.head(self.ln_f(x_BxTxD))
 
 
-def make_lm(cfg: ModelConfig, seed: int = 0):
+def make_lm(cfg: ModelConfig, seed: int = 0, abstract: bool = False):
   """(apply, params): `apply(params, tokens_BxT, rng=None) -> logits_BxTxV`; params a dict.
 
-  The compute dtype follows the params' dtype (see accumjax.precision).
+  The compute dtype follows the params' dtype (see accumjax.precision). `abstract`: params as
+  `jax.ShapeDtypeStruct`s, nothing allocated (to compile a model too big for this machine).
   """
   if cfg.positions not in POSITIONS:
     raise ValueError(f'positions={cfg.positions!r}; allowed: {", ".join(POSITIONS)}.')
   if cfg.d_model % cfg.num_heads or (cfg.d_model // cfg.num_heads) % 2:
     raise ValueError(
         f'd_model={cfg.d_model} must split into num_heads={cfg.num_heads} heads of even size.')
-  model = TransformerLM(cfg, nnx.Rngs(seed))
+  check_remat(cfg.remat)
+  build = lambda: TransformerLM(cfg, nnx.Rngs(seed))
+  model = nnx.eval_shape(build) if abstract else build()
   graphdef, state = nnx.split(model, nnx.Param)
   params = nnx.to_pure_dict(state)
 
