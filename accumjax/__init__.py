@@ -41,8 +41,8 @@ __all__ = [
     'AccumConfig', 'ConfigError', 'Cycle', 'GradSums', 'LazyMultiSteps', 'NnxModel', 'NoiseSums',
     'SmoothedNoiseScale', 'TrainState', 'Updates', 'accumulate_gradients', 'accumulate_sums',
     'accumulating_optimizer', 'as_opt_params', 'cast_floats', 'checkpoint', 'describe',
-    'init_train_state', 'jit_train_step', 'layers', 'loop', 'make_flush', 'make_train_step', 'model_state',
-    'nnx_model', 'noise', 'noise_scale', 'normalize', 'normalized', 'pad_rows', 'parallel',
-    'per_example_loss', 'planner', 'run_update', 'scan_layers', 'schedules', 'split_microbatches', 'state',
-    'token_cross_entropy', 'with_compute_dtype',
+    'init_train_state', 'jit_train_step', 'layers', 'loop', 'make_flush', 'make_train_step',
+    'model_state', 'nnx_model', 'noise', 'noise_scale', 'normalize', 'normalized', 'pad_rows',
+    'parallel', 'per_example_loss', 'planner', 'run_update', 'scan_layers', 'schedules',
+    'split_microbatches', 'state', 'token_cross_entropy', 'with_compute_dtype',
 ]

@@ -33,11 +33,11 @@ def _op_of(line: str):
   return None
 
 
-def collectives_by_depth(hlo_text: str) -> dict:
-  """Cross-device collectives by while-loop nesting depth: {op: {depth: n}}; 0 is outside every
-  loop, 1 inside one loop (e.g. the micro-batch scan), 2 inside a loop in a loop (e.g. a layer
-  scan inside the micro-batch scan). A computation reached at several depths counts at the
-  deepest."""
+def collective_lines(hlo_text: str) -> list[tuple[str, int, str]]:
+  """(op, loop depth, HLO line) of every cross-device collective of a compiled module; depth 0
+  is outside every while loop, 1 inside one (e.g. the micro-batch scan), 2 inside a loop in a
+  loop (e.g. a layer scan inside the micro-batch scan). A computation reached at several
+  depths counts at the deepest."""
   computations = _computations(hlo_text)
   depth = {'ENTRY': 0}
   frontier = ['ENTRY']
@@ -51,14 +51,23 @@ def collectives_by_depth(hlo_text: str) -> dict:
           if callee in computations and depth.get(callee, -1) < d:
             depth[callee] = d
             frontier.append(callee)
+  return [(op, depth[c], line) for c, lines in computations.items() if c in depth
+          for line in lines for op in [_op_of(line)] if op is not None]
+
+
+def collectives_by_depth(hlo_text: str) -> dict:
+  """{op: {loop depth: count}} of the collectives (see `collective_lines`)."""
   counts = {}
-  for c, lines in computations.items():
-    for line in lines:
-      op = _op_of(line)
-      if op is not None and c in depth:
-        counts.setdefault(op, {}).setdefault(depth[c], 0)
-        counts[op][depth[c]] += 1
+  for op, depth, _ in collective_lines(hlo_text):
+    counts.setdefault(op, {}).setdefault(depth, 0)
+    counts[op][depth] += 1
   return counts
+
+
+def result_dtypes(line: str) -> set[str]:
+  """The element types of an HLO instruction's result ('bf16', 'f32', ...)."""
+  result = re.split(r'\s[a-z-]+\(', line.split('=', 1)[1], maxsplit=1)[0]
+  return set(re.findall(r'\b([a-z]+[0-9]+)\[', result))
 
 
 def collective_counts(hlo_text: str) -> dict:

@@ -67,11 +67,14 @@ VARIANTS = (
 )
 
 
-def _model(size: str, remat: str):
+def _model_config(size: str, remat: str):
   dims = SIZES[size]
-  cfg = model.ModelConfig(d_model=dims['d_model'], num_layers=dims['num_layers'],
-                          num_heads=dims['num_heads'], max_len=dims['seq'], remat=remat)
-  apply, params = model.make_lm(cfg, abstract=True)
+  return model.ModelConfig(d_model=dims['d_model'], num_layers=dims['num_layers'],
+                           num_heads=dims['num_heads'], max_len=dims['seq'], remat=remat)
+
+
+def _model(size: str, remat: str):
+  apply, params = model.make_lm(_model_config(size, remat), abstract=True)
   return make_loss_fn(apply), params
 
 
@@ -98,10 +101,11 @@ def accumjax_step(size: str, mesh_name: str, gather, reduce, remat: str):
   state = parallel.abstract_state(state, mesh)
   batch = _batch(K * dims['b'] * mesh.size, dims['seq'], parallel.batch_sharding(mesh))
   step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config, mesh=mesh))
+  saved, layer = model.activation_estimate(_model_config(size, remat), dims['b'], dims['seq'],
+                                           config.compute_jnp_dtype)
   estimate = state_lib.live_bytes_per_device(
-      state, config, parallel.fsdp_size(mesh),
-      stacked=params['blocks'], activation_bytes=accumjax.layers.saved_activation_bytes(
-          loss_fn, params, _batch(dims['b'], dims['seq'], None), config.compute_jnp_dtype))
+      state, config, parallel.fsdp_size(mesh), stacked=params['blocks'], activation_bytes=saved,
+      layer_bytes=layer)
   return step, (state, batch), {'last_call': True}, estimate['total']
 
 
@@ -113,10 +117,11 @@ def baseline_step(params, opt_state, batch, *, loss_fn, tx, param_shardings):
 
   def body(carry, mb):
     grads, loss_sum, weight = carry
-    (l, w), g = jax.value_and_grad(lambda p: loss_fn(p, mb, None), has_aux=True)(compute)
+    (mb_loss, mb_weight), g = jax.value_and_grad(lambda p: loss_fn(p, mb, None), has_aux=True)(
+        compute)
     grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
     grads = jax.lax.with_sharding_constraint(grads, param_shardings)
-    return (grads, loss_sum + l, weight + w), None
+    return (grads, loss_sum + mb_loss, weight + mb_weight), None
 
   zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), param_shardings)
   (grads, loss_sum, weight), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), batch)

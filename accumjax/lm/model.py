@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from accumjax.layers import REMATS, check_remat, scan_layers
+from accumjax.layers import REMATS, check_remat, saved_activation_bytes, scan_layers
+from accumjax.losses import token_cross_entropy
 from accumjax.settings import finite_number, setting
 
 POSITIONS = ('rope', 'learned')
@@ -38,7 +39,7 @@ class ModelConfig:
   remat: str = setting(
       'none', 'what each block keeps for the backward pass: none (everything), dots (matmul '
       'outputs), full (nothing: recomputed, ~1/3 more FLOPs). Same numbers, less memory',
-      group='model', choices=REMATS)
+      group='model', choices=REMATS, on_resume='harmless')
 
 
 def _dropout(x, rate, rng):
@@ -148,3 +149,25 @@ def make_lm(cfg: ModelConfig, seed: int = 0, abstract: bool = False):
 
 def num_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def activation_estimate(cfg: ModelConfig, microbatch_size: int, seq_len: int,
+                        compute_dtype) -> tuple[int, int]:
+  """(bytes the backward pass keeps of one device's micro-batch under cfg.remat, one layer's
+  intermediates without remat), from `layers.saved_activation_bytes`: traced, nothing runs.
+
+  On a CPU backend XLA computes bfloat16 in float32 and keeps float32 copies of the stacked
+  intermediates (its buffer assignment shows them), so there they are counted as float32."""
+  if jax.default_backend() == 'cpu':
+    compute_dtype = jnp.float32
+  tokens = jax.ShapeDtypeStruct((microbatch_size, seq_len), jnp.int32)
+  batch = {'inputs': tokens, 'targets': tokens,
+           'mask': jax.ShapeDtypeStruct((microbatch_size, seq_len), jnp.float32)}
+
+  def saved(remat):
+    apply, params = make_lm(dataclasses.replace(cfg, remat=remat), abstract=True)
+    loss = lambda p, mb, rng: token_cross_entropy(apply(p, mb['inputs'], rng), mb['targets'],
+                                                  mb['mask'])
+    return saved_activation_bytes(loss, params, batch, compute_dtype)
+
+  return saved(cfg.remat), saved('none') // cfg.num_layers

@@ -32,6 +32,25 @@ STATE_PARTS = {'params': 'params', 'opt_state': 'optimizer state',
                'call_accumulator': 'accumulator within a call'}
 
 
+LIVE_PARTS = {'gathered_params': 'gathered params', 'microbatch_gradient': 'micro-batch gradient',
+              'activations': 'activations', 'layer_working': 'one layer working'}
+
+
+def _gather_words(accum) -> str:
+  if accum.fsdp_gather == 'layer':
+    return ('params gathered one layer at a time (forward and backward), each layer\'s gradient '
+            'reduce-scattered as it is produced')
+  return 'params all-gathered once per call, gradients reduce-scattered ' + (
+      'once per call' if accum.fsdp_reduce == 'call' else 'after every micro-batch')
+
+
+def _live_words(live: dict) -> str:
+  state = sum(live[k] for k in ('params', 'opt_state', 'accumulator', 'call_accumulator',
+                                 'update'))
+  return f'~{format_bytes(live["total"])} (state and sums {format_bytes(state)}, ' + ', '.join(
+      f'{words} {format_bytes(live[k])}' for k, words in LIVE_PARTS.items()) + ')'
+
+
 def banner(run: Run) -> list[tuple[str, object]]:
   """The rows of the start-up table."""
   cfg, accum, info, mesh, plan = run.cfg, run.accum, run.info, run.mesh, run.plan
@@ -46,16 +65,16 @@ def banner(run: Run) -> list[tuple[str, object]]:
       *([('sharded (fsdp)', f'mesh data={mesh.shape["data"]},fsdp={fsdp} '
                             f'({jax.process_count()} process(es) x '
                             f'{mesh.size // jax.process_count()} device(s)); params, optimizer '
-                            f'state and accumulator split over fsdp; params all-gathered once '
-                            f'per call, gradients reduce-scattered '
-                            + ('once per call' if accum.fsdp_reduce == 'call' else
-                               'after every micro-batch'))] if fsdp > 1 else []),
+                            f'state and accumulator split over fsdp; ' + _gather_words(accum))]
+        if fsdp > 1 else []),
       ('state per device', ', '.join(
           f'{STATE_PARTS[name]} {format_bytes(n)}' + (
               ' (host memory)' if name == 'accumulator' and accum.accumulator_memory == 'host'
               else '') for name, n in info['state_bytes_per_device'].items())),
+      ('live set per device', _live_words(info['live_bytes_per_device'])),
       ('model', f'{info["num_params"]:,} params, d_model {m.d_model}, {m.num_layers} layers, '
-                f'{m.num_heads} heads, {m.positions} positions, dropout {m.dropout}'),
+                f'{m.num_heads} heads, {m.positions} positions, dropout {m.dropout}, '
+                f'remat {m.remat}'),
       ('data', f'{info["data"]}: {info["train_files"]} train files '
                f'({info["train_bytes"] / 1e6:.1f} MB, {info["train_rows"]:,} rows), '
                f'{info["eval_files"]} eval files'),
