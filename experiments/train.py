@@ -23,12 +23,13 @@ import time
 from accumjax.checkpoint import CheckpointError
 from accumjax.config import AccumConfig
 from accumjax.core import ConfigError
-from accumjax.lm.config import ON_CONFIG_CHANGE, TrainConfig, accum_settings
+from accumjax.lm.build import plan_only
+from accumjax.lm.config import ON_CONFIG_CHANGE, PRESETS, TrainConfig, accum_settings
 from accumjax.lm.data import DataError
 from accumjax.lm.logs import Logger
 from accumjax.lm.model import ModelConfig
 from accumjax.lm.train import NonFiniteError, train_and_evaluate
-from accumjax.settings import flag_of, from_word, settings_of, to_word
+from accumjax.settings import flag_of, flat_name, from_word, settings_of, to_word
 
 # The --help sections, in order, of the settings' groups (and of the run's own flags).
 GROUPS = {
@@ -92,6 +93,13 @@ def _run_flags(groups):
   g.add_argument('--distributed', action='store_true',
                  help='jax.distributed.initialize() with cluster auto-detection (SLURM, ...)')
   g = groups['run']
+  g.add_argument('--preset', choices=list(PRESETS), default=None,
+                 help='a model and batch size by name (flags given beside it win): ' + '; '.join(
+                     f'{name}: ' + ' '.join(f'{k}={v}' for k, v in values.items())
+                     for name, values in PRESETS.items()))
+  g.add_argument('--plan-only', action='store_true',
+                 help='print the plan (with --memory-budget: the remat, micro-batch and K it '
+                      'chooses and what it weighed), the memory per device and K; no training')
   g.add_argument('--out', default=None, help='output directory (default runs/train-<time>)')
   g.add_argument('--progress', action=argparse.BooleanOptionalAction, default=None,
                  help='progress bar (default: only on a terminal)')
@@ -118,7 +126,19 @@ def parse_args(argv=None):
       _add_setting(groups[meta['group']], field, meta, f'{where}__{field.name}',
                    getattr(getattr(default, where), field.name))
   _run_flags(groups)
+  preset = p.parse_known_args(argv)[0].preset
+  if preset is not None:  # the preset's values become the defaults; flags given still win
+    p.set_defaults(**{_dests()[name]: value for name, value in PRESETS[preset].items()})
   return p.parse_args(argv)
+
+
+def _dests() -> dict:
+  """flat setting name -> its argparse dest."""
+  out = {flat_name(f): f.name for f, _ in settings_of(TrainConfig)}
+  for where, cls in NESTED.items():
+    out.update({flat_name(f) if where == 'accum' else f.name: f'{where}__{f.name}'
+                for f, _ in settings_of(cls)})
+  return out
 
 
 def config_from_args(a) -> TrainConfig:
@@ -199,6 +219,10 @@ def main(argv=None):
   try:
     init_distributed(args)
     cfg = config_from_args(args)
+    if args.plan_only:
+      for key, value in plan_only(cfg):
+        print(f'{key:>24}: {value}')
+      return 0
     with _Preemption() as preemption:
       train_and_evaluate(cfg, out, Logger(progress=args.progress), resume=resume,
                          on_config_change=args.on_config_change,

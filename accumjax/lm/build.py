@@ -2,6 +2,7 @@
 loss, and the memory planner's resolution of `--memory-budget`. No training loop here (train.py).
 """
 
+import dataclasses
 import re
 
 import jax
@@ -11,12 +12,21 @@ import optax
 from accumjax import parallel
 from accumjax.config import AccumConfig
 from accumjax.core import ConfigError
+from accumjax.layers import REMATS
 from accumjax.lm import config as config_lib
 from accumjax.lm.config import TrainConfig
 from accumjax.lm.model import make_lm
 from accumjax.losses import token_cross_entropy
 from accumjax.optim import accumulating_optimizer
-from accumjax.planner import Plan, compiled_memory, parse_bytes, plan_microbatch
+from accumjax.planner import (
+  TradePlan,
+  compiled_memory,
+  measure_rates,
+  parse_bytes,
+  plan_trade,
+  time_model,
+  transformer_flops_per_token,
+)
 from accumjax.step import init_train_state, jit_train_step, make_train_step
 
 
@@ -62,7 +72,8 @@ def _step_bytes(cfg: TrainConfig, loss_fn, params, b: int, k: int, mesh=None) ->
   data-only mesh each device runs the one-device program on its rows (plus one reduction)."""
   fsdp = parallel.fsdp_size(mesh)
   devices = mesh.size if fsdp > 1 else 1
-  c = config_lib.replace(cfg, batch_size=b, grad_accum_steps=k, tokens_per_update=None)
+  c = config_lib.replace(cfg, batch_size=b, grad_accum_steps=k, tokens_per_update=None,
+                         grad_accum_schedule=None)
   accum = config_lib.validate(c, devices)
   tx = build_optimizer(c, accum)[0]
   state = jax.eval_shape(lambda p: init_train_state(p, tx, 0, accum), params)
@@ -80,35 +91,55 @@ def _step_bytes(cfg: TrainConfig, loss_fn, params, b: int, k: int, mesh=None) ->
   return max(compiled_memory(step, state, batch, last_call=h)['total'] for h in hints)
 
 
-def plan_for_budget(cfg: TrainConfig, mesh=None) -> tuple[TrainConfig, Plan]:
-  """Resolves --memory-budget: the largest micro-batch whose compiled train step fits, and the
-  K that reaches --tokens-per-update. Returns the config with the micro-batch size and K set.
+def _time_model(cfg: TrainConfig, params, rates: dict):
+  """The planner's stated time model for this LM: FLOPs per token (with remat's recompute) at
+  the device's measured matmul rate, plus a measured fixed cost per micro-batch."""
+  m = cfg.model
+  embedding = m.vocab_size * m.d_model * 2  # token embedding and head
+  if m.positions == 'learned':
+    embedding += m.max_len * m.d_model
+  n = sum(int(x.size) for x in jax.tree.leaves(params)) - embedding
+  per_token = lambda remat: transformer_flops_per_token(n, m.num_layers, m.d_model,
+                                                        cfg.accum.seq_len, remat)
+  return time_model(per_token, cfg.accum.seq_len, rates)
+
+
+def plan_for_budget(cfg: TrainConfig, mesh=None) -> tuple[TrainConfig, TradePlan]:
+  """Resolves --memory-budget: the fastest (remat, micro-batch, K) whose compiled train step
+  fits the budget per device (`planner.plan_trade`). With --tokens-per-update the micro-batch
+  divides the update's rows and K follows; with a fixed K (--grad-accum-steps, a schedule or
+  auto: their largest K) the micro-batch is the largest that fits and the time is compared per
+  row. Returns the config with the micro-batch size, K and remat set.
 
   On a `mesh` of several devices the budget is per device: on a data-only mesh each device runs
   the one-device program on its share of the rows (plus one reduction per call); with an fsdp
   axis the sharded step is compiled for the mesh (each device holds 1/F of the state).
   """
   num_devices = 1 if mesh is None else mesh.size
-  if cfg.tokens_per_update is None or cfg.grad_accum_steps is not None or \
-      cfg.grad_accum_schedule is not None:
-    raise ConfigError('--memory-budget needs --tokens-per-update N (and no --grad-accum-steps '
-                      'or --grad-accum-schedule): it chooses the micro-batch size and K itself.')
-  if cfg.tokens_per_update <= 0 or cfg.tokens_per_update % (cfg.accum.seq_len * num_devices):
+  if cfg.tokens_per_update is not None and (
+      cfg.tokens_per_update <= 0 or cfg.tokens_per_update % (cfg.accum.seq_len * num_devices)):
     raise ConfigError(f'--tokens-per-update {cfg.tokens_per_update} must be a positive multiple '
                       f'of --seq-len x devices = {cfg.accum.seq_len} x {num_devices}.')
   budget = parse_bytes(cfg.memory_budget)
   config_lib.validate(config_lib.replace(cfg, batch_size=1))
-  apply, params = make_lm(cfg.model, seed=cfg.seed)
-  loss_fn = make_loss_fn(apply)
-  rows_per_device = cfg.tokens_per_update // (cfg.accum.seq_len * num_devices)
+  rows = k = None
+  if cfg.tokens_per_update is not None:
+    rows = cfg.tokens_per_update // (cfg.accum.seq_len * num_devices)
+  else:
+    k = cfg.num_microbatches(num_devices)
+  models = {remat: make_lm(dataclasses.replace(cfg.model, remat=remat), seed=cfg.seed,
+                           abstract=True) for remat in REMATS}
+  params = models['none'][1]
+  seconds_of = _time_model(cfg, params, measure_rates(cfg.accum.compute_jnp_dtype))
+  step_memory = lambda b, k, remat: _step_bytes(
+      config_lib.replace(cfg, remat=remat), make_loss_fn(models[remat][0]), params, b, k, mesh)
   try:
-    plan = plan_microbatch(lambda b, k: _step_bytes(cfg, loss_fn, params, b, k, mesh), budget,
-                           rows_per_device)
+    plan = plan_trade(step_memory, budget, seconds_of, REMATS, rows=rows, num_microbatches=k)
   except ConfigError as e:
     raise ConfigError(str(e).replace('budget_bytes=', '--memory-budget ', 1)) from None
-  return config_lib.replace(cfg, batch_size=plan.microbatch_size,
-                            grad_accum_steps=plan.num_microbatches,
-                            tokens_per_update=None), plan
+  if rows is not None:
+    cfg = config_lib.replace(cfg, grad_accum_steps=plan.num_microbatches, tokens_per_update=None)
+  return config_lib.replace(cfg, batch_size=plan.microbatch_size, remat=plan.remat), plan
 
 
 def parse_mesh(spec: str | None) -> tuple[int | None, int]:
@@ -134,3 +165,45 @@ def make_mesh(spec: str | None):
     return parallel.make_mesh(*parse_mesh(spec))
   except ConfigError as e:
     raise ConfigError(re.sub(r'make_mesh\(([^)]*)\)', r'--mesh \1', str(e))) from None
+
+
+def plan_only(cfg: TrainConfig) -> list[tuple[str, str]]:
+  """What `--plan-only` prints: with --memory-budget the plan and what it weighed; the
+  micro-batch, K and tokens per update; the compiled memory of the step per device (XLA) and
+  the live-set account (`state.live_bytes_per_device`). Nothing is trained or written."""
+  from accumjax.lm.model import activation_estimate
+  from accumjax.lm.report import plan_words
+  from accumjax.planner import format_bytes
+  from accumjax.state import live_bytes_per_device
+  mesh = make_mesh(cfg.mesh)
+  rows = []
+  if cfg.memory_budget is not None:
+    cfg, plan = plan_for_budget(cfg, mesh)
+    rows.append(('memory plan', plan_words(plan)))
+  devices = mesh.size
+  accum = config_lib.validate(cfg, devices)
+  apply, params = make_lm(cfg.model, seed=cfg.seed, abstract=True)
+  fsdp = parallel.fsdp_size(mesh)
+  compiled = _step_bytes(cfg, make_loss_fn(apply), params, accum.microbatch_size,
+                         accum.num_microbatches, mesh)
+  tx = build_optimizer(cfg, accum)[0]
+  state = jax.eval_shape(lambda p: init_train_state(p, tx, 0, accum), params)
+  if fsdp > 1:
+    state = parallel.abstract_state(state, mesh)
+  saved, layer = activation_estimate(cfg.model, accum.microbatch_size, cfg.accum.seq_len,
+                                     accum.compute_jnp_dtype)
+  live = live_bytes_per_device(state, accum, fsdp, stacked=params['blocks'],
+                               activation_bytes=saved, layer_bytes=layer)
+  m = cfg.model
+  rows += [
+      ('model', f'{sum(int(x.size) for x in jax.tree.leaves(params)):,} params, d_model '
+                f'{m.d_model}, {m.num_layers} layers, {m.num_heads} heads, remat {m.remat}'),
+      ('mesh', f'{dict(mesh.shape)}' + (f', fsdp gather {accum.fsdp_gather}' if fsdp > 1
+                                        else '')),
+      ('micro-batch x K', f'{accum.microbatch_size} x {accum.num_microbatches} per device, '
+                          f'{accum.effective_batch * cfg.accum.seq_len:,} tokens per update'),
+      ('compiled step (XLA)', f'{format_bytes(compiled)} per device'),
+      ('live-set estimate', f'{format_bytes(live["total"])} per device: ' + ', '.join(
+          f'{k} {format_bytes(v)}' for k, v in live.items() if k != 'total')),
+  ]
+  return rows

@@ -35,6 +35,18 @@ from accumjax.settings import finite_number, is_int, setting
 OPTIMIZERS = ('adamw', 'sgd', 'lion')
 SCHEDULES = ('cosine', 'constant')
 ON_CONFIG_CHANGE = ('refuse', 'flush')
+# Model and batch sizes by name (--preset): settings by their flat names, in flag words; flags
+# given beside a preset win. 524,288 tokens per update throughout; seq 1024 and bfloat16 for
+# the sizes of the scale and remat tables (docs/scale.md); 'guide': the batch-size guide's
+# example (seq 2048, 4 sequences per device) on the 85M shape.
+PRESETS = {
+    '85m': dict(d_model=768, num_layers=12, num_heads=12, max_len=1024, seq_len=1024,
+                precision='bf16', tokens_per_update=524_288),
+    '1.2b': dict(d_model=2048, num_layers=24, num_heads=16, max_len=1024, seq_len=1024,
+                 precision='bf16', batch_size=1, tokens_per_update=524_288),
+    'guide': dict(d_model=768, num_layers=12, num_heads=12, max_len=2048, seq_len=2048,
+                  precision='bf16', batch_size=4, tokens_per_update=524_288),
+}
 DEFAULT_NUM_MICROBATCHES = 4
 
 _POSITIVE = (finite_number(lambda v: v > 0), 'must be a positive finite number.')

@@ -36,6 +36,17 @@ LIVE_PARTS = {'gathered_params': 'gathered params', 'microbatch_gradient': 'micr
               'activations': 'activations', 'layer_working': 'one layer working'}
 
 
+def plan_words(plan) -> str:
+  """The planner's choice and what it weighed, in one line."""
+  return (f'budget {format_bytes(plan.budget_bytes)}: remat {plan.remat}, micro-batch '
+          f'{plan.microbatch_size} x K {plan.num_microbatches}, predicted '
+          f'{format_bytes(plan.predicted_bytes)}, compiled {format_bytes(plan.compiled_bytes)}, '
+          f'~{plan.predicted_seconds:.3g} s per update (model); {plan.compiles} compiles in '
+          f'{plan.seconds:.0f} s. Weighed: ' + '; '.join(
+              f'{c.remat} b={c.microbatch_size} K={c.num_microbatches}: {c.verdict}'
+              for c in plan.candidates))
+
+
 def _gather_words(accum) -> str:
   if accum.fsdp_gather == 'layer':
     return ('params gathered one layer at a time (forward and backward), each layer\'s gradient '
@@ -100,11 +111,7 @@ def banner(run: Run) -> list[tuple[str, object]]:
       ('checkpoints', f'every {cfg.save_every} updates' + (
           f' and every {cfg.save_every_micro} calls' if cfg.save_every_micro else '')
           + f', keep {cfg.keep}' if run.saving else 'off'),
-      *([('memory plan', f'budget {format_bytes(plan.budget_bytes)}: micro-batch '
-                          f'{plan.microbatch_size} x K {plan.num_microbatches}, compiled step '
-                          f'{format_bytes(plan.predicted_bytes)} (tried: ' + ', '.join(
-                              f'{b}: {format_bytes(n)}' for b, n in plan.tried) + ')')]
-        if plan else []),
+      *([('memory plan', plan_words(plan))] if plan else []),
       ('out', str(run.out)),
   ]
 
