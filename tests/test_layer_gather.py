@@ -164,3 +164,16 @@ def test_live_set_account_adds_up():
   assert layer['gathered_params'] < call['gathered_params']
   assert layer['microbatch_gradient'] < call['microbatch_gradient']
   assert parallel.fsdp_size(None) == 1
+
+
+def test_gpu_bench_runs_here_at_a_tiny_size(tmp_path):
+  """The GPU benchmark, run on this CPU at a tiny size: known to work the day a GPU is lent."""
+  from experiments import gpu_bench
+  out = tmp_path / 'gpu_bench.md'
+  rows = gpu_bench.main(['--tiny', '--ks', '2', '--remats', 'none,full', '--updates', '1',
+                         '--out', str(out)])
+  assert [(r['remat'], r['k']) for r in rows] == [('none', 2), ('full', 2)]
+  assert all(r['tokens_per_s'] > 0 and r['compiled_bytes'] > 0 for r in rows)
+  text = out.read_text()
+  assert 'python -m experiments.gpu_bench --tiny' in text and 'MFU' in text
+  assert text.count('\n| full |') == 1
