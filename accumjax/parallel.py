@@ -328,17 +328,27 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
       sums, bad = _reduce_replicated(sums, bad, reduction)
     return sums, bad > 0, call_acc
 
+  # The core's zero-initialised scan carry is device-invariant while the per-device sums vary;
+  # the core stays mesh-agnostic, and the reduction makes the output invariant (check_vma off).
+  return _mapped(local, mesh, f, accumulate_kwargs, manual=AXES)
+
+
+def _mapped(local, mesh: Mesh, f: int, accumulate_kwargs, manual):
+  """`run(params, batch, rng_data, index_offset, num_microbatches, loss_scale=None,
+  model_state=None, state_acc=None)`: `local` in a `shard_map` over the `manual` mesh axes (all
+  of them, or `data` alone with `fsdp` left to the partitioner). The params come in by their
+  FSDP layout; under a manual `fsdp` axis each device sees its shards."""
+  rep = PartitionSpec()
+
   def run(params, batch, rng_data, index_offset, num_microbatches, loss_scale=None,
           model_state=None, state_acc=None):
     specs = tree_specs(params, f)
-    rep = PartitionSpec()
+    manual_specs = specs if FSDP in manual else jax.tree.map(lambda _: rep, specs)
     fn = jax.shard_map(
         lambda p, b, r, o, s, m, a: local(p, b, r, o, s, m, a, num_microbatches, specs),
-        mesh=mesh,
-        in_specs=(specs, PartitionSpec(AXES), rep, rep, rep, rep, rep),
-        # The core's zero-initialised scan carry is device-invariant while the per-device sums
-        # vary; the core stays mesh-agnostic, and the reduction makes the output invariant.
-        out_specs=(_sums_specs(specs, accumulate_kwargs), rep, rep), check_vma=False)
+        mesh=mesh, axis_names=set(manual),
+        in_specs=(manual_specs, PartitionSpec(manual), rep, rep, rep, rep, rep),
+        out_specs=(_sums_specs(manual_specs, accumulate_kwargs), rep, rep), check_vma=False)
     return fn(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc)
 
   return run
@@ -376,16 +386,4 @@ def _layer_sums(loss_fn, mesh: Mesh, cast, state_rules, accumulate_kwargs):
     sums, bad, call_acc = out
     return sums, bad > 0, call_acc
 
-  def run(params, batch, rng_data, index_offset, num_microbatches, loss_scale=None,
-          model_state=None, state_acc=None):
-    specs = tree_specs(params, f)
-    rep = PartitionSpec()
-    fn = jax.shard_map(
-        lambda p, b, r, o, s, m, a: local(p, b, r, o, s, m, a, num_microbatches, specs),
-        mesh=mesh, axis_names={DATA},
-        in_specs=(rep, PartitionSpec(DATA), rep, rep, rep, rep, rep),
-        out_specs=(_sums_specs(jax.tree.map(lambda _: rep, specs), accumulate_kwargs), rep,
-                   rep), check_vma=False)
-    return fn(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc)
-
-  return run
+  return _mapped(local, mesh, f, accumulate_kwargs, manual=(DATA,))

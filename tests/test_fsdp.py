@@ -6,9 +6,6 @@ The multi-device checks run in a subprocess with 4 fake CPU devices (tests/fsdp_
 marked slow, run by CI); the two-process run is in tests/test_parallel.py.
 """
 
-import json
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -24,7 +21,7 @@ from accumjax.lm import build as lm_build
 from tests import reference
 from tests.helpers import calls_of, lm_loss
 from tests.test_equivalence import OPTIMIZERS, ROWS, STEPS, TOL
-from tests.test_parallel import ROOT, _env
+from tests.test_parallel import device_check
 
 MODES = ('scan', 'multisteps', 'hybrid')
 K = 4
@@ -32,11 +29,7 @@ K = 4
 
 @pytest.fixture(scope='module')
 def fsdp(tmp_path_factory):
-  directory = tmp_path_factory.mktemp('fsdp') / 'checkpoints'
-  result = subprocess.run([sys.executable, '-m', 'tests.fsdp_check', str(directory)], cwd=ROOT,
-                          env=_env(4), capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return device_check('tests.fsdp_check', tmp_path_factory.mktemp('fsdp') / 'checkpoints')
 
 
 @pytest.mark.slow

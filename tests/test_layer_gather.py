@@ -6,9 +6,6 @@ The multi-device checks run in a subprocess with 4 fake CPU devices (tests/layer
 """
 
 import dataclasses
-import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,18 +21,14 @@ from accumjax.lm import model
 from accumjax.lm.build import make_loss_fn
 from tests import reference
 from tests.test_equivalence import TOL
-from tests.test_parallel import ROOT, _env
+from tests.test_parallel import device_check
 
 LM = model.ModelConfig(d_model=32, num_layers=3, num_heads=2, max_len=16, dropout=0.1)
 
 
 @pytest.fixture(scope='module')
 def layer(tmp_path_factory):
-  directory = tmp_path_factory.mktemp('layer') / 'checkpoints'
-  result = subprocess.run([sys.executable, '-m', 'tests.layer_check', str(directory)], cwd=ROOT,
-                          env=_env(4), capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return device_check('tests.layer_check', tmp_path_factory.mktemp('layer') / 'checkpoints')
 
 
 @pytest.mark.slow

@@ -28,12 +28,18 @@ def _env(devices):
               JAX_PLATFORMS='cpu')
 
 
-@pytest.fixture(scope='module')
-def dp():
-  result = subprocess.run([sys.executable, '-m', 'tests.dp_check'], cwd=ROOT, env=_env(4),
-                          capture_output=True, text=True, timeout=600)
+def device_check(module: str, *args, devices: int = 4, timeout: int = 900) -> dict:
+  """Runs `python -m module *args` on `devices` fake CPU devices (a device count is fixed when
+  a process starts) and returns the JSON of its last line."""
+  result = subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=ROOT,
+                          env=_env(devices), capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def dp():
+  return device_check('tests.dp_check', timeout=600)
 
 
 def test_ran_on_four_devices(dp):
