@@ -1,15 +1,11 @@
 """Memory planning from XLA's own accounting of a compiled step, no out-of-memory trials.
 
-`compiled_memory` reads `jit(f).lower(...).compile().memory_analysis()`. `plan_microbatch`
-walks micro-batch sizes from the largest down, compiles the real train step for each (with
-abstract inputs: nothing is allocated or run), and keeps the largest whose compiled memory
-fits the budget; K then follows from the effective batch.
-
-`plan_trade` plans the whole trade, (micro-batch, remat policy, K), with few compiles: per
-policy the step is compiled at two micro-batch sizes and memory is fitted as a line in the
-micro-batch (a fixed part: state, gathered params, gradients; and a part per row:
-activations); every candidate's time comes from a stated model (`seconds_of`); the fastest
-that fits is compiled once more to check it.
+`compiled_memory` reads `jit(f).lower(...).compile().memory_analysis()` (abstract inputs:
+nothing is allocated or run). `plan_trade` plans the whole trade, (micro-batch, remat policy,
+K), with few compiles: per policy the step is compiled at two micro-batch sizes and memory is
+fitted as a line in the micro-batch (a fixed part: state, gathered params, gradients; and a
+part per row: activations); every candidate's time comes from a stated model
+(`seconds_of`); the fastest that fits is compiled once more to check it.
 """
 
 import dataclasses
@@ -53,36 +49,6 @@ def compiled_memory(fn, *args, **kwargs) -> dict:
          'output': stats.output_size_in_bytes, 'alias': stats.alias_size_in_bytes}
   out['total'] = out['temp'] + out['argument'] + out['output'] - out['alias']
   return out
-
-
-@dataclasses.dataclass
-class Plan:
-  microbatch_size: int
-  num_microbatches: int
-  predicted_bytes: int
-  budget_bytes: int
-  tried: list[tuple[int, int]]  # (micro-batch size, compiled total bytes), largest first
-
-
-def plan_microbatch(step_memory, budget_bytes: int, effective_batch: int) -> Plan:
-  """Largest micro-batch size b dividing `effective_batch` whose step fits `budget_bytes`.
-
-  Args:
-    step_memory: `(microbatch_size, num_microbatches) -> compiled bytes` of the real step.
-    budget_bytes: memory budget.
-    effective_batch: rows per optimizer update (micro-batch x K).
-  """
-  tried = []
-  for b in sorted((d for d in range(1, effective_batch + 1) if effective_batch % d == 0),
-                  reverse=True):
-    k = effective_batch // b
-    need = int(step_memory(b, k))
-    tried.append((b, need))
-    if need <= budget_bytes:
-      return Plan(b, k, need, budget_bytes, tried)
-  raise ConfigError(
-      f'budget_bytes={format_bytes(budget_bytes)} is too small: even a micro-batch of 1 '
-      f'row needs {format_bytes(tried[-1][1])} (compiled step, K={effective_batch}).')
 
 
 @dataclasses.dataclass

@@ -253,13 +253,17 @@ def live_bytes_per_device(state, config: AccumConfig, fsdp: int = 1, stacked=Non
   return parts
 
 
-def describe(config: AccumConfig, state=None) -> dict:
+def describe(config: AccumConfig, state=None, **live) -> dict:
   """A plain dict of the accumulation setup (`config.describe`), for banners, config.json and
   metrics. With the (placed or abstract) train `state`, also the bytes one device holds of it:
   `{params,opt_state,accumulator,call_accumulator}_bytes_per_device` (see
-  `state_bytes_per_device`; sharded over fsdp, they shrink with F)."""
+  `state_bytes_per_device`; sharded over fsdp, they shrink with F). With `live` (the keyword
+  arguments of `live_bytes_per_device`: fsdp, stacked, activation_bytes, layer_bytes), also
+  `live_bytes_per_device`: the whole live set of a call, part by part."""
   out = config_lib.describe(config)
   if state is not None:
     out.update({f'{name}_bytes_per_device': n
                 for name, n in state_bytes_per_device(state, config).items()})
+    if live:
+      out['live_bytes_per_device'] = live_bytes_per_device(state, config, **live)
   return out

@@ -152,6 +152,9 @@ def test_live_set_account_adds_up():
       state, dataclasses.replace(config, fsdp_gather='call'), 4, activation_bytes=1000,
       layer_bytes=300)
   assert layer['total'] == sum(v for k, v in layer.items() if k != 'total')
+  described = accumjax.describe(config, state, fsdp=4, stacked=params['blocks'],
+                                activation_bytes=1000, layer_bytes=300)
+  assert described['live_bytes_per_device'] == layer
   assert (layer['activations'], layer['layer_working']) == (1000, 150)
   # one layer at a time: less gathered and less gradient than the whole params
   assert layer['gathered_params'] < call['gathered_params']
