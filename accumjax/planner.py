@@ -78,6 +78,17 @@ class TradePlan:
   seconds: float  # the planning's own wall time
 
 
+def describe_plan(plan: TradePlan) -> str:
+  """The planner's choice and what it weighed, in one line."""
+  return (f'budget {format_bytes(plan.budget_bytes)}: remat {plan.remat}, micro-batch '
+          f'{plan.microbatch_size} x K {plan.num_microbatches}, predicted '
+          f'{format_bytes(plan.predicted_bytes)}, compiled {format_bytes(plan.compiled_bytes)}, '
+          f'~{plan.predicted_seconds:.3g} s per update (model); {plan.compiles} compiles in '
+          f'{plan.seconds:.0f} s. Weighed: ' + '; '.join(
+              f'{c.remat} b={c.microbatch_size} K={c.num_microbatches}: {c.verdict}'
+              for c in plan.candidates))
+
+
 def _sizes(rows: int | None, k: int | None, limit: int) -> list[int]:
   if rows is not None:
     return [b for b in range(1, rows + 1) if rows % b == 0]

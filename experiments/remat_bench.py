@@ -36,7 +36,6 @@ import accumjax  # noqa: E402
 from accumjax import layers, planner  # noqa: E402
 from accumjax.lm import build, model  # noqa: E402
 from accumjax.lm import config as config_lib  # noqa: E402
-from accumjax.lm.report import plan_words  # noqa: E402
 from experiments.timing import interleaved_times  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -115,7 +114,7 @@ def report(small, dims, plans) -> list[str]:
               '|---|---|---|']
     lines += [f'| {r} | {fmt(f[0])} | {fmt(f[1])} |' for r, f in fits.items()]
     lines += ['', '| budget | choice | planning |', '|---|---|---|']
-    lines += [f'| {name} | {plan_words(p)} | {p.compiles} compiles, {p.seconds:.0f} s |'
+    lines += [f'| {name} | {planner.describe_plan(p)} | {p.compiles} compiles, {p.seconds:.0f} s |'
               for name, p in by_budget.items()]
   return lines
 

@@ -15,18 +15,21 @@ from accumjax.core import ConfigError
 from accumjax.layers import REMATS
 from accumjax.lm import config as config_lib
 from accumjax.lm.config import TrainConfig
-from accumjax.lm.model import make_lm
+from accumjax.lm.model import activation_estimate, make_lm
 from accumjax.losses import token_cross_entropy
 from accumjax.optim import accumulating_optimizer
 from accumjax.planner import (
   TradePlan,
   compiled_memory,
+  describe_plan,
+  format_bytes,
   measure_rates,
   parse_bytes,
   plan_trade,
   time_model,
   transformer_flops_per_token,
 )
+from accumjax.state import live_bytes_per_device
 from accumjax.step import init_train_state, jit_train_step, make_train_step
 
 
@@ -171,15 +174,11 @@ def plan_only(cfg: TrainConfig) -> list[tuple[str, str]]:
   """What `--plan-only` prints: with --memory-budget the plan and what it weighed; the
   micro-batch, K and tokens per update; the compiled memory of the step per device (XLA) and
   the live-set account (`state.live_bytes_per_device`). Nothing is trained or written."""
-  from accumjax.lm.model import activation_estimate
-  from accumjax.lm.report import plan_words
-  from accumjax.planner import format_bytes
-  from accumjax.state import live_bytes_per_device
   mesh = make_mesh(cfg.mesh)
   rows = []
   if cfg.memory_budget is not None:
     cfg, plan = plan_for_budget(cfg, mesh)
-    rows.append(('memory plan', plan_words(plan)))
+    rows.append(('memory plan', describe_plan(plan)))
   devices = mesh.size
   accum = config_lib.validate(cfg, devices)
   apply, params = make_lm(cfg.model, seed=cfg.seed, abstract=True)

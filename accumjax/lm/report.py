@@ -19,7 +19,7 @@ from accumjax.lm import logs
 from accumjax.lm.resume import trim_metrics
 from accumjax.lm.run import NOISE_EMA, Run, evaluate
 from accumjax.noise import SmoothedNoiseScale
-from accumjax.planner import format_bytes
+from accumjax.planner import describe_plan, format_bytes
 from accumjax.state import describe
 
 
@@ -34,17 +34,6 @@ STATE_PARTS = {'params': 'params', 'opt_state': 'optimizer state',
 
 LIVE_PARTS = {'gathered_params': 'gathered params', 'microbatch_gradient': 'micro-batch gradient',
               'activations': 'activations', 'layer_working': 'one layer working'}
-
-
-def plan_words(plan) -> str:
-  """The planner's choice and what it weighed, in one line."""
-  return (f'budget {format_bytes(plan.budget_bytes)}: remat {plan.remat}, micro-batch '
-          f'{plan.microbatch_size} x K {plan.num_microbatches}, predicted '
-          f'{format_bytes(plan.predicted_bytes)}, compiled {format_bytes(plan.compiled_bytes)}, '
-          f'~{plan.predicted_seconds:.3g} s per update (model); {plan.compiles} compiles in '
-          f'{plan.seconds:.0f} s. Weighed: ' + '; '.join(
-              f'{c.remat} b={c.microbatch_size} K={c.num_microbatches}: {c.verdict}'
-              for c in plan.candidates))
 
 
 def _gather_words(accum) -> str:
@@ -111,7 +100,7 @@ def banner(run: Run) -> list[tuple[str, object]]:
       ('checkpoints', f'every {cfg.save_every} updates' + (
           f' and every {cfg.save_every_micro} calls' if cfg.save_every_micro else '')
           + f', keep {cfg.keep}' if run.saving else 'off'),
-      *([('memory plan', plan_words(plan))] if plan else []),
+      *([('memory plan', describe_plan(plan))] if plan else []),
       ('out', str(run.out)),
   ]
 
