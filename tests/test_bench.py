@@ -41,3 +41,13 @@ def test_bench_core_quick_checks_every_variant_and_writes_its_table(tmp_path):
   assert bench.main(['--core', '--quick', '--out', str(out)]) == 0
   rows = [line.split('|') for line in out.read_text().splitlines() if line.startswith('| tiny (')]
   assert len(rows) == 1 and all(float(x.split()[0]) > 0 for x in rows[0][5:-1])
+
+
+@pytest.mark.slow
+def test_emit_bytes_attributes_the_emitting_steps_traffic(tmp_path):
+  from experiments import emit_bytes
+  rows = emit_bytes.main(tmp_path / 'emit_bytes.md')
+  assert len(rows) == 4 and all(a > 0 and b > 0 for _, a, b in rows)
+  # each ablation takes bytes away: the parts the table names are real traffic
+  assert rows[1][1] > rows[2][1] > rows[3][1]
+  assert '| program |' in (tmp_path / 'emit_bytes.md').read_text()
