@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
 from accumjax.errors import ConfigError
+from accumjax.parallel import leaf_spec
 
 __all__ = ['REMATS', 'remat_policy', 'saved_activation_bytes', 'scan_layers']
 
@@ -75,7 +76,6 @@ def fsdp_auto_size() -> int:
 def _slice_spec(stacked_shape, f: int) -> PartitionSpec:
   """The shard layout of one layer's slice: the stacked leaf's (`parallel.leaf_spec`) without
   its layer axis; replicated when the layout splits the layer axis itself."""
-  from accumjax.parallel import leaf_spec  # parallel imports nothing from here
   spec = tuple(leaf_spec(stacked_shape, f))
   if spec and spec[0] == FSDP:
     return PartitionSpec()
