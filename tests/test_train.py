@@ -34,6 +34,10 @@ def test_smoke_outputs_and_loss_falls(tmp_path):
   config = json.loads((tmp_path / 'config.json').read_text())
   assert config['accumulation']['num_microbatches'] == 2
   assert config['accumulation']['tokens_per_update'] == 4 * 2 * 32
+  live = config['run']['live_bytes_per_device']  # the whole live set of a call, part by part
+  assert live['total'] == sum(v for k, v in live.items() if k != 'total')
+  assert live['activations'] > 0 and live['params'] == config['run']['state_bytes_per_device'][
+      'params']
   png = (tmp_path / 'loss.png').read_bytes()
   assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
 
