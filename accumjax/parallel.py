@@ -303,10 +303,7 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
 
   def local(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc,
             num_microbatches, specs):
-    rng = None
-    if rng_data is not None:
-      rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), jax.lax.axis_index(AXES))
-    start_acc = None if model_state is None else ms.restart(state_acc, state_rules)
+    rng, start_acc = _start(rng_data, AXES, model_state, state_acc, state_rules)
     fsdp_kwargs = {}
     params = cast(params)
     if f > 1:
@@ -331,6 +328,15 @@ def reduced_sums(loss_fn, mesh: Mesh, reduction: str = 'psum', state_rules=None,
   # The core's zero-initialised scan carry is device-invariant while the per-device sums vary;
   # the core stays mesh-agnostic, and the reduction makes the output invariant (check_vma off).
   return _mapped(local, mesh, f, accumulate_kwargs, manual=AXES)
+
+
+def _start(rng_data, axes, model_state, state_acc, state_rules):
+  """Inside `shard_map`: this device's dropout key (folded with its index over `axes`: devices,
+  or data replicas under the 'layer' gather) and its model-state accumulator to start from."""
+  rng = None
+  if rng_data is not None:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), jax.lax.axis_index(axes))
+  return rng, None if model_state is None else ms.restart(state_acc, state_rules)
 
 
 def _mapped(local, mesh: Mesh, f: int, accumulate_kwargs, manual):
@@ -367,10 +373,7 @@ def _layer_sums(loss_fn, mesh: Mesh, cast, state_rules, accumulate_kwargs):
 
   def local(params, batch, rng_data, index_offset, loss_scale, model_state, state_acc,
             num_microbatches, specs):
-    rng = None
-    if rng_data is not None:
-      rng = jax.random.fold_in(jax.random.wrap_key_data(rng_data), jax.lax.axis_index(DATA))
-    start_acc = None if model_state is None else ms.restart(state_acc, state_rules)
+    rng, start_acc = _start(rng_data, DATA, model_state, state_acc, state_rules)
     keep_shards = lambda g: jax.lax.with_sharding_constraint(g, specs)
     sums, _, bad, call_acc = scan_microbatches(
         loss_fn, cast(params), batch, num_microbatches=num_microbatches, rng=rng,
