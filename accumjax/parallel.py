@@ -380,13 +380,11 @@ def _layer_sums(loss_fn, mesh: Mesh, cast, state_rules, accumulate_kwargs):
         index_offset=index_offset, loss_scale=loss_scale, model_state=model_state,
         state_rules=state_rules, state_acc=start_acc, reduce_microbatch=keep_shards,
         sums_like=params, row_groups=f, **accumulate_kwargs)
-    sums = sums._replace(grads=keep_shards(sums.grads))
-    out = (sums, bad.astype(jnp.float32), call_acc)
+    sums, bad = sums._replace(grads=keep_shards(sums.grads)), bad.astype(jnp.float32)
     if data > 1:  # (a collective over a manual axis of size 1 fails to compile in jax 0.10.2)
+      sums, bad = jax.lax.psum((sums, bad), DATA)
       if call_acc is not None:
-        out = out[:2] + (ms.reduce_devices(call_acc, state_rules, DATA),)
-      out = jax.lax.psum(out[:2], DATA) + out[2:]
-    sums, bad, call_acc = out
+        call_acc = ms.reduce_devices(call_acc, state_rules, DATA)
     return sums, bad > 0, call_acc
 
   return _mapped(local, mesh, f, accumulate_kwargs, manual=(DATA,))

@@ -44,7 +44,13 @@ def compiled_memory(fn, *args, **kwargs) -> dict:
   ShapeDtypeStructs) and `kwargs` (e.g. a static `last_call`). `total` = temp + arguments +
   outputs - aliased (donated) bytes."""
   jitted = fn if hasattr(fn, 'lower') else jax.jit(fn)
-  stats = jitted.lower(*args, **kwargs).compile().memory_analysis()
+  return memory_of(jitted.lower(*args, **kwargs).compile())
+
+
+def memory_of(compiled) -> dict:
+  """XLA's memory analysis of a compiled program (`jit(f).lower(...).compile()`): temp,
+  argument, output and aliased bytes, and `total` = temp + arguments + outputs - aliased."""
+  stats = compiled.memory_analysis()
   out = {'temp': stats.temp_size_in_bytes, 'argument': stats.argument_size_in_bytes,
          'output': stats.output_size_in_bytes, 'alias': stats.alias_size_in_bytes}
   out['total'] = out['temp'] + out['argument'] + out['output'] - out['alias']
@@ -89,7 +95,7 @@ def describe_plan(plan: TradePlan) -> str:
               for c in plan.candidates))
 
 
-def _sizes(rows: int | None, k: int | None, limit: int) -> list[int]:
+def _sizes(rows: int | None, limit: int) -> list[int]:
   if rows is not None:
     return [b for b in range(1, rows + 1) if rows % b == 0]
   return list(range(1, limit + 1))
@@ -126,11 +132,11 @@ def plan_trade(step_memory, budget_bytes: int, seconds_of, remats, *, rows: int 
     fixed = m1 - slope * b1
     fits[remat] = [int(fixed), int(slope)]
     predict = lambda b, fixed=fixed, slope=slope: int(fixed + slope * b)
-    sizes = _sizes(rows, num_microbatches, max_microbatch)
+    sizes = _sizes(rows, max_microbatch)
     fitting = [b for b in sizes if predict(b) <= budget_bytes]
-    over = [b for b in sizes if predict(b) > budget_bytes]
-    if over and (not fitting or over[0] > fitting[-1]):
-      b = min(b for b in over if not fitting or b > fitting[-1])
+    above = [b for b in sizes if predict(b) > budget_bytes and (not fitting or b > fitting[-1])]
+    if above:  # the next size up, over the budget
+      b = above[0]
       candidates.append(Candidate(remat, b, k_of(b), predict(b), seconds_of(b, k_of(b), remat),
                                   f'over budget: {format_bytes(predict(b))} predicted'))
     if fitting:
@@ -180,13 +186,10 @@ def measure_rates(compute_dtype=jnp.float32, size: int = 1024, reps: int = 5) ->
     times.append(time.perf_counter() - t)
   rate = 2 * size ** 3 / sorted(times)[reps // 2]
 
-  def scan(n):
-    body = lambda c, x: (c + jnp.tanh(x @ jnp.ones((8, 8))).sum(), None)
-    return jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs)[0])
-
+  body = lambda c, x: (c + jnp.tanh(x @ jnp.ones((8, 8))).sum(), None)
   per = []
   for n in (1, 17):
-    f, xs = scan(n), jnp.ones((n, 4, 8))
+    f, xs = jax.jit(lambda xs: jax.lax.scan(body, 0.0, xs)[0]), jnp.ones((n, 4, 8))
     f(xs).block_until_ready()
     t = time.perf_counter()
     for _ in range(reps):

@@ -31,7 +31,6 @@ import optax
 
 import accumjax
 from accumjax import layers, parallel, planner
-from accumjax import state as state_lib
 from accumjax.lm import config as config_lib
 from accumjax.lm import model
 from accumjax.lm.build import make_loss_fn
@@ -60,12 +59,6 @@ def _settings(preset: str | None, tiny: bool) -> dict:
   return values
 
 
-def useful_flops_per_token(cfg: model.ModelConfig, params, seq_len: int) -> float:
-  embedding = cfg.vocab_size * cfg.d_model * 2
-  n = sum(int(x.size) for x in jax.tree.leaves(params)) - embedding
-  return planner.transformer_flops_per_token(n, cfg.num_layers, cfg.d_model, seq_len, 'none')
-
-
 def bench_one(values: dict, k: int, remat: str, updates: int) -> dict:
   devices = jax.device_count()
   mcfg = model.ModelConfig(d_model=values['d_model'], num_layers=values['num_layers'],
@@ -86,13 +79,8 @@ def bench_one(values: dict, k: int, remat: str, updates: int) -> dict:
   batch = parallel.shard_batch({'inputs': jnp.asarray(tokens[:, :-1], jnp.int32),
                                 'targets': jnp.asarray(tokens[:, 1:], jnp.int32),
                                 'mask': jnp.ones((rows, seq), jnp.float32)}, mesh)
-  compiled = step.lower(state, batch, last_call=True).compile().memory_analysis()
-  compiled_total = (compiled.temp_size_in_bytes + compiled.argument_size_in_bytes +
-                    compiled.output_size_in_bytes - compiled.alias_size_in_bytes)
-  saved, layer = model.activation_estimate(mcfg, b, seq, jnp.bfloat16)
-  live = state_lib.live_bytes_per_device(state, config, parallel.fsdp_size(mesh),
-                                         stacked=params['blocks'], activation_bytes=saved,
-                                         layer_bytes=layer)
+  compiled_total = planner.compiled_memory(step, state, batch, last_call=True)['total']
+  live = model.live_set(mcfg, state, config, parallel.fsdp_size(mesh))
   times = []
   for i in range(updates + 1):
     t0 = time.perf_counter()
@@ -104,7 +92,7 @@ def bench_one(values: dict, k: int, remat: str, updates: int) -> dict:
   seconds = statistics.median(times)
   return {'k': k, 'remat': remat, 'b': b, 'seq': seq, 'devices': devices,
           'seconds': seconds, 'tokens_per_s': rows * seq / seconds,
-          'flops_per_token': useful_flops_per_token(mcfg, params, seq),
+          'flops_per_token': model.flops_per_token(mcfg, params, seq),
           'peak_bytes': stats.get('peak_bytes_in_use'), 'compiled_bytes': compiled_total,
           'estimate_bytes': live['total'], 'loss': float(metrics['loss'])}
 

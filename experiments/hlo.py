@@ -64,44 +64,13 @@ def collectives_by_depth(hlo_text: str) -> dict:
   return counts
 
 
-def result_dtypes(line: str) -> set[str]:
-  """The element types of an HLO instruction's result ('bf16', 'f32', ...)."""
-  result = re.split(r'\s[a-z-]+\(', line.split('=', 1)[1], maxsplit=1)[0]
-  return set(re.findall(r'\b([a-z]+[0-9]+)\[', result))
-
-
 def collective_counts(hlo_text: str) -> dict:
   """Cross-device collectives in a compiled HLO module, inside vs outside while-loop bodies.
 
   Returns {op: {'in_loop': n, 'outside': m}} for the collectives present (an async pair
   `all-reduce-start`/`-done` counts once). Loop bodies include what they call.
   """
-  computations, name = {}, None
-  for line in hlo_text.splitlines():
-    match = _COMPUTATION.match(line)
-    if match:
-      name = match.group(1)
-      computations[name] = []
-    elif name is not None and line.strip() and line.strip() != '}':
-      computations[name].append(line)
-
-  def called(lines):
-    return {c.strip().lstrip('%') for line in lines for group in _CALLED.findall(line)
-            for c in group.split(',')}
-
-  in_loop = set()
-  frontier = [b.lstrip('%') for lines in computations.values() for line in lines
-              for b in re.findall(r'body=(%?[\w.-]+)', line)]
-  while frontier:
-    c = frontier.pop()
-    if c in computations and c not in in_loop:
-      in_loop.add(c)
-      frontier.extend(called(computations[c]))
   counts = {}
-  for c, lines in computations.items():
-    for line in lines:
-      for op in _COLLECTIVES:
-        if re.search(rf'\s{op}(?:-start)?\(', line):
-          where = 'in_loop' if c in in_loop else 'outside'
-          counts.setdefault(op, {'in_loop': 0, 'outside': 0})[where] += 1
+  for op, depth, _ in collective_lines(hlo_text):
+    counts.setdefault(op, {'in_loop': 0, 'outside': 0})['in_loop' if depth else 'outside'] += 1
   return counts

@@ -37,8 +37,7 @@ import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import accumjax  # noqa: E402
-from accumjax import parallel  # noqa: E402
-from accumjax import state as state_lib  # noqa: E402
+from accumjax import parallel, planner  # noqa: E402
 from accumjax.lm import model  # noqa: E402
 from accumjax.lm.build import make_loss_fn  # noqa: E402
 from experiments import hlo  # noqa: E402
@@ -101,11 +100,7 @@ def accumjax_step(size: str, mesh_name: str, gather, reduce, remat: str):
   state = parallel.abstract_state(state, mesh)
   batch = _batch(K * dims['b'] * mesh.size, dims['seq'], parallel.batch_sharding(mesh))
   step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config, mesh=mesh))
-  saved, layer = model.activation_estimate(_model_config(size, remat), dims['b'], dims['seq'],
-                                           config.compute_jnp_dtype)
-  estimate = state_lib.live_bytes_per_device(
-      state, config, parallel.fsdp_size(mesh), stacked=params['blocks'], activation_bytes=saved,
-      layer_bytes=layer)
+  estimate = model.live_set(_model_config(size, remat), state, config, parallel.fsdp_size(mesh))
   return step, (state, batch), {'last_call': True}, estimate['total']
 
 
@@ -160,11 +155,9 @@ def measure(size: str, mesh_name: str, gather, reduce, remat: str) -> dict:
     step, args, kwargs, estimate = accumjax_step(size, mesh_name, gather, reduce, remat)
   compiled = step.lower(*args, **kwargs).compile()
   seconds = time.perf_counter() - start
-  stats = compiled.memory_analysis()
-  total = (stats.temp_size_in_bytes + stats.argument_size_in_bytes +
-           stats.output_size_in_bytes - stats.alias_size_in_bytes)
+  memory = planner.memory_of(compiled)
   return {'size': size, 'mesh': mesh_name, 'gather': gather or '-', 'reduce': reduce or '-',
-          'remat': remat, 'temp': stats.temp_size_in_bytes, 'total': total,
+          'remat': remat, 'temp': memory['temp'], 'total': memory['total'],
           'estimate': estimate, 'compile_s': seconds,
           'collectives': hlo.collectives_by_depth(compiled.as_text())}
 

@@ -85,12 +85,6 @@ def lm_run(mesh_name, gather, precision='float32', remat='none', updates=2):
   return jax.device_get(state.params), losses, text
 
 
-def _dtypes(text: str, op: str, depth: int) -> list[str]:
-  """The result element types of `op` at loop `depth` of a compiled module."""
-  return sorted({t for o, d, line in hlo.collective_lines(text) if o == op and d == depth
-                 for t in hlo.result_dtypes(line)})
-
-
 def lm_checks():
   one, one_losses, _ = lm_run('1 device', 'call')
   out = {'one_device_losses': one_losses}
@@ -102,9 +96,7 @@ def lm_checks():
   params, losses, text = lm_run('data=2,fsdp=2', 'layer', 'bfloat16')
   out['bf16'] = {'error_vs_1_device': float(reference.rel_err(params, bf_one)),
                  'losses': losses, 'one_device_losses': bf_losses,
-                 'collectives': hlo.collectives_by_depth(text),
-                 'layer_loop_dtypes': {op: _dtypes(text, op, 2)
-                                       for op in ('all-gather', 'all-reduce')}}
+                 'collectives': hlo.collectives_by_depth(text)}
   params, losses, _ = lm_run('fsdp=4', 'layer', remat='full')
   out['layer_full_remat'] = {'error_vs_1_device': float(reference.rel_err(params, one)),
                              'losses': losses}

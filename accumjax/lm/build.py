@@ -15,7 +15,7 @@ from accumjax.core import ConfigError
 from accumjax.layers import REMATS
 from accumjax.lm import config as config_lib
 from accumjax.lm.config import TrainConfig
-from accumjax.lm.model import activation_estimate, make_lm
+from accumjax.lm.model import flops_per_token, live_set, make_lm, num_params
 from accumjax.losses import token_cross_entropy
 from accumjax.optim import accumulating_optimizer
 from accumjax.planner import (
@@ -27,9 +27,7 @@ from accumjax.planner import (
   parse_bytes,
   plan_trade,
   time_model,
-  transformer_flops_per_token,
 )
-from accumjax.state import live_bytes_per_device
 from accumjax.step import init_train_state, jit_train_step, make_train_step
 
 
@@ -97,13 +95,7 @@ def _step_bytes(cfg: TrainConfig, loss_fn, params, b: int, k: int, mesh=None) ->
 def _time_model(cfg: TrainConfig, params, rates: dict):
   """The planner's stated time model for this LM: FLOPs per token (with remat's recompute) at
   the device's measured matmul rate, plus a measured fixed cost per micro-batch."""
-  m = cfg.model
-  embedding = m.vocab_size * m.d_model * 2  # token embedding and head
-  if m.positions == 'learned':
-    embedding += m.max_len * m.d_model
-  n = sum(int(x.size) for x in jax.tree.leaves(params)) - embedding
-  per_token = lambda remat: transformer_flops_per_token(n, m.num_layers, m.d_model,
-                                                        cfg.accum.seq_len, remat)
+  per_token = lambda remat: flops_per_token(cfg.model, params, cfg.accum.seq_len, remat)
   return time_model(per_token, cfg.accum.seq_len, rates)
 
 
@@ -189,13 +181,10 @@ def plan_only(cfg: TrainConfig) -> list[tuple[str, str]]:
   state = jax.eval_shape(lambda p: init_train_state(p, tx, 0, accum), params)
   if fsdp > 1:
     state = parallel.abstract_state(state, mesh)
-  saved, layer = activation_estimate(cfg.model, accum.microbatch_size, cfg.accum.seq_len,
-                                     accum.compute_jnp_dtype)
-  live = live_bytes_per_device(state, accum, fsdp, stacked=params['blocks'],
-                               activation_bytes=saved, layer_bytes=layer)
+  live = live_set(cfg.model, state, accum, fsdp)
   m = cfg.model
   rows += [
-      ('model', f'{sum(int(x.size) for x in jax.tree.leaves(params)):,} params, d_model '
+      ('model', f'{num_params(params):,} params, d_model '
                 f'{m.d_model}, {m.num_layers} layers, {m.num_heads} heads, remat {m.remat}'),
       ('mesh', f'{dict(mesh.shape)}' + (f', fsdp gather {accum.fsdp_gather}' if fsdp > 1
                                         else '')),

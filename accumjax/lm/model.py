@@ -18,7 +18,9 @@ from flax import nnx
 
 from accumjax.layers import REMATS, check_remat, saved_activation_bytes, scan_layers
 from accumjax.losses import token_cross_entropy
+from accumjax.planner import transformer_flops_per_token
 from accumjax.settings import finite_number, setting
+from accumjax.state import live_bytes_per_device
 
 POSITIONS = ('rope', 'learned')
 
@@ -170,4 +172,26 @@ def activation_estimate(cfg: ModelConfig, microbatch_size: int, seq_len: int,
                                                   mb['mask'])
     return saved_activation_bytes(loss, params, batch, compute_dtype)
 
-  return saved(cfg.remat), saved('none') // cfg.num_layers
+  without_remat = saved('none')
+  return (without_remat if cfg.remat == 'none' else saved(cfg.remat),
+          without_remat // cfg.num_layers)
+
+
+def live_set(cfg: ModelConfig, state, config, fsdp: int = 1) -> dict:
+  """`state.live_bytes_per_device` of this LM's (placed or abstract) train state under the
+  `AccumConfig` `config` (its micro-batch, seq_len and compute dtype) on a mesh of `fsdp`, with
+  the activation estimate of one device's micro-batch."""
+  saved, layer = activation_estimate(cfg, config.microbatch_size, config.seq_len,
+                                     config.compute_jnp_dtype)
+  return live_bytes_per_device(state, config, fsdp, stacked=state.params['blocks'],
+                               activation_bytes=saved, layer_bytes=layer)
+
+
+def flops_per_token(cfg: ModelConfig, params, seq_len: int, remat: str = 'none') -> float:
+  """Training FLOPs per token of this LM (`planner.transformer_flops_per_token` of its params
+  without the token embedding, the head and learned positions)."""
+  embedding = cfg.vocab_size * cfg.d_model * 2
+  if cfg.positions == 'learned':
+    embedding += cfg.max_len * cfg.d_model
+  return transformer_flops_per_token(num_params(params) - embedding, cfg.num_layers,
+                                     cfg.d_model, seq_len, remat)

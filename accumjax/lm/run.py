@@ -25,7 +25,7 @@ from accumjax.lm import logs
 from accumjax.lm.build import build_optimizer, make_loss_fn, make_mesh, plan_for_budget
 from accumjax.lm.config import ON_CONFIG_CHANGE, TrainConfig
 from accumjax.lm.guards import RunLock, check_host_memory
-from accumjax.lm.model import activation_estimate, make_lm, num_params
+from accumjax.lm.model import live_set, make_lm, num_params
 from accumjax.lm.resume import resume_state
 from accumjax.losses import token_cross_entropy
 from accumjax.precision import cast_floats
@@ -121,16 +121,6 @@ def _initial_state(cfg, accum, tx, params, out, log, mesh, resume, on_config_cha
   return state, ckpt, meta
 
 
-def _live_bytes(cfg: TrainConfig, accum, state, mesh) -> dict:
-  """The account of one device's live set during a call (`state.live_bytes_per_device`), with
-  the model's activation estimate for one device's micro-batch."""
-  saved, layer = activation_estimate(cfg.model, accum.microbatch_size, cfg.accum.seq_len,
-                                     accum.compute_jnp_dtype)
-  return state_lib.live_bytes_per_device(
-      state, accum, parallel.fsdp_size(mesh), stacked=state.params['blocks'],
-      activation_bytes=saved, layer_bytes=layer)
-
-
 def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse') -> Run:
   """Everything a run needs, from its settings (and its checkpoint, when resuming)."""
   mesh = make_mesh(cfg.mesh)
@@ -187,7 +177,7 @@ def build_run(cfg: TrainConfig, out, log, resume=None, on_config_change='refuse'
         'resumed_at_update': int(state.update_step),
         'mesh': dict(mesh.shape),
         'state_bytes_per_device': state_lib.state_bytes_per_device(state, accum),
-        'live_bytes_per_device': _live_bytes(cfg, accum, state, mesh),
+        'live_bytes_per_device': live_set(cfg.model, state, accum, parallel.fsdp_size(mesh)),
     }
     progress = Progress(state=state, stats=stats, update=int(state.update_step),
                         microbatches=state_lib.microbatches_seen(state),
