@@ -81,8 +81,15 @@ def zero_sums(params, accum_dtype=jnp.float32, noise_stats: bool = False) -> Gra
 
 
 def _sq_norm(tree) -> jax.Array:
-  """|tree|^2 in float32."""
-  return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+  """|tree|^2 in float32.
+
+  A leaf of two or more axes is summed along its last axis first, then whole: XLA's CPU
+  backend splits that row reduction over the cores, where one reduction to a scalar runs
+  on one (benchmarks/emit.md)."""
+  def leaf(x):
+    sq = jnp.square(x.astype(jnp.float32))
+    return jnp.sum(jnp.sum(sq, axis=-1)) if sq.ndim >= 2 else jnp.sum(sq)
+  return sum(leaf(x) for x in jax.tree.leaves(tree))
 
 
 def noise_scale(sums: GradSums, grad_sq_norm: jax.Array | None = None) -> dict:
@@ -417,11 +424,25 @@ def scan_microbatches(
   return Scanned(sums, aux, bad_K, state_acc)
 
 
-def count_nonfinite_sum(sums: GradSums) -> GradSums:
+def all_finite_given(sq_norm: jax.Array, tree) -> jax.Array:
+  """Whether every leaf of `tree` is finite, given `sq_norm` = |tree|^2 (float32).
+
+  A NaN or an Inf anywhere makes the sum of squares non-finite, so a finite `sq_norm` proves
+  the tree finite without reading it again. A non-finite one may also be the overflow of a
+  finite but huge tree (|tree| > ~1.8e19): only then is the tree read, inside a `lax.cond`
+  whose branch runs on that rare call alone."""
+  return jax.lax.cond(jnp.isfinite(sq_norm), lambda: jnp.ones((), bool),
+                      lambda: _all_finite(tree))
+
+
+def count_nonfinite_sum(sums: GradSums, sq_norm: jax.Array | None = None) -> GradSums:
   """`sums` with a non-finite gradient sum counted as one non-finite micro-batch, where no
   micro-batch's loss or weight was (the sums of `mask_microbatches=False`): one check of the
-  update's gradient, instead of one per micro-batch."""
-  hidden = (sums.nonfinite == 0) & ~_all_finite(sums.grads)
+  update's gradient, instead of one per micro-batch. With `sq_norm` (|sums.grads|^2, which the
+  update needs anyway for its norm and clipping) the gradient is not read again
+  (`all_finite_given`)."""
+  finite = _all_finite(sums.grads) if sq_norm is None else all_finite_given(sq_norm, sums.grads)
+  hidden = (sums.nonfinite == 0) & ~finite
   return sums._replace(nonfinite=sums.nonfinite + hidden.astype(sums.nonfinite.dtype))
 
 

@@ -24,13 +24,15 @@ train step calls it itself, so a user passes the plain optimizer:
 """
 
 import operator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from accumjax.config import AccumConfig
-from accumjax.core import ConfigError, GradSums, normalize
+from accumjax.core import ConfigError, GradSums
+from accumjax.core import _sq_norm as core_sq_norm
 
 
 def as_opt_params(params) -> GradSums:
@@ -56,11 +58,51 @@ def _updates(grads, like: GradSums, applied=None) -> GradSums:
                   jax.tree.map(zero, like.noise))
 
 
-def normalized(inner: optax.GradientTransformation,
-               policy: str = 'skip_update') -> optax.GradientTransformation:
-  """Runs `inner` on sums.grads / sums.weight; skips updates that `applies` refuses.
+def scale_of(sums: GradSums, sq_norm: jax.Array | None = None, clip_norm: float | None = None):
+  """(factor, grad_norm): the one scalar an update multiplies the gradient sums by, and the
+  norm of the mean gradient before clipping (None without `sq_norm`).
 
-  A skipped update gives zero updates and leaves the inner state exactly as it was.
+  factor = 1 / sums.weight (0 with no weight), times min(1, clip_norm / grad_norm) when
+  clipping (optax.clip_by_global_norm's rule, on the mean gradient). A multiplication by one
+  scalar, not a division per element: XLA fuses it into every element-wise pass of the
+  optimizer that reads the gradient (a division is not duplicated into its consumers, so its
+  result is written out and read back)."""
+  has_weight = sums.weight > 0
+  factor = jnp.where(has_weight, 1.0 / jnp.where(has_weight, sums.weight, 1.0), 0.0)
+  if sq_norm is None:
+    if clip_norm is not None:
+      raise ConfigError('scale_of: clip_norm needs sq_norm (|sums.grads|^2).')
+    return factor, None
+  grad_norm = jnp.sqrt(sq_norm) * factor
+  if clip_norm is not None:
+    factor = factor * jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm)
+  return factor, grad_norm
+
+
+def _cast_like(new_state, state):
+  """The state keeps its dtypes (e.g. bf16 moments of bf16 params), so a step compiles once
+  and a skipped update (the state as it was) has the applied one's types."""
+  return jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), new_state, state)
+
+
+class Emitted(NamedTuple):
+  """What `Normalized.apply` returns."""
+  params: Any
+  opt_state: Any
+  applied: jax.Array  # bool: whether the update was applied (else params and state as given)
+  grad_norm: jax.Array  # norm of the mean gradient before clipping
+
+
+def normalized(inner: optax.GradientTransformation, policy: str = 'skip_update',
+               clip_norm: float | None = None) -> 'Normalized':
+  """Runs `inner` on sums.grads / sums.weight (clipped to the global norm `clip_norm` first,
+  if given); skips updates that `applies` refuses.
+
+  A skipped update gives zero updates and leaves the inner state exactly as it was. The
+  division and the clip are one scalar multiplication of the sums (`scale_of`), fused by XLA
+  into the optimizer's own element-wise passes; the skip is a `lax.cond` around them (a
+  `where(keep, new, old)` over a donated state makes XLA copy the old buffers). The train
+  step calls `Normalized.apply`, which also applies the updates inside that cond.
   """
 
   def init_fn(params: GradSums):
@@ -69,9 +111,12 @@ def normalized(inner: optax.GradientTransformation,
   def update_fn(sums: GradSums, state, params: GradSums | None = None, **extra_args):
     del extra_args  # (optax.MultiSteps passes its own; the inner optimizer takes none)
     keep = applies(sums, policy)
+    sq_norm = None if clip_norm is None else core_sq_norm(sums.grads)
+    factor, _ = scale_of(sums, sq_norm, clip_norm)
 
     def run(state):
-      return inner.update(normalize(sums)[0], state, None if params is None else params.grads)
+      return inner.update(_scaled(sums.grads, factor), state,
+                          None if params is None else params.grads)
 
     shapes = jax.eval_shape(run, state)
 
@@ -79,19 +124,44 @@ def normalized(inner: optax.GradientTransformation,
       return (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0]),
               jax.tree.map(lambda s, x: x.astype(s.dtype), shapes[1], state))
 
-    # A cond, not `where(keep, new, old)` over the state: with the state donated, the select
-    # reads the old buffers after the new ones are written, and XLA copies every one of them.
     updates, new_state = jax.lax.cond(keep, run, hold, state)
     return _updates(updates, sums, keep), new_state
 
-  return Normalized(init_fn, update_fn)
+  def apply(sums: GradSums, state, params, *, sq_norm=None, update_scale=None) -> Emitted:
+    """The update applied: (params + update_scale * updates, new state, applied, grad_norm)
+    in one fused pass per leaf, inside a `lax.cond` that a skipped update does not take (the
+    params and state are then returned as given). `sq_norm`: |sums.grads|^2, if the caller
+    has it (one read of the gradient serves the norm metric, the clip and the finiteness
+    check: see `core.count_nonfinite_sum`)."""
+    if sq_norm is None:
+      sq_norm = core_sq_norm(sums.grads)
+    keep = applies(sums, policy)
+    factor, grad_norm = scale_of(sums, sq_norm, clip_norm)
+
+    def run(params, state):
+      updates, new_state = inner.update(_scaled(sums.grads, factor), state, params)
+      return apply_updates(params, updates, update_scale), _cast_like(new_state, state)
+
+    params, state = jax.lax.cond(keep, run, lambda params, state: (params, state), params,
+                                 state)
+    return Emitted(params, state, keep, grad_norm)
+
+  tx = Normalized(init_fn, update_fn)
+  tx.apply, tx.clip_norm = apply, clip_norm
+  return tx
+
+
+def _scaled(grads, factor):
+  return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
 
 
 class Normalized(optax.GradientTransformationExtraArgs):
   """What `normalized` returns: an optax transformation over `GradSums` (so the train step can
-  tell it from a plain optimizer, which it wraps itself). `accum_config` is the `AccumConfig`
+  tell it from a plain optimizer, which it wraps itself), with `apply` (the update applied in
+  the same pass; see `normalized`). `accum_config` is the `AccumConfig`
   `accumulating_optimizer` built it for (None if none), so `init_train_state` can follow it."""
   accum_config = None
+  clip_norm = None
 
 
 def is_accumulating(tx) -> bool:
@@ -126,10 +196,9 @@ def accumulating_optimizer(optimizer, config: AccumConfig | None = None):
           callable(getattr(optimizer, 'update', None))):
     raise ConfigError(f'optimizer={optimizer!r}; allowed: an optax GradientTransformation '
                       '(e.g. optax.adamw(1e-3)).')
-  inner = optimizer
-  if config is not None and config.clip_norm is not None and not config.clip_before_accumulation:
-    inner = optax.chain(optax.clip_by_global_norm(config.clip_norm), inner)
-  tx = normalized(inner, 'skip_update' if config is None else config.nonfinite)
+  clip_after = config is not None and not config.clip_before_accumulation
+  tx = normalized(optimizer, 'skip_update' if config is None else config.nonfinite,
+                  config.clip_norm if clip_after else None)
   tx.accum_config = config
   if config is None or not _wraps_multisteps(config):
     return tx

@@ -145,27 +145,39 @@ def _update_scale(config: AccumConfig, microbatches):
   return ratio if config.lr_power == 1.0 else ratio ** jnp.float32(config.lr_power)
 
 
-def _optimize(tx, call_sums: GradSums, cycle: Cycle, opt_state, params, flush: bool):
-  """The optimizer on the cycle's totals: (updates as GradSums, new opt_state, updated).
+def _optimize(tx, config: AccumConfig, call_sums: GradSums, cycle: Cycle, state: TrainState,
+              flush: bool):
+  """The optimizer on the cycle's totals, applied: (cycle, params, opt_state, updated,
+  applied, grad_norm); the cycle comes back with a non-finite gradient sum counted (one check
+  per update, where the core did not check each micro-batch).
 
-  Own cycle: this call completes the update (a flush: if anything is pending). Under
-  `optax.MultiSteps` it sees this call's sums and decides itself whether its cycle ended."""
-  strip = lambda sums: sums._replace(noise=None)
-  if isinstance(opt_state, optax.MultiStepsState):
+  Own cycle: `Normalized.apply`, on a squared norm of the totals read once (the metric, the
+  clip and the finiteness check share it); this call completes the update (a flush: if
+  anything is pending). Under `optax.MultiSteps` it sees this call's sums and decides itself
+  whether its cycle ended."""
+  scale = _update_scale(config, cycle.microbatches)
+  if isinstance(state.opt_state, optax.MultiStepsState):
+    opt_state = state.opt_state
+    strip = call_sums._replace(noise=None)
     if flush:
-      pending = cycle.microbatches > 0
-      updates, opt_state = optim.flush_multisteps(tx, opt_state, params, pending)
-      return updates, opt_state, pending
-    updates, opt_state = tx.update(strip(call_sums), opt_state, optim.as_opt_params(params))
-    return updates, opt_state, opt_state.mini_step == 0
+      updated = cycle.microbatches > 0
+      updates, opt_state = optim.flush_multisteps(tx, opt_state, state.params, updated)
+    else:
+      updates, opt_state = tx.update(strip, opt_state, optim.as_opt_params(state.params))
+      updated = opt_state.mini_step == 0
+    params = optim.apply_updates(state.params, updates.grads, scale)
+    grad_norm = jnp.sqrt(_sq_norm(normalize(cycle.sums)[0]))
+    return cycle, params, opt_state, updated, updated & (updates.weight > 0), grad_norm
   if isinstance(tx, optax.MultiSteps):
     raise ConfigError('the state holds no optax.MultiStepsState but the train step was built '
                       "for multisteps_impl='optax': init_train_state(..., config=config).")
-  updates, new_state = tx.update(strip(cycle.sums), opt_state, optim.as_opt_params(params))
-  # the state keeps its dtypes (e.g. bf16 moments of bf16 params), so the step compiles once
-  new_state = jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype), new_state, opt_state)
+  sq_norm = _sq_norm(cycle.sums.grads)
+  if not config.masks_microbatches:  # one check of the update's gradient (core)
+    cycle = cycle._replace(sums=count_nonfinite_sum(cycle.sums, sq_norm))
+  done = tx.apply(cycle.sums._replace(noise=None), state.opt_state, state.params,
+                  sq_norm=sq_norm, update_scale=scale)
   updated = cycle.microbatches > 0 if flush else jnp.ones((), bool)
-  return updates, new_state, updated
+  return cycle, done.params, done.opt_state, updated, updated & done.applied, done.grad_norm
 
 
 def _counters(state: TrainState, config: AccumConfig, cycle: Cycle, updated, applied) -> dict:
@@ -221,9 +233,9 @@ def _cycle_metrics(call_sums: GradSums, cycle: Cycle) -> dict:
           'first_nonfinite': cycle.first_nonfinite}
 
 
-def _update_metrics(state, new_state, call_sums, cycle, updated, applied, config) -> dict:
+def _update_metrics(state, new_state, call_sums, cycle, updated, applied, grad_norm,
+                    config) -> dict:
   """The emitting call's metrics (see make_train_step)."""
-  grad_norm = jnp.sqrt(_sq_norm(normalize(cycle.sums)[0]))
   grad_norm = jnp.where(updated, grad_norm, jnp.nan)
   count = optim.schedule_count(state.opt_state)
   noise = {}
@@ -247,13 +259,8 @@ def apply_cycle(tx, config: AccumConfig, state: TrainState, call_sums: GradSums,
   optimizer (`tx`, an `optim.accumulating_optimizer`) once on the cycle's totals, the params,
   counters, loss scale and model state that follow, and a fresh cycle. Returns (new state,
   metrics). `flush`: `call_sums` are zeros and nothing may be pending."""
-  if not config.masks_microbatches:  # one check of the update's gradient (core)
-    cycle = cycle._replace(sums=count_nonfinite_sum(cycle.sums))
-  updates, opt_state, updated = _optimize(tx, call_sums, cycle, state.opt_state, state.params,
-                                          flush)
-  applied = updated & (updates.weight > 0)
-  params = optim.apply_updates(state.params, updates.grads,
-                               _update_scale(config, cycle.microbatches))
+  cycle, params, opt_state, updated, applied, grad_norm = _optimize(
+      tx, config, call_sums, cycle, state, flush)
   new_state = state._replace(params=params, opt_state=opt_state,
                              **_counters(state, config, cycle, updated, applied))
   if state_rules is not None:
@@ -263,7 +270,7 @@ def apply_cycle(tx, config: AccumConfig, state: TrainState, call_sums: GradSums,
     new_state = new_state._replace(
         cycle=_next_cycle(cycle, updated, state_rules, new_state.model_state))
   return new_state, _update_metrics(state, new_state, call_sums, cycle, updated, applied,
-                                    config)
+                                    grad_norm, config)
 
 
 def _require_train_state(state):
