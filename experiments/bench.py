@@ -4,6 +4,8 @@
     python -m experiments.bench --quick    # ~2 minutes, a tiny model (CI smoke)
     python -m experiments.bench --lazy     # ~2 minutes: one call's optimizer side, per path
     python -m experiments.bench --noise    # ~3 minutes: the cost of noise statistics at K=8
+    python -m experiments.bench --core     # ~3 minutes: the core vs a hand-written scan
+    python -m experiments.bench --emit     # ~4 minutes: the completing step vs plain optax
 
 Each (variant, K) cell runs in its own subprocess (so peak process memory is its own), on the
 same packed real-text batch: full batch (K=1), scan, multisteps with optax.MultiSteps as
@@ -58,8 +60,8 @@ def _median_time(fn, reps, warmup=1):
   return statistics.median(times)
 
 
-def run_cell(variant: str, k: int, size: str) -> dict:
-  """One (variant, K) measurement, in this process."""
+def _setup(size: str):
+  """(loss_fn, AdamW, params, the packed real-text batch) of the main bench at `size`."""
   import jax
   import optax
 
@@ -67,28 +69,64 @@ def run_cell(variant: str, k: int, size: str) -> dict:
   from accumjax.lm.build import make_loss_fn
 
   s = SIZES[size]
-  rows, seq = s['batch'], s['seq_len']
-  train_split, _ = data.load_splits(None, seq, pack=True)
-  batch = jax.device_put(data.RowIterator(train_split, 0).next_rows(rows))
+  train_split, _ = data.load_splits(None, s['seq_len'], pack=True)
+  batch = jax.device_put(data.RowIterator(train_split, 0).next_rows(s['batch']))
   apply, params = model.make_lm(model.ModelConfig(
       d_model=s['d_model'], num_layers=s['num_layers'], num_heads=s['num_heads'],
-      max_len=seq))
-  loss_fn = make_loss_fn(apply)
-  inner = optax.adamw(1e-3)
+      max_len=s['seq_len']))
+  return make_loss_fn(apply), optax.adamw(1e-3), params, batch
+
+
+def _updater(variant, k, size, loss_fn, inner, params, batch, out):
+  """(one update, its jitted step, calls per update) of a (variant, K) cell; its compiled
+  memory (and, for multisteps, the interim call's cost) into `out`."""
+  if variant == 'optax_microbatch':
+    return _optax_microbatch_cell(loss_fn, inner, params, batch, k, out)
+  return _accumjax_cell(variant, loss_fn, inner, params, batch, k, SIZES[size], out)
+
+
+def run_cell(variant: str, k: int, size: str) -> dict:
+  """One (variant, K) cell's memory, in this process (its own, so that the peak RSS is the
+  cell's): XLA's compiled memory, peak RSS over a few updates, compilations."""
+  from accumjax.lm import model
+
+  s = SIZES[size]
+  loss_fn, inner, params, batch = _setup(size)
   rss_before = _rss_bytes()
   out = {'variant': variant, 'k': k, 'num_params': model.num_params(params),
-         'tokens_per_update': rows * seq}
-  if variant == 'optax_microbatch':
-    one_update, step, calls = _optax_microbatch_cell(loss_fn, inner, params, batch, k, out)
-  else:
-    one_update, step, calls = _accumjax_cell(variant, loss_fn, inner, params, batch, k, s, out)
-  t_update = _median_time(one_update, s['reps'])
+         'tokens_per_update': s['batch'] * s['seq_len']}
+  one_update, step, calls = _updater(variant, k, size, loss_fn, inner, params, batch, out)
+  _median_time(one_update, 2)  # (warm-up + 2 updates: the peak RSS of running it)
   out.update(
-      update_s=t_update, tokens_per_s=rows * seq / t_update, calls_per_update=calls,
+      calls_per_update=calls,
       compilations=step._cache_size(),  # multisteps/hybrid: interim + last-call programs
       peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       rss_before=rss_before)
   return out
+
+
+def side_by_side(size: str, cells, rounds: int) -> dict:
+  """Seconds per update of every (variant, K) cell, and of the scan cells' parts (one
+  micro-batch's gradient, the optimizer step), all in this one process, timed in interleaved
+  rounds: {name: [seconds, one per round]}. A ratio of two of them is then taken round by
+  round (this host is shared and noisy)."""
+  import jax
+  import jax.numpy as jnp
+
+  import accumjax
+
+  loss_fn, inner, params, batch = _setup(size)
+  runners = {}
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # (every cell donates its own state)
+  for variant, k in cells:
+    runners[(variant, k)] = _updater(variant, k, size, loss_fn, inner, copy(params), batch,
+                                     None)[0]
+  grad_one = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
+  for k in sorted({k for _, k in cells}):
+    mb0 = jax.tree.map(lambda x: x[0], accumjax.split_microbatches(batch, k))
+    runners[('microbatch grad', k)] = lambda mb0=mb0: grad_one(params, mb0)
+  runners[('optimizer step', 1)] = _optimizer_step(loss_fn, inner, copy(params), batch)
+  return _interleaved_times(runners, rounds, reps=1, warmup=1)
 
 
 def _optax_microbatch_cell(loss_fn, inner, params, batch, k, out):
@@ -112,7 +150,8 @@ def _optax_microbatch_cell(loss_fn, inner, params, batch, k, out):
 
   step = jax.jit(update, donate_argnums=(0, 1))
   holder = [(params, inner.init(params))]
-  out['memory'] = planner.compiled_memory(step, *holder[0], batch)
+  if out is not None:
+    out['memory'] = planner.compiled_memory(step, *holder[0], batch)
 
   def one_update():
     holder[0] = step(*holder[0], batch)
@@ -120,9 +159,15 @@ def _optax_microbatch_cell(loss_fn, inner, params, batch, k, out):
   return one_update, step, 1
 
 
+def _update(holder, step, call_batches, config):
+  import accumjax
+  holder[0] = accumjax.run_update(step, holder[0], call_batches, config).state
+  return holder[0]
+
+
 def _accumjax_cell(variant, loss_fn, inner, params, batch, k, s, out):
   """accumjax in `variant`'s mode: (one update, its jitted step, calls per update); its
-  compiled memory, and for scan / multisteps the parts of a call, into `out`."""
+  compiled memory, and for multisteps the interim call's cost, into `out` (None: neither)."""
   import jax
 
   import accumjax
@@ -138,37 +183,40 @@ def _accumjax_cell(variant, loss_fn, inner, params, batch, k, s, out):
   step = accumjax.jit_train_step(accumjax.make_train_step(loss_fn, tx, config))
   call_batches = accumjax.loop.split_calls(batch, config)
   holder = [accumjax.init_train_state(params, tx, 0)]
+  if out is None:  # (side_by_side: the update alone)
+    return lambda: _update(holder, step, call_batches, config), step, len(call_batches)
   out['memory'] = planner.compiled_memory(step, holder[0], call_batches[0],
                                           last_call=len(call_batches) == 1)
 
   def one_update():
-    holder[0] = accumjax.run_update(step, holder[0], call_batches, config).state
-    return holder[0]
+    return _update(holder, step, call_batches, config)
 
-  if variant == 'scan':  # the parts of a scan update, measured alone
-    mbs = accumjax.split_microbatches(batch, k)
-    mb0 = jax.tree.map(lambda x: x[0], mbs)
-    grad_one = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
-    out['microbatch_grad_s'] = _median_time(lambda: grad_one(params, mb0), s['reps'])
-    out['optimizer_step_s'] = _optimizer_step_time(loss_fn, tx, config, params, mb0,
-                                                   holder[0], s['reps'])
   if variant in ('multisteps_optax', 'multisteps_lazy') and k > 1:
     out.update(_interim_cost(loss_fn, tx, config, params, call_batches[0], holder[0], s))
   return one_update, step, len(call_batches)
 
 
-def _optimizer_step_time(loss_fn, tx, config, params, mb, state, reps):
-  """The completing program's optimizer side alone (`step.apply_cycle`), one micro-batch's
-  sums given."""
+def _optimizer_step(loss_fn, inner, params, batch):
+  """A call of the completing program's optimizer side alone (`step.apply_cycle` in scan
+  mode, the state donated), one micro-batch's sums given as an argument."""
   import jax
   import jax.numpy as jnp
 
   import accumjax
   from accumjax import step as step_lib
+  config = accumjax.AccumConfig(num_microbatches=1, microbatch_size=1)
+  tx = accumjax.accumulating_optimizer(inner, config)
+  mb = jax.tree.map(lambda x: x[:1], batch)
   sums, _ = accumjax.accumulate_sums(loss_fn, params, mb, num_microbatches=1)
-  cycle = accumjax.Cycle(sums, jnp.ones((), jnp.int32), jnp.full((), -1, jnp.int32))
-  opt_step = jax.jit(lambda sm, st: step_lib.apply_cycle(tx, config, st, sm, cycle)[0])
-  return _median_time(lambda: opt_step(sums, state), reps)
+  cycle = lambda s: step_lib.Cycle(s, jnp.ones((), jnp.int32), jnp.full((), -1, jnp.int32))
+  opt_step = jax.jit(lambda st, s: step_lib.apply_cycle(tx, config, st, s, cycle(s))[0],
+                     donate_argnums=0)
+  holder = [accumjax.init_train_state(params, inner, 0, config)]
+
+  def call():
+    holder[0] = opt_step(holder[0], sums)
+    return holder[0]
+  return call
 
 
 def _interim_cost(loss_fn, tx, config, params, call_batch, state, s) -> dict:
@@ -221,29 +269,34 @@ LAZY_SIZES = {
 
 
 def multisteps_costs(size: str) -> list[dict]:
-  """Optimizer-side cost of one call, per model size: the train step's own cycle,
+  """Optimizer-side cost of one call, per model size: the train step's own cycle (interim),
   LazyMultiSteps (optax interface) and optax.MultiSteps.
 
   Interim: a call that completes no update, chained with donation as in training, against a
-  bare float32 add of a gradient-sized tree into a donated accumulator. Emitting: the call that
-  completes an update against the plain optax AdamW step on the mean gradient (update + apply,
-  donated); accumjax's normalized wrapper (divide once, skip decision) alone is a row too.
-  Timed in interleaved rounds: medians of the times, and of the per-round ratios.
+  bare float32 add of a gradient-sized tree into a donated accumulator. Emitting (LazyMultiSteps,
+  optax.MultiSteps): the call that completes an update against the plain optax AdamW step on
+  the mean gradient (update + apply, donated); the train step's own completing program is
+  measured by `experiments.bench_emit`. Timed in interleaved rounds: medians of the times, and
+  of the per-round ratios.
   """
   return [_lazy_costs(label, dims, rounds, reps) for label, dims, rounds, reps in LAZY_SIZES[size]]
 
 
-def _chained(fn, state):
-  """A call of `fn(state) -> state` (jitted, donating), each on the last one's result."""
+def _chained(fn, state, *args):
+  """A call of `fn(state, *args) -> state` (jitted, donating the state), each on the last
+  one's result."""
   holder = [state]
 
   def call():
-    holder[0] = fn(holder[0])
+    holder[0] = fn(holder[0], *args)
     return holder[0]
   return call
 
 
 def _lazy_costs(label, dims, rounds, reps) -> dict:
+  """The programs of `multisteps_costs` at one size. The sums (or the mean gradient) are an
+  argument of every program, not a constant baked into it: a constant lets XLA fold the
+  division and the skip decision away at compile time."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -260,42 +313,29 @@ def _lazy_costs(label, dims, rounds, reps) -> dict:
   inner = optax.adamw(1e-3)
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   config = accumjax.AccumConfig(num_microbatches=2, microbatch_size=1, mode='multisteps')
-  tx = accumjax.accumulating_optimizer(inner, config)
   state = accumjax.init_train_state(params, inner, 0, config)
 
-  # the train step's two programs without the gradient (the sums given): the interim call
-  # donates the cycle and adds; the completing call donates the state and runs the optimizer
-  own_interim = jax.jit(lambda c: step_lib.add_to_cycle(c, sums, 1), donate_argnums=0)
-  own_emit = jax.jit(lambda st: step_lib.apply_cycle(
-      tx, config, st, sums, step_lib.add_to_cycle(st.cycle, sums, 1))[0], donate_argnums=0)
+  # the train step's interim program without the gradient (the sums given): it donates the
+  # cycle and adds (the completing program is experiments.bench_emit's)
+  own_interim = jax.jit(lambda c, s: step_lib.add_to_cycle(c, s, 1), donate_argnums=0)
 
   def multisteps(wrapper, k, donate=True):  # an optax user's loop (the whole state donated)
     ms_tx = wrapper(accumjax.normalized(inner), k, use_grad_mean=False)
-    fn = jax.jit(lambda st: (lambda u, s: (s, optax.apply_updates(st[1], u.grads)))(
-        *ms_tx.update(sums, st[0], optim.as_opt_params(st[1]))),
+    fn = jax.jit(lambda st, s: (lambda u, o: (o, optax.apply_updates(st[1], u.grads)))(
+        *ms_tx.update(s, st[0], optim.as_opt_params(st[1]))),
         donate_argnums=0 if donate else ())
-    return _chained(fn, (ms_tx.init(optim.as_opt_params(params)), copy(params)))
+    return _chained(fn, (ms_tx.init(optim.as_opt_params(params)), copy(params)), sums)
 
-  add = jax.jit(lambda a: jax.tree.map(jnp.add, a, sums.grads), donate_argnums=0)
-  plain = jax.jit(lambda st: (lambda u, s: (s, optax.apply_updates(st[1], u)))(
-      *inner.update(jax.tree.map(lambda g: g / sums.weight, sums.grads), st[0], st[1])),
-      donate_argnums=0)
+  add = jax.jit(lambda a, g: jax.tree.map(jnp.add, a, g), donate_argnums=0)
   mean_grads = jax.tree.map(lambda g: g / sums.weight, sums.grads)
-  plain_mean = jax.jit(lambda st, g: (lambda u, s: (s, optax.apply_updates(st[1], u)))(
+  plain = jax.jit(lambda st, g: (lambda u, s: (s, optax.apply_updates(st[1], u)))(
       *inner.update(g, st[0], st[1])), donate_argnums=0)
-  normalized = accumjax.normalized(inner)
-  norm = jax.jit(lambda st: (lambda u, s: (s, optax.apply_updates(st[1], u.grads)))(
-      *normalized.update(sums, st[0], optim.as_opt_params(st[1]))), donate_argnums=0)
   variants = {
-      'bare float32 add': _chained(add, jax.tree.map(jnp.zeros_like, sums.grads)),
-      'plain optax step': _chained(lambda st: plain_mean(st, mean_grads),
-                                   (inner.init(params), copy(params))),
-      'plain step dividing the sums': _chained(plain, (inner.init(params), copy(params))),
-      'accumjax normalized step': _chained(norm, (inner.init(params), copy(params))),
-      'own cycle interim': _chained(own_interim, copy(state.cycle)),
+      'bare float32 add': _chained(add, jax.tree.map(jnp.zeros_like, sums.grads), sums.grads),
+      'plain optax step': _chained(plain, (inner.init(params), copy(params)), mean_grads),
+      'own cycle interim': _chained(own_interim, copy(state.cycle), sums),
       'LazyMultiSteps interim': multisteps(optim.LazyMultiSteps, 10**6),
       'optax.MultiSteps interim': multisteps(optax.MultiSteps, 10**6),
-      'own cycle emitting': _chained(own_emit, copy(state)),
       'LazyMultiSteps emitting': multisteps(optim.LazyMultiSteps, 1),
       'optax.MultiSteps emitting': multisteps(optax.MultiSteps, 1),
       'LazyMultiSteps interim, not donated': multisteps(optim.LazyMultiSteps, 10**6, False),
@@ -391,6 +431,10 @@ def main(argv=None):
                  help='only the accumulation core vs a hand-written scan, optax.microbatching '
                       'and the full batch, side by side (benchmarks/core.md; experiments/'
                       'bench_core.py)')
+  p.add_argument('--emit', action='store_true',
+                 help='only the step that completes an update vs a plain optax AdamW step, side '
+                      'by side at 0.9M, 3.3M and 16M params (benchmarks/emit.md; experiments/'
+                      'bench_emit.py)')
   p.add_argument('--cell', nargs=2, metavar=('VARIANT', 'K'), help=argparse.SUPPRESS)
   p.add_argument('--out', default=None, help='results markdown (default benchmarks/RESULTS.md)')
   a = p.parse_args(argv)
@@ -400,6 +444,12 @@ def main(argv=None):
     out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
         'core-quick.md' if a.quick else 'core.md')
     print(bench_core.main(a.quick, out))
+    return 0
+  if a.emit:
+    from experiments import bench_emit
+    out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
+        'emit-quick.md' if a.quick else 'emit.md')
+    print(bench_emit.main(a.quick, out))
     return 0
   if a.lazy:
     start = time.time()
@@ -435,11 +485,16 @@ def main(argv=None):
       return 1
     r = json.loads(done.stdout.strip().splitlines()[-1])
     results.append(r)
-    print(f'{variant:>17} K={k:<3} {r["update_s"] * 1e3:9.1f} ms/update  '
-          f'{r["tokens_per_s"]:9.0f} tok/s  compiled {_fmt_mib(r["memory"]["total"])} MiB '
+    print(f'{variant:>17} K={k:<3} compiled {_fmt_mib(r["memory"]["total"])} MiB '
           f'(temp {_fmt_mib(r["memory"]["temp"])})  peak RSS {_fmt_mib(r["peak_rss"])} MiB  '
           f'compilations {r["compilations"]}', flush=True)
-  text = report(results, size, time.time() - start, a.quick)
+  times = side_by_side(size, cells, rounds=s['reps'])
+  for r in results:
+    r['rounds_s'] = times[(r['variant'], r['k'])]
+    r['update_s'] = statistics.median(r['rounds_s'])
+    r['tokens_per_s'] = r['tokens_per_update'] / r['update_s']
+    print(f'{r["variant"]:>17} K={r["k"]:<3} {r["update_s"] * 1e3:9.1f} ms/update', flush=True)
+  text = report(results, times, size, time.time() - start, a.quick)
   print(text)
   out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
       'RESULTS-quick.md' if a.quick else 'RESULTS.md')
@@ -454,22 +509,21 @@ def lazy_report(results, seconds, quick) -> str:
       f'Command: `python -m experiments.bench --lazy{" --quick" if quick else ""}` '
       f'({seconds / 60:.1f} min, {os.cpu_count()} CPU cores, JAX on CPU, fp32). The main job\'s '
       'transformer at three sizes; the sums of one call are given (no gradient computed), '
-      'AdamW. Own cycle: the train step\'s programs without the gradient '
-      '(`step.add_to_cycle` with the cycle donated; `step.apply_cycle` with the state '
-      'donated). LazyMultiSteps and optax.MultiSteps: an optax user\'s loop, `update` + '
+      'AdamW. Own cycle interim: the train step\'s interim program without the gradient '
+      '(`step.add_to_cycle` with the cycle donated). LazyMultiSteps and optax.MultiSteps: an optax user\'s loop, `update` + '
       'apply with the whole state donated under plain `jax.jit`. Interim = a call that '
       'completes no update (K = 10**6); emitting = K = 1. Plain optax step: AdamW update + '
-      'apply on the mean gradient, donated. Every variant is timed once per round, in turn '
+      'apply on the mean gradient, donated. The sums (the mean gradient) are an argument of '
+      'every program, not a constant of it. Every variant is timed once per round, in turn '
       '(rounds x calls per round below); a ratio is the median over rounds of the two '
       'variants\' times in the same round (the target column also gives the 25th-75th '
       'percentiles of those ratios: this host is shared and noisy), a time the median over '
-      'rounds.', '',
+      'rounds. The completing call of the train step\'s own cycle is in `emit.md` '
+      '(`python -m experiments.bench --emit`).', '',
       '| params | leaves | rounds x calls | bare add ms | own cycle interim / add (target <= '
       '1.2) | LazyMultiSteps interim / add | optax.MultiSteps interim / add | plain optax step '
-      'ms | plain step dividing the sums / plain step | accumjax normalized step / plain step '
-      '| own cycle emitting / plain step | LazyMultiSteps emitting / plain step | '
-      'optax.MultiSteps emitting / plain step |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+      'ms | LazyMultiSteps emitting / plain step | optax.MultiSteps emitting / plain step |',
+      '|---|---|---|---|---|---|---|---|---|---|']
   add, plain = 'bare float32 add', 'plain optax step'
   for r in results:
     ms = r['ms']
@@ -478,9 +532,6 @@ def lazy_report(results, seconds, quick) -> str:
         f'{ms[add]:.2f} | {_paired(r, "own cycle interim", add, quartiles=True)} | '
         f'{_paired(r, "LazyMultiSteps interim", add)} | '
         f'{_paired(r, "optax.MultiSteps interim", add)} | {ms[plain]:.2f} | '
-        f'{_paired(r, "plain step dividing the sums", plain)} | '
-        f'{_paired(r, "accumjax normalized step", plain)} | '
-        f'{_paired(r, "own cycle emitting", plain)} | '
         f'{_paired(r, "LazyMultiSteps emitting", plain)} | '
         f'{_paired(r, "optax.MultiSteps emitting", plain)} |')
   lines += ['', 'LazyMultiSteps / optax.MultiSteps as a drop-in in an optax user\'s loop, with '
@@ -502,7 +553,18 @@ def lazy_report(results, seconds, quick) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def report(results, size, seconds, quick):
+def _round_ratio(num, den) -> str:
+  """Median (25th-75th percentile) over rounds of num[i] / den[i]."""
+  ratios = [a / b for a, b in zip(num, den, strict=True)]
+  if len(ratios) < 2:
+    return f'{ratios[0]:.2f}'
+  q1, _, q3 = statistics.quantiles(ratios, n=4)
+  return f'{statistics.median(ratios):.2f} ({q1:.2f}-{q3:.2f})'
+
+
+def report(results, times, size, seconds, quick):
+  """RESULTS.md: times from `side_by_side` (one process, interleaved rounds), memory from the
+  cells' own processes."""
   s = SIZES[size]
   by = {(r['variant'], r['k']): r for r in results}
   full = by['full', 1]
@@ -513,8 +575,12 @@ def report(results, size, seconds, quick):
       f'({seconds / 60:.1f} min, {os.cpu_count()} CPU cores, JAX on CPU, fp32). Model: the '
       f'main job\'s transformer, d_model {s["d_model"]}, {s["num_layers"]} layers, '
       f'{full["num_params"]:,} params; effective batch {s["batch"]} x {s["seq_len"]} tokens '
-      '(packed real text) per update, AdamW. Times are medians of '
-      f'{s["reps"]} updates after a warm-up; each cell ran in its own process.', '',
+      '(packed real text) per update, AdamW. Times: every cell (and the parts of a scan '
+      'update: one micro-batch\'s gradient, the optimizer step) built in one process and '
+      f'timed in {s["reps"]} interleaved rounds, each once per round in turn, after a '
+      'warm-up; a time is the median over rounds, a ratio the median over rounds of the '
+      'two times in the same round (25th-75th percentiles in brackets). Memory: each cell '
+      'compiled and run in its own process (peak RSS is per process).', '',
       '| variant | K | ms / update | tokens/s | compiled total MiB | compiled temp MiB | '
       'peak RSS MiB | compilations |', '|---|---|---|---|---|---|---|---|']
   for r in results:
@@ -530,14 +596,16 @@ def report(results, size, seconds, quick):
             '|---|---|---|---|---|---|---|']
   for k in s['ks']:
     scan = by['scan', k]
-    parts = k * scan['microbatch_grad_s'] + scan['optimizer_step_s']
+    parts = [k * g + o for g, o in zip(times[('microbatch grad', k)],
+                                        times[('optimizer step', 1)], strict=True)]
     lazy, ms = by.get(('multisteps_lazy', k)), by.get(('multisteps_optax', k))
     opt_ratio = lambda r: (f'{r["interim_ratio"]:.2f}'
                            if r and 'bare_add_s' in r else 'n/a (K=1)')
     temp_ratio = scan['memory']['temp'] / (full['memory']['temp'] / k + acc_bytes)
     measured = scan['peak_rss'] - scan['rss_before']
     lines.append(
-        f'| {k} | {scan["update_s"] / parts:.2f} | {scan["update_s"] / full["update_s"]:.2f} | '
+        f'| {k} | {_round_ratio(times[("scan", k)], parts)} | '
+        f'{_round_ratio(times[("scan", k)], times[("full", 1)])} | '
         f'{opt_ratio(lazy)} | {opt_ratio(ms)} | {temp_ratio:.2f} | '
         f'{scan["memory"]["total"] / max(measured, 1):.2f} |')
   lines += ['', 'Predicted memory is XLA\'s compiled total for the scan step (what the planner '

@@ -44,10 +44,26 @@ def test_bench_core_quick_checks_every_variant_and_writes_its_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_emit_bytes_attributes_the_emitting_steps_traffic(tmp_path):
-  from experiments import emit_bytes
-  rows = emit_bytes.main(tmp_path / 'emit_bytes.md')
-  assert len(rows) == 4 and all(a > 0 and b > 0 for _, a, b in rows)
-  # each ablation takes bytes away: the parts the table names are real traffic
-  assert rows[1][1] > rows[2][1] > rows[3][1]
-  assert '| program |' in (tmp_path / 'emit_bytes.md').read_text()
+def test_bench_emit_quick_checks_the_updates_agree_and_writes_its_table(tmp_path):
+  """The completing-step bench checks every update program against its plain optax reference
+  before timing (bench_emit.check), and writes every ratio as a number."""
+  out = tmp_path / 'emit.md'
+  assert bench.main(['--emit', '--quick', '--out', str(out)]) == 0
+  rows = [line.split('|') for line in out.read_text().splitlines() if line.startswith('| 0.1M')]
+  assert len(rows) == 2  # the ratios and the parts
+  assert all(float(x.split()[0]) > 0 for row in rows for x in row[4 if '(' in row[1] else 2:-1])
+
+
+def test_bench_emit_check_catches_a_wrong_update():
+  """The agreement check fails when one program's update is not its reference's."""
+  import jax.numpy as jnp
+
+  from experiments import bench_emit
+  progs, _ = bench_emit.programs(dict(d_model=16, num_layers=1, num_heads=2))
+  assert bench_emit.check(progs) < 1e-6
+  progs, _ = bench_emit.programs(dict(d_model=16, num_layers=1, num_heads=2))
+  fn, state, (sums,) = progs['accumjax emitting, scan mode']
+  progs['accumjax emitting, scan mode'] = (fn, state, (sums._replace(weight=sums.weight * 2),))
+  with pytest.raises(AssertionError, match='scan mode'):
+    bench_emit.check(progs)
+  del jnp

@@ -5,6 +5,7 @@ non-finite (finite loss) is the case that tells the two checks apart."""
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import optax
 import pytest
@@ -75,3 +76,63 @@ def test_accumulate_gradients_without_masking_reports_the_nan_instead_of_droppin
   raw, m2 = accumjax.accumulate_gradients(loss_fn, PARAMS, DATA, num_microbatches=4,
                                           mask_microbatches=False)
   assert int(m2['nonfinite']) == 1 and not jnp.all(jnp.isfinite(raw['w']))
+
+
+def huge_loss(params, batch, rng):
+  """A finite loss whose gradient is finite but so large that its squared norm overflows
+  float32 (each entry ~1e20, squares ~1e40 > 3.4e38)."""
+  del rng
+  per_row = jnp.sum((batch['x'] @ params['w'] - batch['y']) ** 2, axis=-1)
+  return jnp.sum(per_row) * 1e20, jnp.float32(batch['x'].shape[0])
+
+
+@pytest.mark.parametrize('mode', ['scan', 'hybrid'])
+def test_a_huge_finite_gradient_is_applied_not_counted_as_nonfinite(mode):
+  """The one check of the sum reads their squared norm; an overflow of that norm alone (every
+  entry finite) must not skip the update (the tree is then read again to tell)."""
+  config = accumjax.AccumConfig(num_microbatches=4, microbatch_size=8, mode=mode)
+  opt = optax.sgd(1e-21)
+  state = accumjax.init_train_state(PARAMS, opt, 0, config)
+  step = accumjax.jit_train_step(accumjax.make_train_step(huge_loss, opt, config))
+  done = accumjax.run_update(step, state, accumjax.loop.split_calls(DATA, config), config)
+  assert not bool(done.metrics['skipped']) and int(done.metrics['nonfinite']) == 0
+  mean = lambda p: huge_loss(p, DATA, None)[0] / 32.0
+  want = jax.tree.map(lambda p, g: p - 1e-21 * g, PARAMS, jax.grad(mean)(PARAMS))
+  chex.assert_trees_all_close(done.state.params, want, rtol=1e-5)
+  assert not jnp.isfinite(done.metrics['grad_norm'] ** 2)  # the norm's square did overflow
+
+
+def _array_ops(jaxpr, in_cond=False):
+  """(primitive name, operand shapes, inside a cond branch) of every equation, nested jaxprs
+  included."""
+  for eqn in jaxpr.eqns:
+    shapes = [getattr(v.aval, 'shape', ()) for v in eqn.invars]
+    yield eqn.primitive.name, shapes, in_cond
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _array_ops(sub, in_cond or eqn.primitive.name == 'cond')
+
+
+@pytest.mark.parametrize('clip_norm', [None, 1.0])
+def test_the_completing_step_reads_the_gradient_sums_in_one_check_and_divides_by_a_scalar(
+    clip_norm):
+  """The program that completes an update (step.apply_cycle) neither runs an is-finite check
+  over the gradient outside the rare overflow branch (a finite squared norm proves the sums
+  finite) nor divides a gradient-sized array (the division is one scalar's reciprocal,
+  multiplied in where XLA fuses it into the optimizer's passes)."""
+  from accumjax import step as step_lib
+  config = accumjax.AccumConfig(num_microbatches=1, microbatch_size=1, clip_norm=clip_norm)
+  params = {'w': jnp.ones((64, 32)), 'b': jnp.ones((32,))}
+  opt = optax.sgd(0.1, momentum=0.9)  # (AdamW divides on its own: its bias correction)
+  tx = accumjax.accumulating_optimizer(opt, config)
+  state = accumjax.init_train_state(params, opt, 0, config)
+  sums = accumjax.GradSums(params, jnp.float32(3.0), jnp.float32(2.0), jnp.float32(0.0))
+  cycle = step_lib.Cycle(sums, jnp.int32(1), jnp.int32(-1))
+  jaxpr = jax.make_jaxpr(lambda st, s: step_lib.apply_cycle(tx, config, st, s, cycle))(
+      state, sums).jaxpr
+  ops = list(_array_ops(jaxpr))
+  big = lambda shapes: any(len(s) >= 1 and s[0] >= 32 for s in shapes)
+  assert not [op for op in ops if op[0] == 'is_finite' and big(op[1]) and not op[2]]
+  assert [op for op in ops if op[0] == 'is_finite' and big(op[1]) and op[2]]  # the rare branch
+  assert not [op for op in ops if op[0] == 'div' and big(op[1])]
+  reads = [op for op in ops if op[0] == 'reduce_sum' and (64, 32) in op[1] and not op[2]]
+  assert len(reads) == 1  # the one squared norm (metric, clip and check)
