@@ -168,7 +168,6 @@ def _update(holder, step, call_batches, config):
 def _accumjax_cell(variant, loss_fn, inner, params, batch, k, s, out):
   """accumjax in `variant`'s mode: (one update, its jitted step, calls per update); its
   compiled memory, and for multisteps the interim call's cost, into `out` (None: neither)."""
-  import jax
 
   import accumjax
   from accumjax import planner
@@ -510,15 +509,16 @@ def lazy_report(results, seconds, quick) -> str:
       f'({seconds / 60:.1f} min, {os.cpu_count()} CPU cores, JAX on CPU, fp32). The main job\'s '
       'transformer at three sizes; the sums of one call are given (no gradient computed), '
       'AdamW. Own cycle interim: the train step\'s interim program without the gradient '
-      '(`step.add_to_cycle` with the cycle donated). LazyMultiSteps and optax.MultiSteps: an optax user\'s loop, `update` + '
-      'apply with the whole state donated under plain `jax.jit`. Interim = a call that '
-      'completes no update (K = 10**6); emitting = K = 1. Plain optax step: AdamW update + '
-      'apply on the mean gradient, donated. The sums (the mean gradient) are an argument of '
-      'every program, not a constant of it. Every variant is timed once per round, in turn '
-      '(rounds x calls per round below); a ratio is the median over rounds of the two '
-      'variants\' times in the same round (the target column also gives the 25th-75th '
-      'percentiles of those ratios: this host is shared and noisy), a time the median over '
-      'rounds. The completing call of the train step\'s own cycle is in `emit.md` '
+      '(`step.add_to_cycle` with the cycle donated). LazyMultiSteps and optax.MultiSteps: an '
+      'optax user\'s loop, `update` + apply with the whole state donated under plain '
+      '`jax.jit`. Interim = a call that completes no update (K = 10**6); emitting = K = 1. '
+      'Plain optax step: AdamW update + apply on the mean gradient, donated. The sums (the '
+      'mean gradient) are an argument of every program, not a constant of it. Every variant '
+      'is timed once per round, in turn (rounds x calls per round below); a ratio is the '
+      'median over rounds of the two variants\' times in the same round (the target column '
+      'also gives the 25th-75th percentiles of those ratios: this host is shared and noisy), '
+      'a time the median over rounds. The completing call of the train step\'s own cycle is '
+      'in `emit.md` '
       '(`python -m experiments.bench --emit`).', '',
       '| params | leaves | rounds x calls | bare add ms | own cycle interim / add (target <= '
       '1.2) | LazyMultiSteps interim / add | optax.MultiSteps interim / add | plain optax step '
