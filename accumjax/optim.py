@@ -4,9 +4,12 @@
 "gradient" input is a `GradSums(grads=sum of d loss_sum/d params, loss_sum, weight)`; the
 train step calls it itself, so a user passes the plain optimizer:
 
-- `normalized(inner, policy)` divides the gradient sum by the weight sum, then runs `inner`.
-  An update whose total weight is zero is skipped: zero updates, and the inner state (schedule
-  count, moments) is left exactly as it was, so params can never become NaN from 0/0. This is
+- `normalized(inner, policy, clip_norm)` divides the gradient sum by the weight sum (and clips
+  the mean gradient), then runs `inner`: one scalar multiplied into the sums, fused by XLA into
+  `inner`'s own element-wise passes; `Normalized.apply` (the train step's) applies the updates
+  in the same pass. An update whose total weight is zero is skipped: zero updates, and the
+  inner state (schedule count, moments) is left exactly as it was, so params can never become
+  NaN from 0/0. This is
   also where the non-finite policy is decided, once per update (`applies`): the core has
   already left the bad micro-batches out of the sums and counted them (`sums.nonfinite`);
   under 'skip_update' and 'raise' any count > 0 skips the update the same way, under

@@ -610,11 +610,12 @@ def report(results, times, size, seconds, quick):
         f'{scan["memory"]["total"] / max(measured, 1):.2f} |')
   lines += ['', 'Predicted memory is XLA\'s compiled total for the scan step (what the planner '
             'of `--memory-budget` uses); measured is the process\'s peak RSS growth from just '
-            'before compiling to the end of the timed updates (it includes the compiler\'s own '
+            'before compiling to the end of its updates (it includes the compiler\'s own '
             'memory and the allocator\'s slack, so a ratio below 1 is expected on CPU).', '',
             'No recompilation after the first update: compilations counts the programs of the '
             'step (1 for full/scan/optax_microbatch; 2 for multisteps/hybrid, the interim and '
-            'the last-call program), measured after all timed updates; states are donated.',
+            'the last-call program), measured in each cell\'s own process after a warm-up and '
+            'two updates; states are donated.',
             '']
   return '\n'.join(lines)
 

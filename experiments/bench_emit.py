@@ -163,10 +163,11 @@ def measure(label, dims, rounds, reps) -> dict:
   from experiments.timing import interleaved_times
   progs, n = programs(dims)
   check(progs)
-  bytes_per_param, runners = {}, {}
+  bytes_per_param, temp, runners = {}, {}, {}
   for name, (fn, state, args) in progs.items():
     compiled = fn.lower(state, *args).compile()
     bytes_per_param[name] = compiled.cost_analysis()['bytes accessed'] / n
+    temp[name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
     holder = [state]
 
     def call(fn=fn, holder=holder, args=args):
@@ -176,7 +177,7 @@ def measure(label, dims, rounds, reps) -> dict:
   times = interleaved_times(runners, rounds, reps, warmup=3)
   del jax
   return {'size': label, 'num_params': n, 'rounds': rounds, 'reps': reps,
-          'bytes': bytes_per_param,
+          'bytes': bytes_per_param, 'temp_mib': temp,
           'rounds_ms': {k: [t * 1e3 for t in v] for k, v in times.items()},
           'ms': {k: statistics.median(v) * 1e3 for k, v in times.items()}}
 
@@ -203,13 +204,14 @@ def report(results, seconds, quick) -> str:
   for r in results:
     lines.append(f'| {r["size"]} | ' + ' | '.join(paired(r, p, PLAIN) for p in PARTS) + ' |')
   names = [k for k in results[0]['ms'] if k not in PARTS]
-  lines += ['', 'Milliseconds per call (median over rounds) and XLA\'s bytes accessed per '
-            'parameter (static):', '',
-            '| program | ' + ' | '.join(f'{r["size"]} ms' for r in results) + ' | bytes / param |',
-            '|---|' + '---|' * (len(results) + 1)]
+  lines += ['', 'Milliseconds per call (median over rounds); XLA\'s bytes accessed per '
+            'parameter (static) and temp memory (buffers the program allocates on every call), '
+            f'at {results[-1]["size"]}:', '',
+            '| program | ' + ' | '.join(f'{r["size"]} ms' for r in results) +
+            ' | bytes / param | temp MiB |', '|---|' + '---|' * (len(results) + 2)]
   for name in names + PARTS:
     lines.append(f'| {name} | ' + ' | '.join(f'{r["ms"][name]:.2f}' for r in results) +
-                 f' | {results[-1]["bytes"][name]:.1f} |')
+                 f' | {results[-1]["bytes"][name]:.1f} | {results[-1]["temp_mib"][name]:.1f} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -27,7 +27,7 @@ def test_bench_lazy_quick_writes_its_table(tmp_path):
   out = tmp_path / 'lazy.md'
   assert bench.main(['--lazy', '--quick', '--out', str(out)]) == 0
   rows = [line.split('|') for line in out.read_text().splitlines() if line.startswith('| 0.1M (')]
-  assert len(rows) == 1 and len(rows[0]) == 15  # 13 columns, every ratio a number
+  assert len(rows) == 1 and len(rows[0]) == 12  # 10 columns, every ratio a number
   assert rows[0][3].strip() == '7 x 20'
   target = rows[0][5].split()  # median (25th-75th percentile)
   assert float(target[0]) > 0 and target[1].startswith('(') and target[1].endswith(')')
