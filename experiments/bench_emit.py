@@ -221,3 +221,45 @@ def main(quick, out):
   text = report(results, time.time() - start, quick)
   out.write_text(text)
   return text
+
+
+def profile(name: str, size: str = '16M', calls: int = 5, top: int = 12) -> list:
+  """[(ms per call, op)] of XLA's thunks in one program, from a `jax.profiler` trace of
+  `calls` calls after a warm-up: where a program's time goes, op by op."""
+  import collections
+  import gzip
+  import json
+  import pathlib
+  import tempfile
+
+  import jax
+  dims = {label: d for label, d, _, _ in SIZES + QUICK}[size]
+  fn, state, args = programs(dims)[0][name]
+  holder = [state]
+  for _ in range(3):
+    holder[0] = fn(holder[0], *args)
+  jax.block_until_ready(holder[0])
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    for _ in range(calls):
+      holder[0] = fn(holder[0], *args)
+    jax.block_until_ready(holder[0])
+    jax.profiler.stop_trace()
+    (trace,) = pathlib.Path(tmp).rglob('*.trace.json.gz')
+    events = json.load(gzip.open(trace))
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  total = collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and not e['name'].startswith(('ThunkExecutor', '$', 'Slinky')):
+      total[e['name']] += e.get('dur', 0)
+  return [(us / calls / 1e3, op) for op, us in total.most_common(top)]
+
+
+if __name__ == '__main__':
+  import argparse
+  p = argparse.ArgumentParser(description='Profile one program of the --emit bench, op by op.')
+  p.add_argument('--profile', required=True, help='a program name of benchmarks/emit.md')
+  p.add_argument('--size', default='16M', choices=[s[0] for s in SIZES + QUICK])
+  a = p.parse_args()
+  for ms, op in profile(a.profile, a.size):
+    print(f'{ms:8.2f} ms/call  {op}')

@@ -52,6 +52,9 @@ def test_bench_emit_quick_checks_the_updates_agree_and_writes_its_table(tmp_path
   rows = [line.split('|') for line in out.read_text().splitlines() if line.startswith('| 0.1M')]
   assert len(rows) == 2  # the ratios and the parts
   assert all(float(x.split()[0]) > 0 for row in rows for x in row[4 if '(' in row[1] else 2:-1])
+  from experiments import bench_emit
+  ops = bench_emit.profile('hand-written accumulator, completing call', '0.1M', calls=2)
+  assert ops and all(ms >= 0 for ms, _ in ops) and any('fusion' in op for _, op in ops)
 
 
 def test_bench_emit_check_catches_a_wrong_update():
