@@ -438,33 +438,19 @@ def main(argv=None):
   p.add_argument('--out', default=None, help='results markdown (default benchmarks/RESULTS.md)')
   a = p.parse_args(argv)
   size = 'quick' if a.quick else 'default'
-  if a.core:
-    from experiments import bench_core
-    out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
-        'core-quick.md' if a.quick else 'core.md')
-    print(bench_core.main(a.quick, out))
+  out_of = lambda name: pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
+      f'{name}-quick.md' if a.quick else f'{name}.md')
+  if a.core or a.emit:
+    from experiments import bench_core, bench_emit
+    module, name = (bench_core, 'core') if a.core else (bench_emit, 'emit')
+    print(module.main(a.quick, out_of(name)))
     return 0
-  if a.emit:
-    from experiments import bench_emit
-    out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
-        'emit-quick.md' if a.quick else 'emit.md')
-    print(bench_emit.main(a.quick, out))
-    return 0
-  if a.lazy:
+  if a.lazy or a.noise:
     start = time.time()
-    text = lazy_report(multisteps_costs(size), time.time() - start, a.quick)
+    text = (lazy_report(multisteps_costs(size), time.time() - start, a.quick) if a.lazy
+            else noise_report(noise_costs(size), time.time() - start, a.quick))
     print(text)
-    out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
-        'lazy_multisteps-quick.md' if a.quick else 'lazy_multisteps.md')
-    out.write_text(text)
-    return 0
-  if a.noise:
-    start = time.time()
-    text = noise_report(noise_costs(size), time.time() - start, a.quick)
-    print(text)
-    out = pathlib.Path(a.out) if a.out else ROOT / 'benchmarks' / (
-        'noise_overhead-quick.md' if a.quick else 'noise_overhead.md')
-    out.write_text(text)
+    out_of('lazy_multisteps' if a.lazy else 'noise_overhead').write_text(text)
     return 0
   if a.cell:
     print(json.dumps(run_cell(a.cell[0], int(a.cell[1]), size)))
