@@ -173,6 +173,28 @@ class _Preemption:
     return False
 
 
+class _QuietClosedLoops:
+  """Drops one kind of unraisable exception while the run lasts: RuntimeError('Event loop is
+  closed'), raised when tensorstore completes the writes of a failed background save into the
+  asyncio loop Orbax has already closed (dozens per failed save, each printed line by line by
+  the default hook, from other threads, so they cut into the run's own `error: ` line). Orbax
+  still logs the failure itself (absl ERROR), and the run reports it once."""
+
+  def __enter__(self):
+    self._previous = sys.unraisablehook
+    sys.unraisablehook = self._hook
+    return self
+
+  def _hook(self, unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'):
+      self._previous(unraisable)
+
+  def __exit__(self, *exc):
+    sys.unraisablehook = self._previous
+    return False
+
+
 def init_distributed(a):
   """Joins the processes of a multi-host run (before anything touches a device)."""
   explicit = (a.coordinator_address, a.num_processes, a.process_id)
@@ -223,7 +245,7 @@ def main(argv=None):
       for key, value in plan_only(cfg):
         print(f'{key:>24}: {value}')
       return 0
-    with _Preemption() as preemption:
+    with _Preemption() as preemption, _QuietClosedLoops():
       train_and_evaluate(cfg, out, Logger(progress=args.progress), resume=resume,
                          on_config_change=args.on_config_change,
                          should_stop=lambda: preemption.requested)
