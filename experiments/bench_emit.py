@@ -182,6 +182,40 @@ def measure(label, dims, rounds, reps) -> dict:
           'ms': {k: statistics.median(v) * 1e3 for k, v in times.items()}}
 
 
+def passes_over(fn, *args) -> int:
+  """The fusions of `fn` compiled for `args` (ShapeDtypeStructs; the first one's shape is "the
+  array") that read or write an array of that shape: how many passes over it XLA made."""
+  import re
+
+  import jax
+  text = jax.jit(fn).lower(*args).compile().as_text()
+  entry = text[text.index('\nENTRY'):]
+  entry = entry[:entry.index('\n}')]
+  shape = f'[{",".join(map(str, args[0].shape))}]'
+  big, passes = set(), 0
+  for line in entry.splitlines():
+    m = re.match(r'\s*(?:ROOT )?(%[\w.-]+) = (\S+) (\w+)\((.*?)\)', line)
+    if not m:
+      continue
+    name, kind, op, operands = m.groups()
+    reads = set(re.findall(r'%[\w.-]+', operands))
+    if shape in kind.split('{')[0]:
+      big.add(name)
+    if op == 'fusion' and (name in big or reads & big):
+      passes += 1
+  return passes
+
+
+def fusion_probe(n: int = 1 << 20) -> int:
+  """How many passes XLA compiles `(a + b, sum((a + b)^2))` into, for float32[n] operands: 1
+  where the backend fuses a reduction into an element-wise pass (multi-output fusion), 2 where
+  the reduction is a pass of its own (then no squared norm can ride in AdamW's pass)."""
+  import jax
+  import jax.numpy as jnp
+  x = jax.ShapeDtypeStruct((n,), jnp.float32)
+  return passes_over(lambda a, b: (a + b, jnp.sum(jnp.square(a + b))), x, x)
+
+
 def report(results, seconds, quick) -> str:
   from experiments.timing import paired
   cmd = 'python -m experiments.bench --emit' + (' --quick' if quick else '')
@@ -212,6 +246,15 @@ def report(results, seconds, quick) -> str:
   for name in names + PARTS:
     lines.append(f'| {name} | ' + ' | '.join(f'{r["ms"][name]:.2f}' for r in results) +
                  f' | {results[-1]["bytes"][name]:.1f} | {results[-1]["temp_mib"][name]:.1f} |')
+  import jax
+  passes = fusion_probe()
+  lines += ['', 'A gradient-sized add and the squared norm of its result '
+            f'(`(a + b, sum((a + b)^2))`, float32[2^20]) compile on this backend '
+            f'({jax.default_backend()}) to **{passes} pass' + ('es' if passes != 1 else '') +
+            '** over the array (`bench_emit.fusion_probe`)' +
+            (': XLA here does not fuse a reduction into an element-wise pass (no multi-output '
+             'fusion), so the squared norm is a read of its own, whatever the code around it.'
+             if passes > 1 else ': XLA here fuses the reduction into the element-wise pass.')]
   return '\n'.join(lines) + '\n'
 
 

@@ -51,10 +51,26 @@ def test_bench_emit_quick_checks_the_updates_agree_and_writes_its_table(tmp_path
   assert bench.main(['--emit', '--quick', '--out', str(out)]) == 0
   rows = [line.split('|') for line in out.read_text().splitlines() if line.startswith('| 0.1M')]
   assert len(rows) == 2  # the ratios and the parts
+  assert 'compile on this backend' in out.read_text()
   assert all(float(x.split()[0]) > 0 for row in rows for x in row[4 if '(' in row[1] else 2:-1])
   from experiments import bench_emit
   ops = bench_emit.profile('hand-written accumulator, completing call', '0.1M', calls=2)
   assert ops and all(ms >= 0 for ms, _ in ops) and any('fusion' in op for _, op in ops)
+
+
+def test_bench_emit_fusion_probe_counts_passes():
+  """The probe behind emit.md's fusion sentence: element-wise ops are one pass, a division by
+  the array's own sum two (the sum must end before the division starts; the scalar work between
+  is no pass), and the add-then-norm probe one or two."""
+  import jax
+  import jax.numpy as jnp
+
+  from experiments import bench_emit
+  x = jax.ShapeDtypeStruct((1 << 16,), jnp.float32)
+  assert bench_emit.passes_over(lambda a: a * 2 + 1, x) == 1
+  assert bench_emit.passes_over(lambda a: a / jnp.sum(a), x) == 2
+  assert bench_emit.passes_over(lambda a, b: a / jnp.sum(b), x, x) == 2
+  assert bench_emit.fusion_probe(1 << 16) in (1, 2)
 
 
 def test_bench_emit_check_catches_a_wrong_update():
