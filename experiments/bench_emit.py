@@ -185,23 +185,27 @@ def measure(label, dims, rounds, reps) -> dict:
 def passes_over(fn, *args) -> int:
   """The fusions of `fn` compiled for `args` (ShapeDtypeStructs; the first one's shape is "the
   array") that read or write an array of that shape: how many passes over it XLA made."""
-  import re
-
   import jax
   text = jax.jit(fn).lower(*args).compile().as_text()
-  entry = text[text.index('\nENTRY'):]
+  return passes_in(text, args[0].shape)
+
+
+def passes_in(hlo: str, shape) -> int:
+  """`passes_over`'s count, read from compiled HLO text: the entry computation's fusions whose
+  result (a tuple's too, where a backend fuses several outputs) or an operand has `shape`."""
+  import re
+  entry = hlo[hlo.index('\nENTRY'):]
   entry = entry[:entry.index('\n}')]
-  shape = f'[{",".join(map(str, args[0].shape))}]'
+  dims = f'[{",".join(map(str, shape))}]'
   big, passes = set(), 0
   for line in entry.splitlines():
-    m = re.match(r'\s*(?:ROOT )?(%[\w.-]+) = (\S+) (\w+)\((.*?)\)', line)
+    m = re.match(r'\s*(?:ROOT )?(%[\w.-]+) = (\([^=]*?\)|\S+) (\w+)\((.*?)\)', line)
     if not m:
       continue
     name, kind, op, operands = m.groups()
-    reads = set(re.findall(r'%[\w.-]+', operands))
-    if shape in kind.split('{')[0]:
+    if dims in re.sub(r'\{[^}]*\}', '', kind):  # layouts dropped
       big.add(name)
-    if op == 'fusion' and (name in big or reads & big):
+    if op == 'fusion' and (name in big or set(re.findall(r'%[\w.-]+', operands)) & big):
       passes += 1
   return passes
 
@@ -209,7 +213,8 @@ def passes_over(fn, *args) -> int:
 def fusion_probe(n: int = 1 << 20) -> int:
   """How many passes XLA compiles `(a + b, sum((a + b)^2))` into, for float32[n] operands: 1
   where the backend fuses a reduction into an element-wise pass (multi-output fusion), 2 where
-  the reduction is a pass of its own (then no squared norm can ride in AdamW's pass)."""
+  the reduction is a pass of its own (then the norm of the update's sums cannot be taken in the
+  pass that writes them)."""
   import jax
   import jax.numpy as jnp
   x = jax.ShapeDtypeStruct((n,), jnp.float32)
@@ -252,9 +257,11 @@ def report(results, seconds, quick) -> str:
             f'(`(a + b, sum((a + b)^2))`, float32[2^20]) compile on this backend '
             f'({jax.default_backend()}) to **{passes} pass' + ('es' if passes != 1 else '') +
             '** over the array (`bench_emit.fusion_probe`)' +
-            (': XLA here does not fuse a reduction into an element-wise pass (no multi-output '
-             'fusion), so the squared norm is a read of its own, whatever the code around it.'
-             if passes > 1 else ': XLA here fuses the reduction into the element-wise pass.')]
+            {1: ': XLA here fuses the reduction into the element-wise pass.',
+             0: ': the probe found no fusion over the array in the compiled HLO (unread).'}.get(
+                 passes, ': XLA here does not fuse a reduction into an element-wise pass (no '
+                 'multi-output fusion), so the squared norm is a read of its own, whatever the '
+                 'code around it.')]
   return '\n'.join(lines) + '\n'
 
 

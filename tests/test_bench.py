@@ -71,6 +71,19 @@ def test_bench_emit_fusion_probe_counts_passes():
   assert bench_emit.passes_over(lambda a: a / jnp.sum(a), x) == 2
   assert bench_emit.passes_over(lambda a, b: a / jnp.sum(b), x, x) == 2
   assert bench_emit.fusion_probe(1 << 16) in (1, 2)
+  # A backend that fuses the add and the norm returns both from one fusion, typed as a tuple:
+  # one pass (its result holds the array), not zero.
+  fused = """HloModule m
+
+ENTRY %main (a: f32[8], b: f32[8]) -> (f32[8], f32[]) {
+  %a = f32[8]{0} parameter(0)
+  %b = f32[8]{0} parameter(1)
+  ROOT %f = (f32[8]{0}, f32[]) fusion(%a, %b), kind=kInput, calls=%c
+}
+"""
+  assert bench_emit.passes_in(fused, (8,)) == 1
+  assert bench_emit.passes_in(fused.replace('ROOT %f', '%f'), (8,)) == 1
+  assert bench_emit.passes_in(fused, (9,)) == 0
 
 
 def test_bench_emit_check_catches_a_wrong_update():
